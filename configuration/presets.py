@@ -1,0 +1,81 @@
+"""Architectures and metadata of the released EoMT checkpoints (DINOv2 backbones, Hub org `tue-mps`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Backbone sizes: width, depth, heads, and how many final blocks see the queries.
+SIZES: dict[str, dict] = {
+    "small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, num_blocks=3),
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_blocks=3),
+    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_blocks=4),
+    "giant": dict(hidden_size=1536, num_hidden_layers=40, num_attention_heads=24, num_blocks=5, use_swiglu_ffn=True),
+}
+
+# Backbone names of the original release (timm), by size.
+TIMM_BACKBONES: dict[str, str] = {size: f"vit_{size}_patch14_reg4_dinov2" for size in SIZES}
+
+DATASETS: dict[str, dict] = {
+    "coco_panoptic": dict(num_labels=133, task="panoptic", dataset="coco", metric="pq"),
+    "coco_instance": dict(num_labels=80, task="instance", dataset="coco", metric="map"),
+    "ade20k_panoptic": dict(num_labels=150, task="panoptic", dataset="ade20k", metric="pq"),
+    "ade20k_semantic": dict(num_labels=150, task="semantic", dataset="ade20k", metric="miou"),
+    "cityscapes_semantic": dict(num_labels=19, task="semantic", dataset="cityscapes", metric="miou"),
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A released checkpoint: its architecture and the result the paper reports for it."""
+
+    name: str
+    size: str
+    image_size: int
+    num_queries: int
+    labels: str  # key of DATASETS
+    result: float  # PQ, mIoU or mask AP in percent
+
+    @property
+    def task(self) -> str:
+        return DATASETS[self.labels]["task"]
+
+    @property
+    def metric(self) -> str:
+        return DATASETS[self.labels]["metric"]
+
+    @property
+    def hub_id(self) -> str:
+        return f"tue-mps/{self.name}"
+
+    def config_kwargs(self) -> dict:
+        return dict(
+            **SIZES[self.size],
+            image_size=self.image_size,
+            num_queries=self.num_queries,
+            num_labels=DATASETS[self.labels]["num_labels"],
+        )
+
+
+def _preset(labels: str, size: str, image_size: int, result: float, suffix: str = "") -> Preset:
+    name = f"{labels}_eomt_{size}_{image_size}{suffix}"
+    num_queries = 100 if labels.endswith("semantic") else 200
+    return Preset(name, size, image_size, num_queries, labels, result)
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        _preset("coco_panoptic", "small", 640, 46.7, "_2x"),
+        _preset("coco_panoptic", "base", 640, 51.6, "_2x"),
+        _preset("coco_panoptic", "large", 640, 56.0),
+        _preset("coco_panoptic", "large", 1280, 58.3),
+        _preset("coco_panoptic", "giant", 640, 57.0),
+        _preset("coco_panoptic", "giant", 1280, 59.2),
+        _preset("ade20k_panoptic", "large", 640, 50.6),
+        _preset("ade20k_panoptic", "giant", 640, 51.3),
+        _preset("ade20k_semantic", "large", 512, 58.4),
+        _preset("cityscapes_semantic", "large", 1024, 84.2),
+        _preset("coco_instance", "large", 640, 45.2),
+        _preset("coco_instance", "large", 1280, 48.8),
+    )
+}

@@ -1,0 +1,185 @@
+"""Mask2Former-style set loss used by EoMT: Hungarian matching, then class CE and point-sampled mask BCE + dice.
+
+Target masks stay at input resolution in whatever dtype the caller gives (bool, uint8 or float): they are only
+read at sampled points, by bilinear interpolation over four gathered neighbours, so no full-resolution float copy
+of the targets is ever made.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+from .configuration import EomtConfig
+
+
+def point_sample(maps: torch.Tensor, points: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Bilinearly sample `maps` `(N, H, W)` at `points` `(N or 1, P, 2)`, given as (x, y) in [0, 1].
+
+    Matches `F.grid_sample(..., align_corners=False, padding_mode="zeros")`; returns float32 `(N, P)`. With `rows`
+    `(M,)`, samples maps `rows` only (points `(M, P, 2)`) without copying them out first.
+    """
+    height, width = maps.shape[-2:]
+    x = points[..., 0].float() * width - 0.5
+    y = points[..., 1].float() * height - 0.5
+    x0, y0 = x.floor(), y.floor()
+    fx, fy = x - x0, y - y0
+    flat = maps.flatten(1)
+    samples = 0.0
+    for dy, wy in ((0, 1 - fy), (1, fy)):
+        for dx, wx in ((0, 1 - fx), (1, fx)):
+            xi, yi = x0 + dx, y0 + dy
+            inside = (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
+            index = (yi.clamp(0, height - 1) * width + xi.clamp(0, width - 1)).long()
+            values = flat.gather(1, index.expand(flat.shape[0], -1)) if rows is None else flat[rows[:, None], index]
+            values = values.float()
+            samples = samples + values * (wx * wy * inside)
+    return samples
+
+
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor, pairwise: bool = False) -> torch.Tensor:
+    """Dice loss of mask logits `(Q, P)` against targets: each against its own row of `targets` `(Q, P)`,
+    or `pairwise` against every row of `targets` `(T, P)`, giving `(Q, T)`."""
+    probs = logits.sigmoid()
+    if pairwise:
+        overlap, total = probs @ targets.T, probs.sum(-1)[:, None] + targets.sum(-1)[None]
+    else:
+        overlap, total = (probs * targets).sum(-1), probs.sum(-1) + targets.sum(-1)
+    return 1 - (2 * overlap + 1) / (total + 1)
+
+
+def bce_cost(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Pairwise mean binary cross-entropy `(Q, T)` between logits `(Q, P)` and targets `(T, P)`."""
+    # BCE(x, t) = softplus(-x)·t + softplus(x)·(1 − t), expanded so every pair costs one matmul.
+    return (F.softplus(-logits) @ targets.T + F.softplus(logits) @ (1 - targets).T) / logits.shape[-1]
+
+
+class EomtLoss(nn.Module):
+    """Set loss over a sequence of predictions (one per query block plus the final one), summed with equal weight.
+
+    Returns the weighted total and the weighted terms `loss_cross_entropy`, `loss_mask` and `loss_dice`.
+    """
+
+    def __init__(self, config: EomtConfig):
+        super().__init__()
+        self.config = config
+        self.num_labels = config.num_labels
+        self.register_buffer("empty_weight", self.default_empty_weight())
+
+    def default_empty_weight(self) -> torch.Tensor:
+        weight = torch.ones(self.num_labels + 1)
+        weight[-1] = self.config.no_object_weight
+        return weight
+
+    def forward(
+        self,
+        masks_per_prediction: tuple[torch.Tensor, ...],
+        classes_per_prediction: tuple[torch.Tensor, ...],
+        mask_labels: list[torch.Tensor],
+        class_labels: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        num_masks = self.num_masks(class_labels, masks_per_prediction[0].device)
+        terms = {"loss_cross_entropy": 0.0, "loss_mask": 0.0, "loss_dice": 0.0}
+        for mask_logits, class_logits in zip(masks_per_prediction, classes_per_prediction):
+            indices = self.match(mask_logits, class_logits, mask_labels, class_labels)
+            ce = self.class_loss(class_logits, class_labels, indices)
+            bce, dice = self.mask_losses(mask_logits, mask_labels, indices, num_masks)
+            terms["loss_cross_entropy"] = terms["loss_cross_entropy"] + self.config.class_weight * ce
+            terms["loss_mask"] = terms["loss_mask"] + self.config.mask_weight * bce
+            terms["loss_dice"] = terms["loss_dice"] + self.config.dice_weight * dice
+        return sum(terms.values()), terms
+
+    @torch.no_grad()
+    def match(
+        self,
+        mask_logits: torch.Tensor,
+        class_logits: torch.Tensor,
+        mask_labels: list[torch.Tensor],
+        class_labels: list[torch.Tensor],
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Hungarian matching per image: (query indices, target indices), costs on shared random points."""
+        indices = []
+        for masks, logits, targets, classes in zip(mask_logits, class_logits, mask_labels, class_labels):
+            if len(classes) == 0:
+                empty = torch.empty(0, dtype=torch.long)
+                indices.append((empty, empty))
+                continue
+            points = torch.rand(1, self.config.train_num_points, 2, device=masks.device)
+            pred_points = point_sample(masks, points)
+            target_points = point_sample(targets, points)
+            class_cost = -logits.float().softmax(-1)[:, classes]
+            cost = (
+                self.config.mask_weight * bce_cost(pred_points, target_points)
+                + self.config.class_weight * class_cost
+                + self.config.dice_weight * dice_loss(pred_points, target_points, pairwise=True)
+            )
+            # Diverged logits give inf/nan costs, which the solver rejects; keep them finite instead.
+            cost = torch.nan_to_num(cost, nan=1e10, posinf=1e10, neginf=-1e10).clamp(-1e10, 1e10)
+            rows, cols = linear_sum_assignment(cost.cpu().numpy())
+            indices.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
+        return indices
+
+    def class_loss(
+        self, class_logits: torch.Tensor, class_labels: list[torch.Tensor], indices: list[tuple[torch.Tensor, ...]]
+    ) -> torch.Tensor:
+        """Cross-entropy over all queries; unmatched queries are trained towards "no object"."""
+        batch_size, num_queries = class_logits.shape[:2]
+        target = torch.full((batch_size, num_queries), self.num_labels, dtype=torch.long, device=class_logits.device)
+        for image, (rows, cols) in enumerate(indices):
+            target[image, rows.to(target.device)] = class_labels[image][cols.to(class_labels[image].device)].to(
+                target.device
+            )
+        return F.cross_entropy(class_logits.float().transpose(1, 2), target, weight=self.empty_weight.float())
+
+    def mask_losses(
+        self,
+        mask_logits: torch.Tensor,
+        mask_labels: list[torch.Tensor],
+        indices: list[tuple[torch.Tensor, ...]],
+        num_masks: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """BCE and dice of matched masks on points chosen mostly where the prediction is uncertain."""
+        device = mask_logits.device
+        batch_index = torch.cat([torch.full_like(rows, image) for image, (rows, _) in enumerate(indices)]).to(device)
+        query_index = torch.cat([rows for rows, _ in indices]).to(device)
+        predicted = mask_logits[batch_index, query_index]
+        if predicted.shape[0] == 0:
+            zero = mask_logits.sum() * 0.0
+            return zero, zero
+        points = self.importance_points(predicted)
+        target_points = torch.cat(
+            [
+                point_sample(mask_labels[image], points[batch_index == image], rows=cols.to(mask_labels[image].device))
+                for image, (_, cols) in enumerate(indices)
+                if len(cols)
+            ]
+        ).to(device)
+        logits = point_sample(predicted, points)
+        bce = F.binary_cross_entropy_with_logits(logits, target_points, reduction="none").mean(1).sum() / num_masks
+        dice = dice_loss(logits, target_points).sum() / num_masks
+        return bce, dice
+
+    @torch.no_grad()
+    def importance_points(self, mask_logits: torch.Tensor) -> torch.Tensor:
+        """Per mask, `train_num_points` points: the most uncertain of an oversampled random set, plus random ones."""
+        num_masks = mask_logits.shape[0]
+        num_points = self.config.train_num_points
+        candidates = torch.rand(num_masks, int(num_points * self.config.oversample_ratio), 2, device=mask_logits.device)
+        uncertainty = -point_sample(mask_logits, candidates).abs()
+        num_uncertain = int(self.config.importance_sample_ratio * num_points)
+        chosen = uncertainty.topk(num_uncertain, dim=1).indices
+        uncertain = candidates.gather(1, chosen[..., None].expand(-1, -1, 2))
+        random = torch.rand(num_masks, num_points - num_uncertain, 2, device=mask_logits.device)
+        return torch.cat([uncertain, random], dim=1)
+
+    def num_masks(self, class_labels: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """Target masks per process, averaged over processes (at least 1), to normalise the mask terms."""
+        total = torch.tensor(float(sum(len(classes) for classes in class_labels)), device=device)
+        world_size = 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(total)
+            world_size = torch.distributed.get_world_size()
+        return (total / world_size).clamp(min=1)
+

@@ -1,0 +1,476 @@
+"""EoMT: a plain ViT whose last blocks also process learned queries, followed by a light mask/class head.
+
+Reading order: embeddings → ViT blocks (queries join before block L − num_blocks) → head (`predict`).
+In training, each of the last `num_blocks` blocks restricts every query's attention to the patches of its
+current mask prediction; the restriction is annealed away per block (`attn_mask_probs`), so inference is a plain
+ViT forward followed by one head call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput, logging
+
+from .configuration import EomtConfig
+from .loss import EomtLoss
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class EomtForUniversalSegmentationOutput(ModelOutput):
+    r"""
+    Output of [`EomtForUniversalSegmentation`]; feed it to the processor's `post_process_*_segmentation`.
+
+    Args:
+        loss (`torch.Tensor`, *optional*):
+            Total loss over every supervised prediction, returned when `mask_labels` and `class_labels` are given.
+        class_queries_logits (`torch.Tensor` of shape `(batch_size, num_queries, num_labels + 1)`):
+            Class logits of each query; the last class is "no object".
+        masks_queries_logits (`torch.Tensor` of shape `(batch_size, num_queries, height, width)`):
+            Mask logits of each query at `2**num_upscale_blocks` times the patch grid.
+        last_hidden_state (`torch.Tensor` of shape `(batch_size, sequence_length, hidden_size)`):
+            Normalised output tokens, ordered `[queries | CLS | registers | patches]`.
+        hidden_states (`tuple(torch.Tensor)`, *optional*):
+            Embedding output and the output of every block, when `output_hidden_states=True`.
+        attentions (`tuple(torch.Tensor)`, *optional*):
+            Attention probabilities of every block `(batch_size, num_heads, seq, seq)`, when `output_attentions=True`
+            (eager attention only).
+        patch_offsets (`list[torch.Tensor]`, *optional*):
+            Passed through from the processor's sliding windows, for semantic post-processing.
+        intermediate_class_queries_logits (`tuple(torch.Tensor)`, *optional*):
+            Class logits predicted before each of the last `num_blocks` blocks (training, or on request).
+        intermediate_masks_queries_logits (`tuple(torch.Tensor)`, *optional*):
+            Mask logits predicted before each of the last `num_blocks` blocks (training, or on request).
+        loss_dict (`dict[str, torch.Tensor]`, *optional*):
+            The weighted loss terms, summed over predictions, when a loss is computed.
+    """
+
+    loss: torch.Tensor | None = None
+    class_queries_logits: torch.Tensor | None = None
+    masks_queries_logits: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    patch_offsets: list[torch.Tensor] | None = None
+    intermediate_class_queries_logits: tuple[torch.Tensor, ...] | None = None
+    intermediate_masks_queries_logits: tuple[torch.Tensor, ...] | None = None
+    loss_dict: dict[str, torch.Tensor] | None = None
+
+
+class EomtPatchEmbeddings(nn.Module):
+    def __init__(self, config: EomtConfig):
+        super().__init__()
+        self.projection = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.projection(pixel_values.to(self.projection.weight.dtype))
+
+
+class EomtEmbeddings(nn.Module):
+    """Patch tokens with position embeddings, preceded by the CLS and register tokens (which get none)."""
+
+    def __init__(self, config: EomtConfig):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.register_tokens = nn.Parameter(torch.zeros(1, config.num_register_tokens, config.hidden_size))
+        self.patch_embeddings = EomtPatchEmbeddings(config)
+        self.position_embeddings = nn.Embedding(config.grid_size[0] * config.grid_size[1], config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.native_grid = config.grid_size
+        self.num_prefix_tokens = 1 + config.num_register_tokens
+
+    def position_embeddings_for(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Position embeddings `(1, h*w, D)` for a patch grid; resampled bicubically when it is not the native one."""
+        weight = self.position_embeddings.weight
+        if grid == self.native_grid:
+            return weight[None]
+        table = weight.reshape(1, *self.native_grid, -1).permute(0, 3, 1, 2)
+        table = F.interpolate(table.float(), size=grid, mode="bicubic", align_corners=False, antialias=True)
+        return table.to(weight.dtype).flatten(2).transpose(1, 2)
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        patches = self.patch_embeddings(pixel_values)
+        grid = (patches.shape[-2], patches.shape[-1])
+        patches = patches.flatten(2).transpose(1, 2) + self.position_embeddings_for(grid)
+        batch_size = patches.shape[0]
+        prefix = torch.cat([self.cls_token, self.register_tokens], dim=1).expand(batch_size, -1, -1)
+        return self.dropout(torch.cat([prefix.to(patches.dtype), patches], dim=1)), grid
+
+
+class EomtAttention(nn.Module):
+    """Multi-head self-attention. q/k/v are kept as separate weights (the Hub format) but run as one matmul."""
+
+    def __init__(self, config: EomtConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scale = self.head_dim**-0.5
+        self.dropout = config.attention_dropout
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, seq_len, _ = hidden_states.shape
+        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+        qkv = F.linear(hidden_states, weight, bias).view(batch_size, seq_len, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        dropout = self.dropout if self.training else 0.0
+
+        attn_weights = None
+        if output_attentions or self.config._attn_implementation == "eager":
+            scores = torch.matmul(query, key.transpose(-1, -2)) * self.scale
+            if attention_mask is not None:
+                scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+            attn_weights = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+            context = torch.matmul(F.dropout(attn_weights, p=dropout, training=self.training), value)
+        else:
+            context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout)
+        context = context.transpose(1, 2).reshape(batch_size, seq_len, -1)
+        return self.out_proj(context), (attn_weights if output_attentions else None)
+
+
+class EomtLayerScale(nn.Module):
+    def __init__(self, config: EomtConfig):
+        super().__init__()
+        self.lambda1 = nn.Parameter(torch.full((config.hidden_size,), float(config.layerscale_value)))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states * self.lambda1
+
+
+class EomtMLP(nn.Module):
+    def __init__(self, config: EomtConfig):
+        super().__init__()
+        hidden_features = int(config.hidden_size * config.mlp_ratio)
+        self.fc1 = nn.Linear(config.hidden_size, hidden_features)
+        self.fc2 = nn.Linear(hidden_features, config.hidden_size)
+        self.activation = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation(self.fc1(hidden_states)))
+
+
+class EomtSwiGLUFFN(nn.Module):
+    def __init__(self, config: EomtConfig):
+        super().__init__()
+        # Two thirds of the MLP width keeps the parameter count of a GELU MLP; DINOv2 rounds up to a multiple of 8.
+        hidden_features = (int(config.hidden_size * config.mlp_ratio * 2 / 3) + 7) // 8 * 8
+        self.gate_proj = nn.Linear(config.hidden_size, hidden_features)
+        self.up_proj = nn.Linear(config.hidden_size, hidden_features)
+        self.down_proj = nn.Linear(hidden_features, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+
+
+class EomtDropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch per sample."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.drop_prob == 0.0:
+            return hidden_states
+        keep_prob = 1.0 - self.drop_prob
+        shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
+        keep = hidden_states.new_empty(shape).bernoulli_(keep_prob)
+        return hidden_states * keep / keep_prob
+
+
+class EomtLayer(GradientCheckpointingLayer):
+    """Pre-norm ViT block with LayerScale: `x + ls1(attn(norm1 x))`, then `x + ls2(mlp(norm2 x))`."""
+
+    def __init__(self, config: EomtConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = EomtAttention(config)
+        self.layer_scale1 = EomtLayerScale(config)
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = EomtSwiGLUFFN(config) if config.use_swiglu_ffn else EomtMLP(config)
+        self.layer_scale2 = EomtLayerScale(config)
+        self.drop_path = EomtDropPath(config.drop_path_rate)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn_output, attn_weights = self.attention(self.norm1(hidden_states), attention_mask, output_attentions)
+        hidden_states = hidden_states + self.drop_path(self.layer_scale1(attn_output))
+        hidden_states = hidden_states + self.drop_path(self.layer_scale2(self.mlp(self.norm2(hidden_states))))
+        return hidden_states, attn_weights
+
+
+class EomtLayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW feature map."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden_states.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class EomtScaleLayer(nn.Module):
+    """×2 upsampling: transposed conv → activation → depthwise 3×3 conv → channel LayerNorm."""
+
+    def __init__(self, config: EomtConfig):
+        super().__init__()
+        dim = config.hidden_size
+        self.conv1 = nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2)
+        self.activation = ACT2FN[config.hidden_act]
+        self.conv2 = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, bias=False)
+        self.layernorm2d = EomtLayerNorm2d(dim, eps=1e-6)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.layernorm2d(self.conv2(self.activation(self.conv1(hidden_states))))
+
+
+class EomtScaleBlock(nn.Module):
+    def __init__(self, config: EomtConfig):
+        super().__init__()
+        self.block = nn.ModuleList(EomtScaleLayer(config) for _ in range(config.num_upscale_blocks))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        for layer in self.block:
+            hidden_states = layer(hidden_states)
+        return hidden_states
+
+
+class EomtMaskHead(nn.Module):
+    """Three-layer MLP turning query tokens into mask embeddings."""
+
+    def __init__(self, config: EomtConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.hidden_size)
+        self.fc2 = nn.Linear(config.hidden_size, config.hidden_size)
+        self.fc3 = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc3(self.activation(self.fc2(self.activation(self.fc1(hidden_states)))))
+
+
+class EomtPreTrainedModel(PreTrainedModel):
+    config_class = EomtConfig
+    config: EomtConfig
+    base_model_prefix = "eomt"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["EomtLayer"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.trunc_normal_(module.weight, std=std)
+        elif isinstance(module, EomtLayerScale):
+            init.constant_(module.lambda1, self.config.layerscale_value)
+        elif isinstance(module, EomtEmbeddings):
+            init.trunc_normal_(module.cls_token, std=std)
+            init.zeros_(module.register_tokens)
+        elif isinstance(module, EomtLoss):
+            init.copy_(module.empty_weight, module.default_empty_weight())
+        elif isinstance(module, EomtForUniversalSegmentation):
+            init.ones_(module.attn_mask_probs)
+
+
+class EomtForUniversalSegmentation(EomtPreTrainedModel):
+    """EoMT with its class and mask head, for panoptic, instance and semantic segmentation."""
+
+    def __init__(self, config: EomtConfig):
+        super().__init__(config)
+        self.embeddings = EomtEmbeddings(config)
+        self.layers = nn.ModuleList(EomtLayer(config) for _ in range(config.num_hidden_layers))
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.query = nn.Embedding(config.num_queries, config.hidden_size)
+        self.upscale_block = EomtScaleBlock(config)
+        self.mask_head = EomtMaskHead(config)
+        self.class_predictor = nn.Linear(config.hidden_size, config.num_labels + 1)
+        self.criterion = EomtLoss(config)
+        # Probability, per query block, that a query's attention is restricted to its mask (annealed 1 → 0).
+        self.register_buffer("attn_mask_probs", torch.ones(config.num_blocks))
+        self.post_init()
+
+    @property
+    def first_query_layer(self) -> int:
+        return self.config.num_hidden_layers - self.config.num_blocks
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embeddings
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        mask_labels: list[torch.Tensor] | None = None,
+        class_labels: list[torch.Tensor] | None = None,
+        patch_offsets: list[torch.Tensor] | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        output_intermediate_predictions: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> EomtForUniversalSegmentationOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.Tensor` of shape `(batch_size, num_channels, height, width)`):
+                Normalised images; any size of at least one patch (position embeddings are resampled).
+            mask_labels (`list[torch.Tensor]`, *optional*):
+                Per image, binary target masks `(num_targets, height, width)` at the input resolution.
+            class_labels (`list[torch.LongTensor]`, *optional*):
+                Per image, the class id of each target mask `(num_targets,)`.
+            patch_offsets (`list[torch.Tensor]`, *optional*):
+                Sliding-window offsets from the processor, returned unchanged for post-processing.
+            output_intermediate_predictions (`bool`, defaults to `False`):
+                Also return the predictions made before each query block (always made in training).
+        """
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        self._check_inputs(pixel_values, mask_labels, class_labels)
+
+        hidden_states, grid = self.embeddings(pixel_values)
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        intermediate_masks, intermediate_classes = (), ()
+
+        for index, layer in enumerate(self.layers):
+            attention_mask = None
+            if index == self.first_query_layer:
+                queries = self.query.weight[None].expand(hidden_states.shape[0], -1, -1).to(hidden_states.dtype)
+                hidden_states = torch.cat([queries, hidden_states], dim=1)
+            if index >= self.first_query_layer:
+                prob = self.attn_mask_probs[index - self.first_query_layer]
+                masking = bool(prob > 0)
+                if masking or self.training or output_intermediate_predictions:
+                    mask_logits, class_logits = self.predict(self.layernorm(hidden_states), grid)
+                    intermediate_masks += (mask_logits,)
+                    intermediate_classes += (class_logits,)
+                    if masking:
+                        attention_mask = self._query_attention_mask(mask_logits, grid, prob, hidden_states.shape[1])
+            hidden_states, attn_weights = layer(hidden_states, attention_mask, output_attentions)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (attn_weights,)
+
+        sequence_output = self.layernorm(hidden_states)
+        masks_queries_logits, class_queries_logits = self.predict(sequence_output, grid)
+
+        loss = loss_dict = None
+        if mask_labels is not None and class_labels is not None:
+            loss, loss_dict = self.criterion(
+                intermediate_masks + (masks_queries_logits,),
+                intermediate_classes + (class_queries_logits,),
+                mask_labels,
+                class_labels,
+            )
+
+        output = EomtForUniversalSegmentationOutput(
+            loss=loss,
+            class_queries_logits=class_queries_logits,
+            masks_queries_logits=masks_queries_logits,
+            last_hidden_state=sequence_output,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+            patch_offsets=patch_offsets,
+            intermediate_class_queries_logits=intermediate_classes or None,
+            intermediate_masks_queries_logits=intermediate_masks or None,
+            loss_dict=loss_dict,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def predict(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask logits `(B, Q, 4h, 4w)` and class logits `(B, Q, C+1)` from normalised tokens."""
+        num_queries = self.config.num_queries
+        queries = tokens[:, :num_queries]
+        patches = tokens[:, num_queries + self.embeddings.num_prefix_tokens :]
+        feature_map = patches.transpose(1, 2).reshape(patches.shape[0], -1, *grid)
+        pixel_embeddings = self.upscale_block(feature_map)
+        mask_embeddings = self.mask_head(queries)
+        mask_logits = torch.bmm(mask_embeddings, pixel_embeddings.flatten(2))
+        return mask_logits.view(*mask_logits.shape[:2], *pixel_embeddings.shape[-2:]), self.class_predictor(queries)
+
+    def _query_attention_mask(
+        self, mask_logits: torch.Tensor, grid: tuple[int, int], prob: torch.Tensor, seq_len: int
+    ) -> torch.Tensor:
+        """Boolean `(B, 1, T, T)` mask (True = attend): each query sees only the patches its mask covers.
+
+        Queries, CLS and registers stay visible to everyone; each query keeps its restriction with probability
+        `prob`, so annealing `prob` to 0 turns masked attention into plain attention.
+        """
+        batch_size, num_queries = mask_logits.shape[:2]
+        sees_patch = F.interpolate(mask_logits.detach(), size=grid, mode="bilinear").flatten(2) > 0
+        released = torch.rand(batch_size, num_queries, 1, device=mask_logits.device) > prob
+        attention_mask = torch.ones(batch_size, 1, seq_len, seq_len, dtype=torch.bool, device=mask_logits.device)
+        patch_start = num_queries + self.embeddings.num_prefix_tokens
+        attention_mask[:, 0, :num_queries, patch_start:] = sees_patch | released
+        return attention_mask
+
+    def _check_inputs(
+        self,
+        pixel_values: torch.Tensor,
+        mask_labels: list[torch.Tensor] | None,
+        class_labels: list[torch.Tensor] | None,
+    ) -> None:
+        if pixel_values is None or pixel_values.ndim != 4:
+            shape = None if pixel_values is None else tuple(pixel_values.shape)
+            raise ValueError(
+                f"`pixel_values` must be a 4D tensor (batch, channels, height, width), got shape {shape}; "
+                "use the image processor or add a batch dimension with `pixel_values[None]`."
+            )
+        if pixel_values.shape[1] != self.config.num_channels:
+            raise ValueError(
+                f"`pixel_values` has {pixel_values.shape[1]} channels but the model expects "
+                f"{self.config.num_channels}; convert the images (e.g. RGBA/grayscale → RGB) first."
+            )
+        patch = self.config.patch_size
+        if pixel_values.shape[-2] < patch or pixel_values.shape[-1] < patch:
+            raise ValueError(
+                f"Input of {tuple(pixel_values.shape[-2:])} pixels is smaller than one {patch}×{patch} patch; "
+                "resize the image (the processor does it) before calling the model."
+            )
+        if (mask_labels is None) != (class_labels is None):
+            raise ValueError("Pass both `mask_labels` and `class_labels` to compute the loss, or neither.")
+        if mask_labels is None:
+            return
+        if len(mask_labels) != len(class_labels) or len(mask_labels) != pixel_values.shape[0]:
+            raise ValueError(
+                f"Got {len(mask_labels)} `mask_labels` and {len(class_labels)} `class_labels` for a batch of "
+                f"{pixel_values.shape[0]} images; give one entry of each per image."
+            )
+        for index, (masks, classes) in enumerate(zip(mask_labels, class_labels)):
+            if masks.shape[0] != classes.shape[0]:
+                raise ValueError(
+                    f"Image {index}: {masks.shape[0]} target masks but {classes.shape[0]} class labels; "
+                    "each mask needs exactly one class id."
+                )
+            if classes.numel() and (classes.min() < 0 or classes.max() >= self.config.num_labels):
+                raise ValueError(
+                    f"Image {index}: class ids must lie in [0, {self.config.num_labels - 1}] (`num_labels`="
+                    f"{self.config.num_labels}), got {classes.tolist()}; drop ignored segments before the model."
+                )

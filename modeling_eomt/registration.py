@@ -1,0 +1,30 @@
+"""Registration of our classes with the Auto classes for model type "eomt", replacing transformers' built-in EoMT.
+
+Checkpoints of the `tue-mps` Hub organisation (model type "eomt") and folders saved by this package then load into
+`modeling_eomt` classes through `AutoConfig`, `AutoModel`, `AutoModelForUniversalSegmentation` and
+`pipeline("image-segmentation")`.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, AutoModel, AutoModelForUniversalSegmentation
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import Chunk, WeightConverter, WeightRenaming
+
+from .configuration import EomtConfig
+from .modeling import EomtForUniversalSegmentation
+
+# Checkpoints written before transformers 5 pack the SwiGLU gate and up projections as `weights_in`.
+LEGACY_SWIGLU_NAMES = [
+    WeightConverter("mlp.weights_in.weight", ["mlp.gate_proj.weight", "mlp.up_proj.weight"], operations=[Chunk(dim=0)]),
+    WeightConverter("mlp.weights_in.bias", ["mlp.gate_proj.bias", "mlp.up_proj.bias"], operations=[Chunk(dim=0)]),
+    WeightRenaming("mlp.weights_out", "mlp.down_proj"),
+]
+
+
+def register_auto_classes() -> None:
+    """Map model type "eomt" to our config and model in every Auto class (idempotent)."""
+    AutoConfig.register(EomtConfig.model_type, EomtConfig, exist_ok=True)
+    for auto_class in (AutoModel, AutoModelForUniversalSegmentation):
+        auto_class.register(EomtConfig, EomtForUniversalSegmentation, exist_ok=True)
+    register_checkpoint_conversion_mapping(EomtForUniversalSegmentation.__name__, LEGACY_SWIGLU_NAMES, overwrite=True)

@@ -1,0 +1,247 @@
+"""EomtForUniversalSegmentation: parity with transformers' built-in EoMT (the oracle), interop, any size, loss."""
+
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModel, AutoModelForUniversalSegmentation
+
+from modeling_eomt import EomtConfig, EomtForUniversalSegmentation
+
+# Oracle: the EoMT that ships inside transformers (imported explicitly, only here in tests).
+BuiltinConfig = transformers.models.eomt.EomtConfig
+BuiltinModel = transformers.models.eomt.EomtForUniversalSegmentation
+
+TINY = dict(
+    hidden_size=32, num_hidden_layers=3, num_attention_heads=2, num_blocks=2, image_size=64, patch_size=16,
+    num_queries=6, num_labels=5, num_register_tokens=2,
+)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give every parameter (layer scales, registers, norms included) a random value."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+
+
+def make_pair(attn: str = "sdpa", **overrides):
+    config_kwargs = {**TINY, **overrides}
+    ours = EomtForUniversalSegmentation(EomtConfig(**config_kwargs, attn_implementation=attn))
+    randomize(ours)
+    builtin = BuiltinModel(BuiltinConfig(**config_kwargs, attn_implementation=attn))
+    missing, unexpected = builtin.load_state_dict(ours.state_dict(), strict=True)
+    assert not missing and not unexpected
+    return ours, builtin
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_eval_logits_match_builtin(attn, swiglu):
+    ours, builtin = make_pair(attn, use_swiglu_ffn=swiglu)
+    ours.attn_mask_probs.zero_()
+    builtin.attn_mask_probs.zero_()
+    ours.eval(), builtin.eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = ours(pixels), builtin(pixels)
+    torch.testing.assert_close(a.class_queries_logits, b.class_queries_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.masks_queries_logits, b.masks_queries_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.last_hidden_state, b.last_hidden_state, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_masked_attention_logits_match_builtin(attn):
+    ours, builtin = make_pair(attn)
+    ours.train(), builtin.train()
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = ours(pixels), builtin(pixels)
+    torch.testing.assert_close(a.class_queries_logits, b.class_queries_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.masks_queries_logits, b.masks_queries_logits, atol=1e-5, rtol=0)
+    # Masking really changes the result: without it the logits differ.
+    ours.attn_mask_probs.zero_()
+    with torch.no_grad():
+        unmasked = ours(pixels)
+    assert not torch.allclose(unmasked.masks_queries_logits, a.masks_queries_logits, atol=1e-3)
+
+
+def test_eager_and_sdpa_agree_with_masking():
+    eager, _ = make_pair("eager")
+    sdpa = EomtForUniversalSegmentation(EomtConfig(**TINY, attn_implementation="sdpa"))
+    sdpa.load_state_dict(eager.state_dict())
+    eager.train(), sdpa.train()
+    pixels = torch.randn(1, 3, 64, 64)
+    out = eager(pixels, output_attentions=True)
+    torch.testing.assert_close(out.masks_queries_logits, sdpa(pixels).masks_queries_logits, atol=1e-5, rtol=0)
+    assert len(out.attentions) == TINY["num_hidden_layers"]
+    assert torch.allclose(out.attentions[-1].sum(-1), torch.ones(()), atol=1e-5)
+
+
+def test_builtin_folder_loads_into_ours_and_back(tmp_path):
+    _, builtin = make_pair()
+    builtin.save_pretrained(tmp_path / "builtin")
+    ours, info = EomtForUniversalSegmentation.from_pretrained(tmp_path / "builtin", output_loading_info=True)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    for name, tensor in builtin.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], tensor), name
+
+    ours.attn_mask_probs.fill_(0.25)  # the annealing state is saved with the model
+    ours.save_pretrained(tmp_path / "ours")
+    back, info = BuiltinModel.from_pretrained(tmp_path / "ours", output_loading_info=True)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    assert torch.allclose(back.attn_mask_probs, torch.full((2,), 0.25))
+    assert set(load_file(tmp_path / "ours" / "model.safetensors")) == set(builtin.state_dict())
+
+
+def test_auto_classes_resolve_to_ours(tmp_path):
+    ours, _ = make_pair()
+    ours.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "eomt"
+    assert type(AutoConfig.from_pretrained(tmp_path)) is EomtConfig
+    assert type(AutoModel.from_pretrained(tmp_path)) is EomtForUniversalSegmentation
+    loaded = AutoModelForUniversalSegmentation.from_pretrained(tmp_path)
+    assert type(loaded) is EomtForUniversalSegmentation
+    pixels = torch.randn(1, 3, 64, 64)
+    ours.eval()
+    torch.testing.assert_close(loaded(pixels).class_queries_logits, ours(pixels).class_queries_logits)
+
+
+def test_registration_is_idempotent():
+    import modeling_eomt
+
+    modeling_eomt.register_auto_classes()
+    modeling_eomt.register_auto_classes()
+    assert AutoModelForUniversalSegmentation._model_mapping[EomtConfig] is EomtForUniversalSegmentation
+
+
+def test_legacy_swiglu_names_load(tmp_path):
+    ours, _ = make_pair(use_swiglu_ffn=True)
+    ours.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    legacy = {}
+    for name, tensor in state.items():
+        if ".mlp.gate_proj." in name:
+            up = state[name.replace("gate_proj", "up_proj")]
+            legacy[name.replace("gate_proj", "weights_in")] = torch.cat([tensor, up])
+        elif ".mlp.up_proj." not in name:
+            legacy[name.replace("mlp.down_proj", "mlp.weights_out")] = tensor
+    save_file(legacy, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded, info = EomtForUniversalSegmentation.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_any_input_size_and_exact_at_native_size():
+    ours, _ = make_pair()
+    ours.eval()
+    with torch.no_grad():
+        out = ours(torch.randn(1, 3, 48, 96))
+        assert out.masks_queries_logits.shape == (1, 6, 12, 24)
+        native = ours.embeddings.position_embeddings_for((4, 4))
+    assert torch.equal(native[0], ours.embeddings.position_embeddings.weight)
+
+
+def test_position_interpolation_is_smooth_resampling():
+    model = EomtForUniversalSegmentation(EomtConfig(**{**TINY, "image_size": 128}))
+    # A position table linear in the grid coordinates stays linear (away from the borders) when resampled.
+    rows, cols = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    table = torch.stack([rows, cols], -1).reshape(64, 2).repeat(1, 16)
+    with torch.no_grad():
+        model.embeddings.position_embeddings.weight.copy_(table)
+        resampled = model.embeddings.position_embeddings_for((16, 16))[0].reshape(16, 16, -1)
+    row_steps = resampled[4:12, :, 0].diff(dim=0)
+    assert torch.allclose(row_steps, torch.full_like(row_steps, 0.5), atol=1e-4)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    ours, _ = make_pair()
+    pixels = torch.randn(2, 3, 64, 64)
+    labels = dict(mask_labels=[torch.rand(2, 64, 64) > 0.5] * 2, class_labels=[torch.tensor([0, 3])] * 2)
+    ours.train()
+    ours.attn_mask_probs.fill_(1.0)
+
+    def grads():
+        ours.zero_grad()
+        torch.manual_seed(0)
+        ours(pixels, **labels).loss.backward()
+        return {n: p.grad.clone() for n, p in ours.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    ours.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys() and len(plain) > 20
+    for name in plain:
+        torch.testing.assert_close(plain[name], checkpointed[name], atol=1e-5, rtol=1e-4)
+
+
+def test_inference_makes_no_intermediate_predictions():
+    ours, _ = make_pair()
+    ours.eval()
+    ours.attn_mask_probs.zero_()
+    calls = []
+    ours.mask_head.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        out = ours(torch.randn(1, 3, 64, 64))
+    assert len(calls) == 1 and out.intermediate_masks_queries_logits is None
+    with torch.no_grad():
+        out = ours(torch.randn(1, 3, 64, 64), output_intermediate_predictions=True)
+    assert len(out.intermediate_masks_queries_logits) == TINY["num_blocks"]
+
+
+def test_loss_handles_empty_targets_and_decreases():
+    torch.manual_seed(0)
+    model = EomtForUniversalSegmentation(EomtConfig(**{**TINY, "train_num_points": 256}))
+    model.train()
+    pixels = torch.randn(2, 3, 64, 64)
+    square = torch.zeros(1, 64, 64, dtype=torch.bool)
+    square[:, 16:48, 16:48] = True
+    labels = dict(mask_labels=[square, torch.zeros(0, 64, 64)], class_labels=[torch.tensor([2]), torch.zeros(0, dtype=torch.long)])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(30):
+        out = model(pixels, **labels)
+        assert set(out.loss_dict) == {"loss_cross_entropy", "loss_mask", "loss_dice"}
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_loss_sums_over_every_block_prediction():
+    model = EomtForUniversalSegmentation(EomtConfig(**TINY))
+    model.train()
+    labels = dict(mask_labels=[torch.rand(2, 64, 64) > 0.5], class_labels=[torch.tensor([1, 4])])
+    out = model(torch.randn(1, 3, 64, 64), **labels)
+    assert len(out.intermediate_masks_queries_logits) == TINY["num_blocks"]
+    # With no targets, only the no-object CE remains: num_blocks + 1 times the final block's share.
+    empty = dict(mask_labels=[torch.zeros(0, 64, 64)], class_labels=[torch.zeros(0, dtype=torch.long)])
+    model.attn_mask_probs.zero_()
+    out = model(torch.randn(1, 3, 64, 64), **empty)
+    per_prediction = [
+        2.0 * torch.nn.functional.cross_entropy(logits[0], torch.full((6,), 5))
+        for logits in (*out.intermediate_class_queries_logits, out.class_queries_logits)
+    ]
+    torch.testing.assert_close(out.loss, sum(per_prediction))
+
+
+@pytest.mark.parametrize(
+    "pixels, labels, message",
+    [
+        (torch.randn(3, 64, 64), {}, "4D"),
+        (torch.randn(1, 4, 64, 64), {}, "channels"),
+        (torch.randn(1, 3, 8, 8), {}, "patch"),
+        (torch.randn(1, 3, 64, 64), dict(mask_labels=[torch.ones(2, 64, 64)], class_labels=[torch.tensor([1])]), "class labels"),
+        (torch.randn(1, 3, 64, 64), dict(mask_labels=[torch.ones(1, 64, 64)], class_labels=[torch.tensor([5])]), "num_labels"),
+        (torch.randn(1, 3, 64, 64), dict(mask_labels=[torch.ones(1, 64, 64)]), "both"),
+    ],
+)
+def test_bad_input_names_the_problem(pixels, labels, message):
+    model = EomtForUniversalSegmentation(EomtConfig(**TINY))
+    with pytest.raises(ValueError, match=message):
+        model(pixels, **labels)
