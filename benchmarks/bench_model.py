@@ -1,0 +1,139 @@
+"""Forward and training-step speed of our EoMT vs a bare ViT with registers and vs transformers' built-in EoMT.
+
+    python benchmarks/bench_model.py [--size small|base|large] [--batch 1] [--repeats 5]
+
+Forward: ratios against the bare ViT (the floor: same width, depth and tokens, no queries or head) and against
+the built-in, all measured in this process. Training step (forward with masked attention on, loss, backward,
+AdamW step; batch 2, 20 target masks per image): ours and the built-in each run in a fresh subprocess, so their
+peak memory (max RSS) is comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import transformers
+
+from modeling_eomt import EomtConfig, EomtForUniversalSegmentation
+
+
+_ARCH_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_blocks", "use_swiglu_ffn")
+
+
+def config_for(size: str, image_size: int) -> dict:
+    """Architecture of a backbone size with 200 queries and 133 classes (COCO panoptic)."""
+    config = EomtConfig.from_size(size)
+    return {**{name: getattr(config, name) for name in _ARCH_FIELDS}, "image_size": image_size,
+            "num_queries": 200, "num_labels": 133}
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def build(kind: str, kwargs: dict) -> torch.nn.Module:
+    if kind == "ours":
+        model = EomtForUniversalSegmentation(EomtConfig(**kwargs))
+    elif kind == "builtin":
+        model = transformers.models.eomt.EomtForUniversalSegmentation(transformers.models.eomt.EomtConfig(**kwargs))
+    else:  # the floor: a plain ViT with registers of the same size
+        model = transformers.Dinov2WithRegistersModel(
+            transformers.Dinov2WithRegistersConfig(
+                hidden_size=kwargs["hidden_size"], num_hidden_layers=kwargs["num_hidden_layers"],
+                num_attention_heads=kwargs["num_attention_heads"], image_size=kwargs["image_size"], patch_size=16,
+                num_register_tokens=4, use_swiglu_ffn=kwargs.get("use_swiglu_ffn", False),
+            )
+        )
+    return model.eval()
+
+
+def bench_forward(kwargs: dict, batch: int, repeats: int) -> dict[str, float]:
+    pixels = torch.randn(batch, 3, kwargs["image_size"], kwargs["image_size"])
+    results = {}
+    for kind in ("bare_vit", "builtin", "ours"):
+        model = build(kind, kwargs)
+        if kind != "bare_vit":
+            model.attn_mask_probs.zero_()
+        with torch.inference_mode():
+            results[kind] = median_time(lambda: model(pixels), repeats)
+        del model
+    return results
+
+
+def train_step_child(kind: str, kwargs: dict, steps: int) -> None:
+    """Run in a subprocess: time training steps and report peak RSS as JSON on stdout."""
+    torch.manual_seed(0)
+    model = build(kind, kwargs).train()
+    size = kwargs["image_size"]
+    pixels = torch.randn(2, 3, size, size)
+    mask_labels = [(torch.rand(20, size // 32, size // 32) > 0.5).repeat_interleave(32, 1).repeat_interleave(32, 2).float()
+                   for _ in range(2)]
+    class_labels = [torch.randint(0, kwargs["num_labels"], (20,)) for _ in range(2)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        out = model(pixels, mask_labels=mask_labels, class_labels=class_labels)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    seconds = median_time(step, steps)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": seconds, "peak_mb": peak_mb}))
+
+
+def bench_train(kwargs: dict, steps: int) -> dict[str, dict]:
+    results = {}
+    for kind in ("builtin", "ours"):
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", kind, "--kwargs", json.dumps(kwargs), "--repeats", str(steps)],
+            check=True, capture_output=True, text=True,
+        )
+        results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="small", choices=["small", "base", "large"])
+    parser.add_argument("--image-size", type=int, default=640)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--kwargs", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return train_step_child(args.child, json.loads(args.kwargs), args.repeats)
+
+    kwargs = config_for(args.size, args.image_size)
+    forward = bench_forward(kwargs, args.batch, args.repeats)
+    print(f"forward, ViT-{args.size[0].upper()} {args.image_size}, batch {args.batch}, 200 queries, 133 classes")
+    print(f"  ours / bare ViT : {forward['ours'] / forward['bare_vit']:.3f}  (target ≤ 1.10)")
+    print(f"  ours / built-in : {forward['ours'] / forward['builtin']:.3f}  (target ≤ 1.00)")
+    print(f"  built-in / bare : {forward['builtin'] / forward['bare_vit']:.3f}")
+    print("  ms: " + ", ".join(f"{k} {v * 1e3:.0f}" for k, v in forward.items()))
+    if args.skip_train:
+        return
+    train = bench_train(kwargs, max(2, args.repeats // 2))
+    print(f"training step, ViT-{args.size[0].upper()} {args.image_size}, batch 2, 20 masks per image")
+    print(f"  time ours / built-in : {train['ours']['seconds'] / train['builtin']['seconds']:.3f}  (target ≤ 0.6)")
+    print(f"  peak ours / built-in : {train['ours']['peak_mb'] / train['builtin']['peak_mb']:.3f}  (target ≤ 0.7)")
+    print("  " + ", ".join(f"{k} {v['seconds']:.2f} s {v['peak_mb']:.0f} MB" for k, v in train.items()))
+
+
+if __name__ == "__main__":
+    main()
