@@ -1,0 +1,240 @@
+"""The EoMT recipe's optimizer and learning-rate schedule, and a `Trainer` that uses them.
+
+AdamW (weight decay on every parameter) with layer-wise learning-rate decay: ViT block `i` of `L` trains at
+`lr * layer_decay ** (L - 1 - i)`, the embeddings (patch projection, position embeddings, CLS and register tokens)
+at block 0's rate, the final norm, the queries and the heads at the full rate.
+
+The schedule has two stages. The head (queries, class predictor, mask head, upscale blocks) warms up linearly from
+step 0 over `head_warmup_steps`; the backbone (embeddings, blocks, final norm) stays at lr 0 for those steps, warms
+up over the next `backbone_warmup_steps`; after its warmup each part decays as `(1 - progress) ** poly_power` to 0 at
+the last step. The gradient-norm clip of the recipe (0.01) is `TrainingArguments.max_grad_norm`.
+
+Use either `Trainer(..., optimizers=build_optimizer_and_scheduler(model, max_steps))` or [`EomtTrainer`] with
+[`EomtTrainingArguments`], which exposes every value as a command-line flag through `HfArgumentParser`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from .annealing import AttnMaskAnnealingCallback, unwrap_model
+
+# Parameters of the ViT (everything else is "head"). The final norm belongs to the backbone, as in the original
+# release: full lr, but it waits for the backbone's warmup.
+_BLOCK_PATTERN = re.compile(r"^layers\.(\d+)\.")
+_EMBEDDINGS_PREFIX = "embeddings."
+_FINAL_NORM_PREFIX = "layernorm."
+# Name components inserted by FSDP / activation-checkpointing wrappers.
+_WRAPPER_COMPONENTS = re.compile(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
+
+
+def layer_lr_scale(name: str, num_layers: int, layer_decay: float) -> float | None:
+    """Learning-rate multiplier of the backbone parameter `name`, or `None` if `name` belongs to the head."""
+    block = _BLOCK_PATTERN.match(name)
+    if block is not None:
+        return layer_decay ** (num_layers - 1 - int(block.group(1)))
+    if name.startswith(_EMBEDDINGS_PREFIX):
+        return layer_decay ** (num_layers - 1)
+    if name.startswith(_FINAL_NORM_PREFIX):
+        return 1.0
+    return None
+
+
+def parameter_groups(
+    model: nn.Module, learning_rate: float = 1e-4, weight_decay: float = 0.05, layer_decay: float = 0.8
+) -> list[dict]:
+    """
+    Split the trainable parameters of an EoMT model into AdamW parameter groups: one per ViT depth (embeddings share
+    block 0's group) plus one for the head. Each group carries `lr`, `weight_decay`, `stage` (`"backbone"` or
+    `"head"`, read by the scheduler) and a readable `name`. Under FSDP, wrap with `use_orig_params=True` so that
+    the original parameters (and their names) are visible.
+    """
+    model = unwrap_model(model)
+    named = [
+        (_WRAPPER_COMPONENTS.sub("", name), param) for name, param in model.named_parameters() if param.requires_grad
+    ]
+    if not named:
+        raise ValueError("The model has no trainable parameters; unfreeze some (`requires_grad_(True)`) to train.")
+    num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if num_layers is None:
+        blocks = [int(m.group(1)) for name, _ in named if (m := _BLOCK_PATTERN.match(name))]
+        num_layers = max(blocks, default=-1) + 1
+
+    groups: dict[tuple[str, float], dict] = {}
+    for name, param in named:
+        scale = layer_lr_scale(name, num_layers, layer_decay)
+        stage = "head" if scale is None else "backbone"
+        scale = 1.0 if scale is None else scale
+        group = groups.setdefault(
+            (stage, scale),
+            {"params": [], "lr": learning_rate * scale, "weight_decay": weight_decay, "stage": stage},
+        )
+        group["params"].append(param)
+    if not any(stage == "backbone" for stage, _ in groups):
+        raise ValueError(
+            "Found no backbone parameters (`embeddings.*`, `layers.N.*`, `layernorm.*`); pass the EoMT model itself "
+            "(e.g. `EomtForUniversalSegmentation`), not a sub-module."
+        )
+    result = []
+    for (stage, scale), group in sorted(groups.items(), key=lambda item: (item[0][0] == "head", item[0][1])):
+        group["name"] = f"{stage} x{scale:.4g}"
+        result.append(group)
+    return result
+
+
+def two_stage_poly_factor(step: int, total_steps: int, delay_steps: int, warmup_steps: int, power: float) -> float:
+    """
+    Multiplier of the base learning rate at optimizer step `step` (0-based): 0 for `delay_steps`, a linear ramp over
+    `warmup_steps`, then `(1 - progress) ** power` decaying to 0 at `total_steps`.
+    """
+    if step < delay_steps:
+        return 0.0
+    if step < delay_steps + warmup_steps:
+        return (step - delay_steps) / warmup_steps
+    decay_steps = max(1, total_steps - delay_steps - warmup_steps)
+    progress = (step - delay_steps - warmup_steps) / decay_steps
+    return max(0.0, 1.0 - progress) ** power
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    head_warmup_steps: int = 500,
+    backbone_warmup_steps: int = 1000,
+    poly_power: float = 0.9,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """
+    The two-stage warmup + poly schedule as a `LambdaLR` stepped once per optimizer step. Groups whose `stage` is
+    `"backbone"` start after the head's warmup; all other groups follow the head's schedule.
+    """
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, got {total_steps}; set `max_steps` or `num_train_epochs`.")
+    lambdas = []
+    for group in optimizer.param_groups:
+        if group.get("stage") == "backbone":
+            delay, warmup = head_warmup_steps, backbone_warmup_steps
+        else:
+            delay, warmup = 0, head_warmup_steps
+        lambdas.append(
+            partial(two_stage_poly_factor, total_steps=total_steps, delay_steps=delay, warmup_steps=warmup, power=poly_power)
+        )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+
+
+def build_optimizer(
+    model: nn.Module,
+    learning_rate: float = 1e-4,
+    weight_decay: float = 0.05,
+    layer_decay: float = 0.8,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.AdamW:
+    """AdamW over [`parameter_groups`]."""
+    groups = parameter_groups(model, learning_rate, weight_decay, layer_decay)
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps)
+
+
+def build_optimizer_and_scheduler(
+    model: nn.Module,
+    total_steps: int,
+    learning_rate: float = 1e-4,
+    weight_decay: float = 0.05,
+    layer_decay: float = 0.8,
+    head_warmup_steps: int = 500,
+    backbone_warmup_steps: int = 1000,
+    poly_power: float = 0.9,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """The recipe's `(optimizer, scheduler)` pair, ready for `Trainer(optimizers=...)`."""
+    optimizer = build_optimizer(model, learning_rate, weight_decay, layer_decay, betas, eps)
+    return optimizer, build_scheduler(optimizer, total_steps, head_warmup_steps, backbone_warmup_steps, poly_power)
+
+
+@dataclass
+class EomtTrainingArguments(TrainingArguments):
+    """
+    `TrainingArguments` with the EoMT recipe's defaults (lr 1e-4, weight decay 0.05, gradient clip 0.01) and its
+    extra knobs. `lr_scheduler_type` and `warmup_steps` are not used by [`EomtTrainer`]: the schedule is the
+    recipe's two-stage warmup + poly decay.
+    """
+
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate of the head and the last block."})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay, applied to every parameter."})
+    max_grad_norm: float = field(default=0.01, metadata={"help": "Gradient clipping norm (the recipe uses 0.01)."})
+    layer_decay: float = field(
+        default=0.8, metadata={"help": "Layer-wise lr decay: block i of L gets lr * layer_decay ** (L - 1 - i)."}
+    )
+    head_warmup_steps: int = field(
+        default=500, metadata={"help": "Linear warmup of the head; the backbone stays at lr 0 meanwhile."}
+    )
+    backbone_warmup_steps: int = field(
+        default=1000, metadata={"help": "Linear warmup of the backbone, starting after the head's warmup."}
+    )
+    poly_power: float = field(default=0.9, metadata={"help": "Power of the polynomial decay after warmup."})
+    attn_mask_annealing: bool = field(
+        default=True, metadata={"help": "Anneal the masked-attention probabilities during training."}
+    )
+    attn_mask_annealing_starts: list[int] | None = field(
+        default=None, metadata={"help": "Annealing start step per masked block (default: scaled from max_steps)."}
+    )
+    attn_mask_annealing_ends: list[int] | None = field(
+        default=None, metadata={"help": "Annealing end step per masked block (default: scaled from max_steps)."}
+    )
+    attn_mask_annealing_power: float = field(default=0.9, metadata={"help": "Power of the annealing decay."})
+
+
+class EomtTrainer(Trainer):
+    """
+    A `Trainer` running the EoMT recipe: [`build_optimizer_and_scheduler`] from [`EomtTrainingArguments`] and, unless
+    `attn_mask_annealing=False`, an [`AttnMaskAnnealingCallback`].
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, EomtTrainingArguments):
+            raise TypeError(
+                f"EomtTrainer needs EomtTrainingArguments (got {type(self.args).__name__}); build the arguments with "
+                "`EomtTrainingArguments(...)` or parse them with `HfArgumentParser(EomtTrainingArguments)`."
+            )
+        has_annealing = any(isinstance(cb, AttnMaskAnnealingCallback) for cb in self.callback_handler.callbacks)
+        if self.args.attn_mask_annealing and not has_annealing:
+            self.add_callback(
+                AttnMaskAnnealingCallback(
+                    starts=self.args.attn_mask_annealing_starts,
+                    ends=self.args.attn_mask_annealing_ends,
+                    power=self.args.attn_mask_annealing_power,
+                )
+            )
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            self.optimizer = build_optimizer(
+                self.model if model is None else model,
+                self.args.learning_rate,
+                self.args.weight_decay,
+                self.args.layer_decay,
+                betas=(self.args.adam_beta1, self.args.adam_beta2),
+                eps=self.args.adam_epsilon,
+            )
+        return self.optimizer
+
+    def create_scheduler(
+        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
+    ) -> torch.optim.lr_scheduler.LRScheduler:
+        if self.lr_scheduler is None:
+            self.lr_scheduler = build_scheduler(
+                self.optimizer if optimizer is None else optimizer,
+                num_training_steps,
+                self.args.head_warmup_steps,
+                self.args.backbone_warmup_steps,
+                self.args.poly_power,
+            )
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
