@@ -1,0 +1,15 @@
+"""Conversion of the original EoMT release's checkpoints (`python -m modeling_eomt.convert`, `eomt-convert`)."""
+
+from .convert import ConversionError, ConversionResult, convert_checkpoint, map_state_dict, resolve_target
+from .model_card import build_model_card
+from .reference import reference_forward
+
+__all__ = [
+    "ConversionError",
+    "ConversionResult",
+    "build_model_card",
+    "convert_checkpoint",
+    "map_state_dict",
+    "reference_forward",
+    "resolve_target",
+]

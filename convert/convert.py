@@ -1,0 +1,615 @@
+"""Conversion of EoMT checkpoints of the original release (PyTorch Lightning + timm) to this package's Hub format.
+
+Pipeline: read the source without unpickling code → resolve the architecture (preset, original `config.json`,
+flags) → map every tensor to its new name, as views → run the independent reference forward on the original
+tensors → write the shards into a temporary folder → reload them with our model and compare logits → add the
+processor config and model card → rename the folder into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from ..configuration import PRESETS, SIZES, EomtConfig
+from ..configuration.labels import dataset_for, id2label
+from ..configuration.presets import DATASETS, TIMM_BACKBONES
+from .model_card import build_model_card
+from .reference import reference_forward
+
+logger = logging.get_logger(__name__)
+
+TASKS = ("panoptic", "instance", "semantic")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MAX_SHARD_SIZE = "2GB"
+DEFAULT_ATOL = 1e-4
+CHECKPOINT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".safetensors")
+# Weight files of a checkpoint folder, in order of preference.
+FOLDER_WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConversionError(ValueError):
+    """Input the converter cannot use; the message names the problem and how to fix it."""
+
+
+# ----------------------------------------------------------------------------------------------------------- mapping
+# Original name → our name(s). `{n}` is a block/layer index, `{p}` weight or bias. Several targets split the tensor
+# into equal chunks along dim 0 (timm's fused qkv rows are q|k|v; packed SwiGLU fc1 rows are gate|up).
+_SHARED_RULES: list[tuple[str, tuple[str, ...] | None]] = [
+    ("network.encoder.backbone.cls_token", ("embeddings.cls_token",)),
+    ("network.encoder.backbone.reg_token", ("embeddings.register_tokens",)),
+    ("network.encoder.backbone.pos_embed", ("embeddings.position_embeddings.weight",)),
+    ("network.encoder.backbone.patch_embed.proj.{p}", ("embeddings.patch_embeddings.projection.{p}",)),
+    ("network.encoder.backbone.blocks.{n}.norm1.{p}", ("layers.{n}.norm1.{p}",)),
+    ("network.encoder.backbone.blocks.{n}.norm2.{p}", ("layers.{n}.norm2.{p}",)),
+    ("network.encoder.backbone.blocks.{n}.attn.qkv.{p}",
+     ("layers.{n}.attention.q_proj.{p}", "layers.{n}.attention.k_proj.{p}", "layers.{n}.attention.v_proj.{p}")),
+    ("network.encoder.backbone.blocks.{n}.attn.proj.{p}", ("layers.{n}.attention.out_proj.{p}",)),
+    ("network.encoder.backbone.blocks.{n}.ls1.gamma", ("layers.{n}.layer_scale1.lambda1",)),
+    ("network.encoder.backbone.blocks.{n}.ls2.gamma", ("layers.{n}.layer_scale2.lambda1",)),
+    ("network.encoder.backbone.norm.{p}", ("layernorm.{p}",)),
+    ("network.q.weight", ("query.weight",)),
+    ("network.class_head.{p}", ("class_predictor.{p}",)),
+    ("network.mask_head.0.{p}", ("mask_head.fc1.{p}",)),
+    ("network.mask_head.2.{p}", ("mask_head.fc2.{p}",)),
+    ("network.mask_head.4.{p}", ("mask_head.fc3.{p}",)),
+    ("network.upscale.{n}.conv1.{p}", ("upscale_block.block.{n}.conv1.{p}",)),
+    ("network.upscale.{n}.conv2.weight", ("upscale_block.block.{n}.conv2.weight",)),
+    ("network.upscale.{n}.norm.{p}", ("upscale_block.block.{n}.layernorm2d.{p}",)),
+    ("network.attn_mask_probs", ("attn_mask_probs",)),
+    # Normalisation moves to the processor; the loss weights are rebuilt from the config.
+    ("network.encoder.pixel_mean", None),
+    ("network.encoder.pixel_std", None),
+    ("criterion.empty_weight", None),
+]  # fmt: skip
+_GELU_MLP_RULES = [
+    ("network.encoder.backbone.blocks.{n}.mlp.fc1.{p}", ("layers.{n}.mlp.fc1.{p}",)),
+    ("network.encoder.backbone.blocks.{n}.mlp.fc2.{p}", ("layers.{n}.mlp.fc2.{p}",)),
+]
+_SWIGLU_RULES = [
+    ("network.encoder.backbone.blocks.{n}.mlp.fc1.{p}", ("layers.{n}.mlp.gate_proj.{p}", "layers.{n}.mlp.up_proj.{p}")),
+    ("network.encoder.backbone.blocks.{n}.mlp.fc2.{p}", ("layers.{n}.mlp.down_proj.{p}",)),
+]
+# Buffers of our model that the original does not store: rebuilt from the config.
+DERIVED_KEYS = ("criterion.empty_weight",)
+
+
+def _pattern(template: str) -> re.Pattern:
+    escaped = re.escape(template).replace(r"\{n\}", r"(?P<n>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
+    return re.compile(escaped + "$")
+
+
+@dataclass(frozen=True)
+class _Rule:
+    source: str
+    targets: tuple[str, ...] | None
+
+    def match_source(self, key: str) -> dict[str, str] | None:
+        match = _pattern(self.source).match(key)
+        return match.groupdict() if match else None
+
+    def match_target(self, key: str) -> dict[str, str] | None:
+        for target in self.targets or ():
+            match = _pattern(target).match(key)
+            if match:
+                return match.groupdict()
+        return None
+
+
+def mapping_rules(use_swiglu_ffn: bool) -> list[_Rule]:
+    """The name rules for a GELU-MLP or a SwiGLU backbone."""
+    mlp = _SWIGLU_RULES if use_swiglu_ffn else _GELU_MLP_RULES
+    return [_Rule(source, targets) for source, targets in _SHARED_RULES + mlp]
+
+
+def map_state_dict(original: dict[str, torch.Tensor], config: EomtConfig) -> dict[str, torch.Tensor]:
+    """Our state dict (as views of the original tensors, no copies) from an original one.
+
+    Raises `ConversionError` naming the first key without a rule, a missing key, or a shape that does not fit
+    `config`.
+    """
+    rules = mapping_rules(config.use_swiglu_ffn)
+    expected = _expected_shapes(config)
+    converted: dict[str, torch.Tensor] = {}
+    for key, tensor in original.items():
+        for rule in rules:
+            groups = rule.match_source(key)
+            if groups is None:
+                continue
+            if rule.targets is not None:
+                names = [target.format(**groups) for target in rule.targets]
+                chunks = tensor.chunk(len(names), dim=0) if len(names) > 1 else (tensor,)
+                for name, chunk in zip(names, chunks):
+                    converted[name] = _fit_shape(key, name, chunk, expected, config)
+            break
+        else:
+            raise ConversionError(
+                f"Key {key!r} of the checkpoint has no counterpart in EoMT ({_describe(config)}); the file holds "
+                "another model or a modified EoMT. Convert an unmodified checkpoint of the original release."
+            )
+    for name in expected:
+        if name not in converted and name not in DERIVED_KEYS:
+            raise ConversionError(
+                f"The checkpoint lacks {_original_name(name, rules)!r} (needed for {name!r} of {_describe(config)}); "
+                "check --preset/--backbone and the size flags, or that the file is complete."
+            )
+    return converted
+
+
+def _fit_shape(
+    key: str, name: str, tensor: torch.Tensor, expected: dict[str, torch.Size], config: EomtConfig
+) -> torch.Tensor:
+    shape = expected.get(name)
+    if shape is None:  # e.g. block 30 of a 24-block backbone
+        raise ConversionError(
+            f"Key {key!r} does not fit {_describe(config)} (no {name!r}); pick the preset or --backbone that matches "
+            "the checkpoint."
+        )
+    if tensor.shape != shape and tensor.shape[0] == 1 and tensor.shape[1:] == shape:
+        tensor = tensor[0]  # timm keeps a batch axis on pos_embed
+    if tensor.shape != shape:
+        raise ConversionError(
+            f"Tensor {key!r} has shape {tuple(tensor.shape)} but {_describe(config)} expects {tuple(shape)} for "
+            f"{name!r}; pick the preset or --backbone/--image-size/--num-queries/--num-labels that match the checkpoint."
+        )
+    return tensor
+
+
+def _expected_shapes(config: EomtConfig) -> dict[str, torch.Size]:
+    from ..modeling import EomtForUniversalSegmentation
+
+    with torch.device("meta"):
+        model = EomtForUniversalSegmentation(config)
+    return {name: tensor.shape for name, tensor in model.state_dict().items()}
+
+
+def _original_name(name: str, rules: list[_Rule]) -> str:
+    for rule in rules:
+        groups = rule.match_target(name)
+        if groups is not None:
+            return rule.source.format(**groups)
+    return name
+
+
+def _describe(config: EomtConfig) -> str:
+    size = next((s for s, spec in SIZES.items() if spec["hidden_size"] == config.hidden_size), "custom")
+    return (
+        f"EoMT-{size} (image_size={config.image_size}, num_queries={config.num_queries}, "
+        f"num_labels={config.num_labels}, num_blocks={config.num_blocks})"
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ reading input
+def resolve_source(source: str | os.PathLike) -> Path:
+    """A local path for `source`; Hub repo ids (`org/name`) are downloaded when a network is available."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    text = str(source)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.endswith(CHECKPOINT_SUFFIXES):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(
+                snapshot_download(text, allow_patterns=["*.json", "*.bin", "*.safetensors", "*.pt", "*.ckpt"])
+            )
+        except Exception as error:  # offline, unknown repo, gated, …
+            raise ConversionError(
+                f"{text!r} is no local path and could not be downloaded from the Hub ({type(error).__name__}); "
+                "check the repo id and the network, or download the checkpoint and pass its folder."
+            ) from error
+    raise ConversionError(
+        f"{text} does not exist; pass a checkpoint folder (pytorch_model.bin + config.json), a checkpoint file "
+        f"({', '.join(CHECKPOINT_SUFFIXES)}) or a Hub repo id such as tue-mps/coco_panoptic_eomt_large_640."
+    )
+
+
+def load_original(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The original state dict (wrappers and `_orig_mod` removed) and the folder's original `config.json` (or {})."""
+    original_config: dict = {}
+    if path.is_dir():
+        config_file = path / "config.json"
+        if config_file.is_file():
+            original_config = json.loads(config_file.read_text())
+        weights = next((path / name for name in FOLDER_WEIGHTS if (path / name).is_file()), None)
+        if weights is None:
+            raise ConversionError(
+                f"{path} holds no weights ({', '.join(FOLDER_WEIGHTS)}); pass the folder of a downloaded checkpoint "
+                "or the checkpoint file itself."
+            )
+        path = weights
+    if original_config.get("model_type") == "eomt":
+        raise ConversionError(
+            f"{path.parent} is already in the Transformers format (model_type 'eomt'); load it with "
+            "`from_pretrained` instead of converting it."
+        )
+    if path.name.endswith(".index.json"):
+        shard_names = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        state_dict: dict = {}
+        for shard_name in shard_names:
+            state_dict.update(_load_file(path.parent / shard_name))
+    else:
+        state_dict = _load_file(path)
+    return _clean_names(state_dict, path), original_config
+
+
+def _load_file(path: Path) -> dict:
+    if not path.is_file():
+        raise ConversionError(f"{path} does not exist; the checkpoint is incomplete (missing shard?).")
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    try:
+        try:  # memory-mapped: tensors are read from disk on use, so the weights are never held twice
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # files in torch's legacy (non-zip) format cannot be memory-mapped
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ConversionError(
+            f"{path} contains Python objects besides tensors, which are never unpickled here; load it in a trusted "
+            "session and save only its state dict (`torch.save(checkpoint['state_dict'], 'weights.bin')`)."
+        ) from error
+    except (RuntimeError, EOFError, OSError) as error:
+        raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({error}).") from error
+
+
+def _clean_names(checkpoint: object, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]  # Lightning .ckpt
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise ConversionError(
+            f"{path} holds no state dict (name → tensor); pass a checkpoint of the original EoMT release."
+        )
+    # torch.compile wraps modules as `_orig_mod`, which shows up anywhere in the names.
+    state_dict = {key.replace("_orig_mod.", ""): tensor for key, tensor in checkpoint.items()}
+    if not any(key.startswith("network.") for key in state_dict):
+        if any(key.startswith(("layers.", "embeddings.")) for key in state_dict):
+            hint = "it is already in the Transformers format; load it with `from_pretrained` instead"
+        else:
+            hint = "pass a checkpoint of the original EoMT release (tue-mps/eomt)"
+        example = next(iter(state_dict), "<empty>")
+        raise ConversionError(
+            f"{path} is not an original EoMT checkpoint: none of its {len(state_dict)} keys start with 'network.' "
+            f"(e.g. {example!r}); {hint}."
+        )
+    return state_dict
+
+
+# ------------------------------------------------------------------------------------------------------- architecture
+@dataclass(frozen=True)
+class Target:
+    """What to build: the config, the task (processor settings), and the label set / released result if known."""
+
+    config: EomtConfig
+    task: str
+    dataset: str | None  # key of DATASETS
+    preset: str | None
+
+
+def backbone_size(name: str) -> str:
+    """"small" … "giant" from a timm backbone name (a pretrained tag such as `.lvd142m` is ignored) or a size."""
+    if name in SIZES:
+        return name
+    sizes = {timm_name: size for size, timm_name in TIMM_BACKBONES.items()}
+    base = name.split(".")[0]
+    if base not in sizes:
+        raise ConversionError(
+            f"Unknown backbone {name!r}; use one of {', '.join(TIMM_BACKBONES.values())} (or small/base/large/giant)."
+        )
+    return sizes[base]
+
+
+def resolve_target(
+    original_config: dict,
+    preset: str | None = None,
+    backbone: str | None = None,
+    image_size: int | None = None,
+    num_queries: int | None = None,
+    num_labels: int | None = None,
+    num_blocks: int | None = None,
+    task: str | None = None,
+) -> Target:
+    """Merge, in increasing priority, the preset, the original `config.json` and explicit options."""
+    layers: list[dict] = []
+    dataset = None
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConversionError(f"Unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}.")
+        spec = PRESETS[preset]
+        layers.append(dict(size=spec.size, image_size=spec.image_size, num_queries=spec.num_queries,
+                           num_labels=DATASETS[spec.labels]["num_labels"]))  # fmt: skip
+        dataset = spec.labels
+    original_size = original_config.get("image_size")
+    if isinstance(original_size, (list, tuple)):
+        if len(set(original_size)) != 1:
+            raise ConversionError(f"Only square image sizes are supported, the original config has {original_size}.")
+        original_size = original_size[0]
+    layers.append(dict(
+        size=backbone_size(original_config["backbone"]) if "backbone" in original_config else None,
+        image_size=original_size,
+        patch_size=original_config.get("patch_size"),
+        num_queries=original_config.get("num_queries", original_config.get("num_q")),
+        num_labels=original_config.get("num_labels", original_config.get("num_classes")),
+        num_blocks=original_config.get("num_blocks"),
+    ))  # fmt: skip
+    layers.append(dict(size=backbone_size(backbone) if backbone else None, image_size=image_size,
+                       num_queries=num_queries, num_labels=num_labels, num_blocks=num_blocks))  # fmt: skip
+    merged: dict = {}
+    for layer in layers:
+        merged.update({key: value for key, value in layer.items() if value is not None})
+
+    if "size" not in merged:
+        raise ConversionError("Cannot tell the backbone of the checkpoint; pass --preset NAME or --backbone NAME.")
+    for field, flag in (("image_size", "--image-size"), ("num_queries", "--num-queries"), ("num_labels", "--num-labels")):
+        if field not in merged:
+            raise ConversionError(f"Cannot tell `{field}` of the checkpoint; pass --preset NAME or {flag}.")
+    size = merged.pop("size")
+    try:
+        config = EomtConfig(**{**SIZES[size], **merged})
+    except ValueError as error:
+        raise ConversionError(f"Inconsistent architecture: {error}") from error
+
+    if dataset is not None and DATASETS[dataset]["num_labels"] != config.num_labels:
+        dataset = None  # the label count was overridden: the preset's names no longer apply
+    if task is None:
+        task = DATASETS[dataset]["task"] if dataset else None
+    if task is None:
+        candidates = [key for key, spec in DATASETS.items() if spec["num_labels"] == config.num_labels]
+        if len(candidates) != 1:
+            raise ConversionError(
+                f"Cannot tell the task of a checkpoint with {config.num_labels} labels; pass --task "
+                f"{'|'.join(TASKS)}."
+            )
+        task = DATASETS[candidates[0]]["task"]
+    if task not in TASKS:
+        raise ConversionError(f"Unknown task {task!r}; choose one of {', '.join(TASKS)}.")
+    if dataset is None or DATASETS[dataset]["task"] != task:
+        dataset = dataset_for(task, config.num_labels)
+    if dataset is not None:
+        config.id2label = id2label(dataset)
+        config.label2id = {name: index for index, name in config.id2label.items()}
+    return Target(config, task, dataset, preset)
+
+
+# ------------------------------------------------------------------------------------------------------------ writing
+def write_weights(
+    tensors: dict[str, torch.Tensor], directory: Path, dtype: torch.dtype, progress: bool = True
+) -> None:
+    """Safetensors shards (with an index when there are several), one shard in memory at a time."""
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=MAX_SHARD_SIZE)
+    with tqdm(total=len(tensors), desc="Writing tensors", unit="tensor", disable=not progress) as bar:
+        for filename, names in split.filename_to_tensors.items():
+            shard, storages = {}, set()
+            for name in names:
+                tensor = tensors[name]
+                storage = tensor.untyped_storage().data_ptr()
+                # Chunks of one fused tensor share its storage, which safetensors refuses: copy all but the first.
+                if tensor.dtype != dtype or storage in storages or not tensor.is_contiguous():
+                    tensor = tensor.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+                else:
+                    storages.add(storage)
+                shard[name] = tensor
+            save_file(shard, directory / filename, metadata={"format": "pt"})
+            del shard
+            bar.update(len(names))
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def build_image_processor(task: str, image_size: int, dataset: str | None, mean, std):
+    """Processor settings of a checkpoint: padded canvas for panoptic/instance, sliding windows for semantic."""
+    from .. import EomtImageProcessor
+
+    if task == "semantic":
+        return EomtImageProcessor(
+            size={"shortest_edge": image_size, "longest_edge": None},
+            do_split_image=True,
+            do_pad=False,
+            image_mean=mean,
+            image_std=std,
+            ignore_index=255,
+            do_reduce_labels=dataset == "ade20k_semantic",  # ADE20K files use 0 for "other"
+        )
+    return EomtImageProcessor(
+        size={"shortest_edge": image_size, "longest_edge": image_size},
+        do_split_image=False,
+        do_pad=True,
+        image_mean=mean,
+        image_std=std,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------- verification
+def verification_pixels(image_size: int) -> torch.Tensor:
+    """The fixed input of the check: one image of uniform noise in [0, 1] at the native size."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.rand(1, 3, image_size, image_size, generator=generator)
+
+
+def logit_difference(
+    model: torch.nn.Module, reference: tuple[torch.Tensor, torch.Tensor], pixels: torch.Tensor, mean, std
+) -> float:
+    """Max abs difference between our model (on normalised pixels) and the reference logits."""
+    normalised = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        output = model(pixel_values=normalised)
+    ref_masks, ref_classes = reference
+    return max(
+        (output.masks_queries_logits.float() - ref_masks).abs().max().item(),
+        (output.class_queries_logits.float() - ref_classes).abs().max().item(),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------- command
+@dataclass
+class ConversionResult:
+    output_dir: Path
+    config: EomtConfig
+    task: str
+    dataset: str | None
+    num_parameters: int
+    dtype: str
+    max_abs_difference: float | None  # None when verification was skipped
+    seconds: float
+
+
+def convert_checkpoint(
+    source: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    preset: str | None = None,
+    backbone: str | None = None,
+    image_size: int | None = None,
+    num_queries: int | None = None,
+    num_labels: int | None = None,
+    num_blocks: int | None = None,
+    task: str | None = None,
+    dtype: str = "float32",
+    verify: bool = True,
+    atol: float = DEFAULT_ATOL,
+    overwrite: bool = False,
+    push_to_hub: str | None = None,
+    progress: bool = True,
+) -> ConversionResult:
+    """Convert an original EoMT checkpoint into a folder loadable with `from_pretrained` and the pipeline.
+
+    Everything is written to a temporary sibling of `output_dir`, which replaces it only once all files exist and,
+    with `verify`, the converted model reproduces the reference logits within `atol`. Raises `ConversionError` on
+    bad input (nothing is written then).
+    """
+    start = time.perf_counter()
+    output_dir = Path(output_dir).expanduser()
+    if dtype not in DTYPES:
+        raise ConversionError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConversionError(f"{output_dir} is a file; pass a folder path as OUTPUT_DIR.")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise ConversionError(f"{output_dir} exists and is not empty; pass --overwrite to replace it.")
+
+    source_path = resolve_source(source)
+    if preset is None and _stem(source_path) in PRESETS:
+        preset = _stem(source_path)
+        logger.info(f"Using preset {preset!r} (from the source name).")
+    original, original_config = load_original(source_path)
+    target = resolve_target(original_config, preset, backbone, image_size, num_queries, num_labels, num_blocks, task)
+    config = target.config
+    converted = map_state_dict(original, config)
+    converted["criterion.empty_weight"] = _empty_weight(config)
+    mean = _statistic(original, "network.encoder.pixel_mean", IMAGENET_MEAN)
+    std = _statistic(original, "network.encoder.pixel_std", IMAGENET_STD)
+
+    reference = pixels = None
+    if verify:
+        pixels = verification_pixels(config.image_size)
+        try:
+            reference = reference_forward(original, pixels, config.num_attention_heads, DTYPES[dtype])
+        except ValueError as error:
+            raise ConversionError(f"Cannot verify: {error} Pass --no-verify to convert without the check.") from error
+
+    created = _first_missing(output_dir.parent)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        config.architectures = ["EomtForUniversalSegmentation"]
+        config.dtype = DTYPES[dtype]
+        config.save_pretrained(staging)
+        write_weights(converted, staging, DTYPES[dtype], progress)
+        num_parameters = sum(t.numel() for name, t in converted.items() if name not in DERIVED_KEYS + ("attn_mask_probs",))
+        del converted, original  # the reload below is the only copy of the weights from here on
+
+        difference = None
+        if verify:
+            difference = _verify(staging, reference, pixels, mean, std)
+            if not difference <= atol:
+                raise ConversionError(
+                    f"Verification failed: converted logits differ from the reference by {difference:.3g} "
+                    f"(> {atol:g}); the checkpoint does not match {_describe(config)} or the mapping is wrong."
+                )
+
+        build_image_processor(target.task, config.image_size, target.dataset, mean, std).save_pretrained(staging)
+        metrics = None
+        if target.preset is not None and target.dataset == PRESETS[target.preset].labels:
+            metrics = {PRESETS[target.preset].metric: PRESETS[target.preset].result}
+        card = build_model_card(
+            config,
+            task=target.task,
+            dataset=target.dataset,
+            metrics=metrics,
+            model_name=target.preset or output_dir.name,
+            repo_id=push_to_hub,
+            notes=_provenance(source, difference, atol),
+        )
+        (staging / "README.md").write_text(card)
+
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+    if push_to_hub:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(push_to_hub, exist_ok=True)
+        api.upload_folder(repo_id=push_to_hub, folder_path=output_dir, commit_message=f"Convert {source}")
+    return ConversionResult(
+        output_dir, config, target.task, target.dataset, num_parameters, dtype, difference, time.perf_counter() - start
+    )
+
+
+def _verify(directory: Path, reference, pixels: torch.Tensor, mean, std) -> float:
+    from ..modeling import EomtForUniversalSegmentation
+
+    model = EomtForUniversalSegmentation.from_pretrained(directory, dtype=torch.float32).eval()
+    return logit_difference(model, reference, pixels, mean, std)
+
+
+def _provenance(source: str | os.PathLike, difference: float | None, atol: float) -> str:
+    text = f"Converted from the original checkpoint `{source}` with `eomt-convert`"
+    if difference is None:
+        return text + " (logits not verified)."
+    return text + f"; its logits match a reference forward of the original weights to {difference:.1e} (≤ {atol:g})."
+
+
+def _empty_weight(config: EomtConfig) -> torch.Tensor:
+    from ..loss import EomtLoss
+
+    return EomtLoss(config).empty_weight
+
+
+def _statistic(original: dict[str, torch.Tensor], key: str, default: tuple[float, ...]) -> list[float]:
+    if key not in original:
+        return list(default)
+    return [round(value, 6) for value in original[key].flatten().tolist()]
+
+
+def _stem(path: Path) -> str:
+    return path.name if path.is_dir() else path.stem
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost ancestor of `path` (inclusive) that does not exist yet, to undo creating it on failure."""
+    missing = None
+    while not path.exists():
+        missing, path = path, path.parent
+    return missing
