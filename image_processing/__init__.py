@@ -1,0 +1,26 @@
+"""EoMT image processing: preprocessing, training targets and post-processing."""
+
+from .image_processing_eomt import EomtImageProcessor
+from .post_processing import Placement, instance_segmentation, panoptic_segmentation, semantic_segmentation
+
+__all__ = [
+    "EomtImageProcessor",
+    "Placement",
+    "instance_segmentation",
+    "panoptic_segmentation",
+    "register_image_processor",
+    "semantic_segmentation",
+]
+
+
+def register_image_processor() -> None:
+    """Make `AutoImageProcessor` (and so `pipeline("image-segmentation")`) pick `EomtImageProcessor` for model
+    type "eomt" under every backend name, including configs naming "EomtImageProcessor(Fast)" (idempotent)."""
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
+
+    from ..configuration import EomtConfig
+
+    # `AutoImageProcessor.register` would first resolve (import) the built-in classes to merge with them; we
+    # replace every backend, so register the mapping directly.
+    backends = {"torchvision": EomtImageProcessor, "pil": EomtImageProcessor}
+    IMAGE_PROCESSOR_MAPPING.register(EomtConfig, backends, exist_ok=True)

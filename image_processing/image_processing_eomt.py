@@ -1,0 +1,584 @@
+"""EoMT image processor: images → `pixel_values` (padded squares or sliding windows), segmentation maps → training
+targets, and the three post-processings. Pure torch; reads the Hub's `preprocessor_config.json` files unchanged."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.processing_utils import ImagesKwargs
+from transformers.utils import logging
+
+from .post_processing import (
+    Placement,
+    instance_segmentation,
+    panoptic_segmentation,
+    segments_from_semantic,
+    semantic_segmentation,
+)
+
+logger = logging.get_logger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# PIL resampling codes (the `resample` field of the Hub configs) → torch interpolation modes.
+RESAMPLE_MODES = {0: "nearest-exact", 2: "bilinear", 3: "bicubic"}
+
+
+class EomtImageProcessorKwargs(ImagesKwargs, total=False):
+    """Options beyond the standard image kwargs (used by `from_pretrained(..., **overrides)`)."""
+
+    do_split_image: bool
+    ignore_index: int | None
+    do_reduce_labels: bool
+
+
+class EomtImageProcessor(BaseImageProcessor):
+    r"""
+    Prepares images for [`EomtForUniversalSegmentation`] and turns its outputs into segmentations.
+
+    Panoptic and instance checkpoints scale the long side to `size["longest_edge"]` and zero-pad bottom/right to a
+    square; semantic checkpoints (`do_split_image=True`) scale the short side to `size["shortest_edge"]` and cut the
+    image into evenly overlapping square windows, returned as `patch_offsets` (`[image_index, start, end]` along the
+    long side) for [`post_process_semantic_segmentation`] to stitch.
+
+    Args:
+        do_resize (`bool`, defaults to `True`):
+            Resize images (see `size`).
+        size (`dict[str, int]`, defaults to `{"shortest_edge": 640, "longest_edge": 640}`):
+            Target of the short side, capped so the long side stays within `longest_edge` (`None`: no cap). With
+            `do_split_image` the windows are `shortest_edge` squares; with `do_pad` the canvas is
+            `shortest_edge × (longest_edge or shortest_edge)`.
+        resample (`int`, defaults to 2 (bilinear)):
+            PIL resampling code: 0 nearest, 2 bilinear or 3 bicubic (antialiased when downscaling, like PIL).
+        do_rescale (`bool`, defaults to `True`):
+            Multiply integer images by `rescale_factor`. Floating-point images with values in [0, 1] are taken as
+            already rescaled; other floating-point images are rescaled like integer ones.
+        rescale_factor (`float`, defaults to 1/255):
+            Factor of `do_rescale`.
+        do_normalize (`bool`, defaults to `True`):
+            Subtract `image_mean` and divide by `image_std` per channel.
+        image_mean, image_std (`list[float]`, default to the ImageNet statistics):
+            Normalisation statistics.
+        do_split_image (`bool`, defaults to `False`):
+            Sliding windows for semantic segmentation instead of one padded canvas per image.
+        do_pad (`bool`, defaults to `True`):
+            Zero-pad bottom/right (in pixel space, before normalisation) to the canvas so any image fits the model.
+        ignore_index (`int`, *optional*):
+            Label of segmentation-map pixels that belong to no target mask (also fills the padding of targets).
+        do_reduce_labels (`bool`, defaults to `False`):
+            Segmentation-map label 0 means "ignore" and the other labels shift down by one (ADE20K files). Needs
+            `ignore_index`.
+    """
+
+    valid_kwargs = EomtImageProcessorKwargs
+    model_input_names = ["pixel_values"]
+
+    def __init__(
+        self,
+        do_resize: bool = True,
+        size: dict[str, int | None] | int | None = None,
+        resample: int = 2,
+        do_rescale: bool = True,
+        rescale_factor: float = 1 / 255,
+        do_normalize: bool = True,
+        image_mean: Sequence[float] = IMAGENET_MEAN,
+        image_std: Sequence[float] = IMAGENET_STD,
+        do_split_image: bool = False,
+        do_pad: bool = True,
+        ignore_index: int | None = None,
+        do_reduce_labels: bool = False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.do_resize = do_resize
+        self.size = _size_dict(size)
+        _resample_mode(resample)  # validate early
+        self.resample = int(resample)
+        self.do_rescale = do_rescale
+        self.rescale_factor = rescale_factor
+        self.do_normalize = do_normalize
+        self.image_mean = list(image_mean)
+        self.image_std = list(image_std)
+        self.do_split_image = do_split_image
+        self.do_pad = do_pad
+        self.ignore_index = ignore_index
+        self.do_reduce_labels = do_reduce_labels
+        if do_reduce_labels and ignore_index is None:
+            raise ValueError("`do_reduce_labels=True` maps label 0 to `ignore_index`; set `ignore_index` (e.g. 255).")
+
+    # ------------------------------------------------------------------ geometry (shared with post-processing)
+
+    def resized_size(self, height: int, width: int, size: dict | None = None) -> tuple[int, int]:
+        """Size of an image of `height × width` after resizing (unchanged when `do_resize` is off)."""
+        if not self.do_resize:
+            return height, width
+        size = self.size if size is None else _size_dict(size)
+        return _scaled_size(height, width, size["shortest_edge"], size.get("longest_edge"))
+
+    def pad_size(self, size: dict | None = None) -> tuple[int, int]:
+        """Canvas (height, width) that padding fills up to."""
+        size = self.size if size is None else _size_dict(size)
+        return size["shortest_edge"], size.get("longest_edge") or size["shortest_edge"]
+
+    def placements(
+        self,
+        target_sizes: Sequence[tuple[int, int]],
+        patch_offsets: Sequence | None = None,
+        size: dict | None = None,
+        do_pad: bool | None = None,
+    ) -> tuple[list[tuple[int, int]], list[Placement]]:
+        """Resized size of each image and where each model input (canvas or window) lies in it."""
+        do_pad = self.do_pad if do_pad is None else do_pad
+        pad_h, pad_w = self.pad_size(size)
+        resized = [self.resized_size(int(h), int(w), size) for h, w in target_sizes]
+
+        def canvas(height: int, width: int) -> tuple[int, int]:
+            return (max(height, pad_h), max(width, pad_w)) if do_pad else (height, width)
+
+        if patch_offsets is None or len(patch_offsets) == 0:
+            return resized, [Placement(i, 0, 0, h, w, canvas(h, w)) for i, (h, w) in enumerate(resized)]
+        placements = []
+        for offset in patch_offsets:
+            index, start, end = (int(v) for v in offset)
+            if index >= len(resized):
+                raise ValueError(f"`patch_offsets` refer to image {index} but only {len(resized)} target sizes given.")
+            rh, rw = resized[index]
+            top, left, height, width = (start, 0, end - start, rw) if rh > rw else (0, start, rh, end - start)
+            placements.append(Placement(index, top, left, height, width, canvas(height, width)))
+        return resized, placements
+
+    # ------------------------------------------------------------------ preprocessing
+
+    def preprocess(
+        self,
+        images,
+        segmentation_maps=None,
+        instance_id_to_semantic_id: dict[int, int] | list[dict[int, int]] | None = None,
+        return_tensors: str | None = "pt",
+        input_data_format: str | None = None,
+        device: str | torch.device | None = None,
+        **overrides: Any,
+    ) -> BatchFeature:
+        r"""
+        Turn images (and optionally their segmentation maps) into model inputs.
+
+        Args:
+            images: One image or a list of images: PIL images, numpy arrays or torch tensors, HWC or CHW, uint8 or
+                float, grayscale, RGB or RGBA. A 4-d array or tensor is a batch.
+            segmentation_maps: One 2-d label map per image (class ids, or instance ids with
+                `instance_id_to_semantic_id`), at the image's size.
+            instance_id_to_semantic_id: Class id of each instance id, for all images or one dict per image.
+            return_tensors (`str`, defaults to `"pt"`): `"pt"` or `"np"`.
+            input_data_format (`str`, *optional*): `"channels_first"` or `"channels_last"` when the layout of an
+                array is ambiguous.
+            device: Where to run the resizing (e.g. `"cuda"`).
+            overrides: Any constructor option (`do_pad`, `size`, `do_split_image`, ...) for this call only.
+
+        Returns:
+            [`BatchFeature`] with `pixel_values` `(num_inputs, 3, height, width)`, `patch_offsets` (one `[image_index,
+            start, end]` tensor per window) when splitting, and per input `mask_labels` `(num_masks, height, width)`
+            and `class_labels` `(num_masks,)` when segmentation maps are given.
+        """
+        opts = self._options(overrides)
+        pixels = [_to_chw(image, input_data_format) for image in _image_list(images)]
+        if device is not None:
+            pixels = [p.to(device) for p in pixels]
+        original_sizes = [tuple(p.shape[-2:]) for p in pixels]
+        resized = [
+            self.resized_size(h, w, opts["size"]) if opts["do_resize"] else (h, w) for h, w in original_sizes
+        ]
+        mode = _resample_mode(opts["resample"])
+        pixels = [_resize(p, hw, mode) for p, hw in zip(pixels, resized)]
+        pixels = [self._normalize(p, opts) for p in pixels]
+        fill = self._normalize(torch.zeros(3, 1, 1, dtype=torch.uint8, device=pixels[0].device), opts)
+
+        windows = self._windows(resized, opts)
+        data: dict[str, Any] = {"pixel_values": self._assemble(pixels, windows, fill, opts)}
+        if opts["do_split_image"]:
+            data["patch_offsets"] = [torch.tensor([i, start, end]) for i, start, end, _ in windows]
+
+        if segmentation_maps is not None:
+            maps = [_to_label_map(m) for m in _map_list(segmentation_maps, len(pixels))]
+            for index, (label_map, hw) in enumerate(zip(maps, original_sizes)):
+                if tuple(label_map.shape) != hw:
+                    raise ValueError(
+                        f"Segmentation map {index} has size {tuple(label_map.shape)} but its image is {hw}; "
+                        "pass maps at the size of their images."
+                    )
+            ignore = opts["ignore_index"]
+            if opts["do_reduce_labels"]:
+                maps = [torch.where(m == 0, ignore, m - 1) for m in maps]
+            maps = [_resize(m[None].to(pixels[0].device), hw, "nearest-exact")[0] for m, hw in zip(maps, resized)]
+            void = torch.full((1, 1, 1), -1 if ignore is None else ignore)
+            canvases = self._assemble([m[None] for m in maps], windows, void, opts)
+            mask_labels, class_labels = [], []
+            for canvas, (index, *_rest) in zip(canvases, windows):
+                mapping = instance_id_to_semantic_id
+                if isinstance(mapping, (list, tuple)):
+                    mapping = mapping[index]
+                masks, classes = _binary_masks(canvas[0], mapping, ignore, opts["do_reduce_labels"])
+                mask_labels.append(masks)
+                class_labels.append(classes)
+            data["mask_labels"], data["class_labels"] = mask_labels, class_labels
+
+        if return_tensors in ("np", "numpy"):
+            data = {k: v.cpu().numpy() if torch.is_tensor(v) else [t.cpu().numpy() for t in v] for k, v in data.items()}
+        elif return_tensors not in (None, "pt"):
+            raise ValueError(f"`return_tensors` must be 'pt' or 'np', got {return_tensors!r}.")
+        return BatchFeature(data=data)
+
+    def _options(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        names = (
+            "do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
+            "image_std", "do_split_image", "do_pad", "ignore_index", "do_reduce_labels",
+        )  # fmt: skip
+        unknown = set(overrides) - set(names)
+        if unknown:
+            raise ValueError(f"Unknown option(s) {sorted(unknown)}; valid options: {', '.join(names)}.")
+        opts = {name: overrides[name] if overrides.get(name) is not None else getattr(self, name) for name in names}
+        opts["size"] = _size_dict(opts["size"])
+        if opts["do_reduce_labels"] and opts["ignore_index"] is None:
+            raise ValueError("`do_reduce_labels=True` needs an `ignore_index` (e.g. 255).")
+        return opts
+
+    def _normalize(self, image: torch.Tensor, opts: dict[str, Any]) -> torch.Tensor:
+        floating = image.is_floating_point()
+        image = image.float()
+        # Floats in [0, 1] are already rescaled; rescaling them again would turn every image black.
+        if opts["do_rescale"] and (not floating or image.numel() == 0 or image.max() > 1):
+            image = image * opts["rescale_factor"]
+        if opts["do_normalize"]:
+            mean = torch.tensor(opts["image_mean"], device=image.device).view(-1, 1, 1)
+            std = torch.tensor(opts["image_std"], device=image.device).view(-1, 1, 1)
+            image = (image - mean) / std
+        return image
+
+    def _windows(self, resized: list[tuple[int, int]], opts: dict[str, Any]) -> list[tuple[int, int, int, bool]]:
+        """Per model input: (image index, start, end, tall) along the long side; the whole image unless splitting."""
+        if not opts["do_split_image"]:
+            return [(i, 0, max(h, w), h > w) for i, (h, w) in enumerate(resized)]
+        crop = opts["size"]["shortest_edge"]
+        windows = []
+        for index, (h, w) in enumerate(resized):
+            long_side = max(h, w)
+            count = math.ceil(long_side / crop)
+            step = crop - ((count * crop - long_side) / (count - 1) if count > 1 else 0)
+            windows += [(index, int(i * step), int(i * step) + crop, h > w) for i in range(count)]
+        return windows
+
+    def _assemble(
+        self, images: list[torch.Tensor], windows: list[tuple[int, int, int, bool]], fill: torch.Tensor, opts: dict
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Cut the windows out of the images and paste each on its canvas filled with `fill`."""
+        crops = []
+        for index, start, end, tall in windows:
+            image = images[index]
+            crops.append(image[:, start:end] if tall else image[:, :, start:end])
+        if opts["do_pad"]:
+            pad_h, pad_w = self.pad_size(opts["size"])
+            height = max([pad_h] + [c.shape[1] for c in crops])
+            width = max([pad_w] + [c.shape[2] for c in crops])
+        elif len({tuple(c.shape) for c in crops}) > 1:
+            raise ValueError(
+                "Images of different sizes cannot be batched without padding; pass `do_pad=True` or one image at a time."
+            )
+        else:
+            return torch.stack(crops)
+        channels = crops[0].shape[0]
+        batch = fill.to(crops[0].dtype).expand(len(crops), channels, height, width).clone()
+        for out, crop in zip(batch, crops):
+            out[:, : crop.shape[1], : crop.shape[2]] = crop
+        return batch
+
+    # ------------------------------------------------------------------ post-processing
+
+    def post_process_semantic_segmentation(
+        self,
+        outputs,
+        target_sizes: Sequence[tuple[int, int]] | torch.Tensor,
+        size: dict[str, int] | None = None,
+        return_segmentation_scores: bool = False,
+        **kwargs,
+    ):
+        """
+        Per-pixel classes: per model input `einsum(sigmoid(masks), softmax(classes)[..., :-1])`, windows averaged
+        where they overlap, padding cropped, resized to `target_sizes` (the original `(height, width)` of each image).
+
+        Returns:
+            `list[torch.LongTensor]` of `(height, width)` class maps, or with `return_segmentation_scores` a list of
+            `SemanticSegmentationPostProcessorOutput` (`segmentation`, `segmentation_scores` `(num_labels, h, w)`).
+        """
+        target_sizes = _sizes(target_sizes)
+        resized, placements = self.placements(target_sizes, _field(outputs, "patch_offsets"), size)
+        return semantic_segmentation(
+            _field(outputs, "class_queries_logits"),
+            _field(outputs, "masks_queries_logits"),
+            placements,
+            resized,
+            target_sizes,
+            return_segmentation_scores=return_segmentation_scores,
+        )
+
+    def post_process_panoptic_segmentation(
+        self,
+        outputs,
+        target_sizes: Sequence[tuple[int, int]] | torch.Tensor,
+        threshold: float = 0.8,
+        mask_threshold: float = 0.5,
+        overlap_mask_area_threshold: float = 0.8,
+        stuff_classes: Iterable[int] | None = None,
+        size: dict[str, int] | None = None,
+        **kwargs,
+    ) -> list[dict[str, Any]]:
+        """
+        Non-overlapping segments: queries whose best class is an object with probability > `threshold` compete
+        per pixel (class probability × mask probability); a query keeps the pixels it wins where its mask
+        probability ≥ `mask_threshold`, if they are more than `overlap_mask_area_threshold` of its own mask.
+        Segments of a class in `stuff_classes` are fused into one.
+
+        Returns:
+            One dict per image: `segmentation` `(height, width)` of segment ids (-1 where no segment) and
+            `segments_info`, a list of `{"id", "label_id", "score"}`. Sliding-window (semantic) outputs give one
+            segment per class of the semantic map.
+        """
+        target_sizes = _sizes(target_sizes)
+        patch_offsets = _field(outputs, "patch_offsets")
+        if patch_offsets is not None and len(patch_offsets) > 0:
+            return self._segments_from_windows(outputs, target_sizes, size)
+        resized, placements = self.placements(target_sizes, None, size)
+        return panoptic_segmentation(
+            _field(outputs, "class_queries_logits"),
+            _field(outputs, "masks_queries_logits"),
+            placements,
+            resized,
+            target_sizes,
+            threshold=threshold,
+            mask_threshold=mask_threshold,
+            overlap_mask_area_threshold=overlap_mask_area_threshold,
+            stuff_classes=stuff_classes,
+        )
+
+    def post_process_instance_segmentation(
+        self,
+        outputs,
+        target_sizes: Sequence[tuple[int, int]] | torch.Tensor,
+        threshold: float = 0.8,
+        mask_threshold: float = 0.5,
+        overlap_mask_area_threshold: float | None = None,
+        size: dict[str, int] | None = None,
+        top_k: int | None = None,
+        return_binary_maps: bool = False,
+        **kwargs,
+    ) -> list[dict[str, Any]]:
+        """
+        Possibly overlapping instances: each query's best class (or with `top_k`, the `top_k` best
+        (query, class) pairs of the image, the original release's evaluation rule); mask = logit > 0 (sigmoid >
+        `mask_threshold`); score = class probability × mean mask probability inside the mask; kept when
+        non-empty and score ≥ `threshold`. `overlap_mask_area_threshold` is accepted (the pipeline passes it) and
+        unused. For `threshold` ≥ 0.5 both rules select the same instances.
+
+        Returns:
+            One dict per image: `segmentation` `(height, width)` of instance ids (later instances drawn over earlier
+            ones; -1 where none), or `(num_instances, height, width)` booleans with `return_binary_maps`, and
+            `segments_info`, a list of `{"id", "label_id", "score"}`.
+        """
+        target_sizes = _sizes(target_sizes)
+        patch_offsets = _field(outputs, "patch_offsets")
+        if patch_offsets is not None and len(patch_offsets) > 0:
+            return self._segments_from_windows(outputs, target_sizes, size, return_binary_maps)
+        resized, placements = self.placements(target_sizes, None, size)
+        return instance_segmentation(
+            _field(outputs, "class_queries_logits"),
+            _field(outputs, "masks_queries_logits"),
+            placements,
+            resized,
+            target_sizes,
+            threshold=threshold,
+            mask_threshold=mask_threshold,
+            top_k=top_k,
+            return_binary_maps=return_binary_maps,
+        )
+
+    def _segments_from_windows(self, outputs, target_sizes, size, return_binary_maps: bool = False) -> list[dict]:
+        # Queries of different windows are unrelated, so a sliding-window (semantic) checkpoint yields segments
+        # from its stitched semantic map: one per class present.
+        semantic = self.post_process_semantic_segmentation(
+            outputs, target_sizes, size=size, return_segmentation_scores=True
+        )
+        return [segments_from_semantic(r.segmentation, r.segmentation_scores, return_binary_maps) for r in semantic]
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _size_dict(size: dict[str, int | None] | int | None) -> dict[str, int | None]:
+    if size is None:
+        return {"shortest_edge": 640, "longest_edge": 640}
+    if isinstance(size, int):
+        return {"shortest_edge": size, "longest_edge": size}
+    size = dict(size)
+    if "shortest_edge" not in size and {"height", "width"} <= set(size) and size["height"] == size["width"]:
+        return {"shortest_edge": size["height"], "longest_edge": size["height"]}
+    if not size.get("shortest_edge"):
+        raise ValueError(
+            f"`size` must give a positive `shortest_edge` (and optionally `longest_edge`), got {size}; "
+            'e.g. {"shortest_edge": 640, "longest_edge": 640}.'
+        )
+    return {"shortest_edge": int(size["shortest_edge"]), "longest_edge": size.get("longest_edge")}
+
+
+def _scaled_size(height: int, width: int, shortest: int, longest: int | None) -> tuple[int, int]:
+    """Short side to `shortest`, unless that takes the long side beyond `longest` (then the long side is `longest`).
+    The rounding follows the Hub processors so that sizes agree to the pixel."""
+    short, long = float(min(height, width)), float(max(height, width))
+    exact = None
+    if longest is not None and long / short * shortest > longest:
+        exact = longest * short / long
+        shortest = int(round(exact))
+    if min(height, width) == shortest:
+        return height, width
+    scale = exact if exact is not None else shortest
+    if width < height:
+        return int(scale * height / width), shortest
+    return shortest, int(scale * width / height)
+
+
+def _resample_mode(resample: int) -> str:
+    try:
+        return RESAMPLE_MODES[int(resample)]
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"`resample` must be 0 (nearest), 2 (bilinear) or 3 (bicubic), got {resample!r}.") from None
+
+
+def _resize(image: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    if mode == "nearest-exact":
+        dtype = image.dtype
+        work = image.double() if not image.is_floating_point() else image
+        return F.interpolate(work[None], size=size, mode=mode)[0].to(dtype)
+    uint8 = image.dtype == torch.uint8
+    work = image if uint8 or image.is_floating_point() else image.float()
+    if uint8 and mode == "bicubic":  # no uint8 bicubic kernel
+        out = F.interpolate(work[None].float(), size=size, mode=mode, antialias=True, align_corners=False)
+        return out[0].round().clamp(0, 255).to(torch.uint8)
+    # Antialiased bilinear on uint8 is the fast path and matches PIL to ±1 grey level.
+    return F.interpolate(work[None], size=size, mode=mode, antialias=True, align_corners=False)[0]
+
+
+def _image_list(images) -> list:
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise ValueError("No images given.")
+        return list(images)
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+        return list(images)
+    return [images]
+
+
+def _to_chw(image, data_format: str | None = None) -> torch.Tensor:
+    """Any single image → `(3, H, W)` tensor, uint8 kept as uint8 (the fast resize path), other types as float32."""
+    if isinstance(image, Image.Image):
+        if image.mode not in ("RGB", "L", "RGBA"):
+            image = image.convert("RGB")
+        image = np.asarray(image)
+    if isinstance(image, np.ndarray):
+        if image.dtype == bool:
+            image = image.astype(np.uint8) * 255
+        tensor = torch.from_numpy(np.array(image) if not image.flags.writeable else np.ascontiguousarray(image))
+    elif isinstance(image, torch.Tensor):
+        tensor = image.detach()
+    else:
+        raise TypeError(
+            f"Unsupported image type {type(image).__name__}; pass PIL images, numpy arrays or torch tensors."
+        )
+    if tensor.ndim == 2:
+        tensor = tensor[None]
+    elif tensor.ndim == 3:
+        first, last = tensor.shape[0] in (1, 3, 4), tensor.shape[-1] in (1, 3, 4)
+        if data_format in ("channels_last", "last") or (data_format is None and last and not first):
+            tensor = tensor.permute(2, 0, 1)
+        elif data_format is None and first == last:
+            if not first:
+                raise ValueError(
+                    f"Cannot find the channel axis of an image of shape {tuple(tensor.shape)}: expected 1, 3 or 4 "
+                    "channels first or last. For a batch of grayscale images pass a list of 2-d arrays."
+                )
+            tensor = tensor.permute(2, 0, 1)  # ambiguous (e.g. 3×4×3): HWC, the PIL/numpy convention
+    else:
+        raise ValueError(f"An image must have 2 or 3 dimensions, got shape {tuple(tensor.shape)}.")
+    channels = tensor.shape[0]
+    if channels == 1:
+        tensor = tensor.expand(3, -1, -1)
+    elif channels == 4:
+        tensor = tensor[:3]
+    elif channels != 3:
+        raise ValueError(f"Images need 1 (grayscale), 3 (RGB) or 4 (RGBA) channels, got {channels}.")
+    if min(tensor.shape[1:]) == 0:
+        raise ValueError(f"Empty image of shape {tuple(tensor.shape)}.")
+    if tensor.dtype != torch.uint8 and not tensor.is_floating_point():
+        tensor = tensor.float()
+    return tensor.contiguous()
+
+
+def _map_list(maps, count: int) -> list:
+    if isinstance(maps, (np.ndarray, torch.Tensor)) and maps.ndim == 3:
+        maps = list(maps)
+    elif not isinstance(maps, (list, tuple)):
+        maps = [maps]
+    if len(maps) != count:
+        raise ValueError(f"Got {len(maps)} segmentation maps for {count} images; pass one map per image.")
+    return list(maps)
+
+
+def _to_label_map(label_map) -> torch.Tensor:
+    if isinstance(label_map, Image.Image):
+        label_map = np.asarray(label_map)
+    tensor = torch.as_tensor(np.asarray(label_map) if not isinstance(label_map, torch.Tensor) else label_map)
+    if tensor.ndim == 3 and 1 in (tensor.shape[0], tensor.shape[-1]):
+        tensor = tensor.squeeze(0 if tensor.shape[0] == 1 else -1)
+    if tensor.ndim != 2:
+        raise ValueError(
+            f"A segmentation map must be a 2-d array of labels, got shape {tuple(tensor.shape)} "
+            "(convert RGB-encoded ids to single integers first)."
+        )
+    return tensor.long()
+
+
+def _binary_masks(
+    label_map: torch.Tensor, mapping: dict[int, int] | None, ignore_index: int | None, reduced: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label map → one float mask per label present (ascending) and its class id."""
+    labels = torch.unique(label_map)
+    void = [-1] if ignore_index is None else [-1, ignore_index]  # -1 fills the padding
+    labels = labels[~torch.isin(labels, torch.tensor(void, device=labels.device))]
+    masks = (label_map[None] == labels[:, None, None]).float()
+    if mapping is None:
+        return masks, labels
+    shift = 1 if reduced else 0  # a reduced map holds instance id - 1, and the mapping speaks original ids
+    try:
+        classes = [mapping[int(label) + shift] - shift for label in labels.tolist()]
+    except KeyError as error:
+        raise ValueError(f"Instance id {error.args[0]} is missing from `instance_id_to_semantic_id`.") from None
+    return masks, torch.tensor(classes, dtype=torch.long, device=label_map.device)
+
+
+def _field(outputs, name: str):
+    if isinstance(outputs, dict):
+        return outputs.get(name)
+    return getattr(outputs, name, None)
+
+
+def _sizes(target_sizes) -> list[tuple[int, int]]:
+    if target_sizes is None:
+        raise ValueError("`target_sizes` is required: the original (height, width) of each image.")
+    if torch.is_tensor(target_sizes):
+        target_sizes = target_sizes.tolist()
+    return [(int(h), int(w)) for h, w in target_sizes]

@@ -1,0 +1,7 @@
+"""`python -m modeling_eomt segment ...` runs the `eomt` command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,299 @@
+"""The `eomt` command line: `eomt segment IMAGE_OR_DIR... --model PATH_OR_HUB_ID` writes, per image, an overlay PNG
+and a JSON of segments (label, score, area, bbox and an RLE or PNG mask)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from tqdm.auto import tqdm
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+TASKS = ("panoptic", "instance", "semantic")
+
+
+class CliError(Exception):
+    """A problem worth one line on stderr and a non-zero exit, not a traceback."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="eomt", description="EoMT image segmentation.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    segment = commands.add_parser(
+        "segment",
+        help="segment images and write overlays and JSON",
+        description="Segment images; writes <name>.png (overlay) and <name>.json (segments) per image.",
+    )
+    segment.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
+    segment.add_argument("--model", required=True, help="folder saved by save_pretrained, or a Hub id")
+    segment.add_argument("--task", choices=TASKS, help="default: semantic for sliding-window checkpoints, else panoptic")
+    segment.add_argument("--output", default="eomt_output", help="output folder (default: %(default)s)")
+    segment.add_argument("--threshold", type=float, default=0.8, help="minimum segment score (default: %(default)s)")
+    segment.add_argument("--mask-threshold", type=float, default=0.5, help="mask probability cut (default: 0.5)")
+    segment.add_argument(
+        "--overlap-threshold", type=float, default=0.8, help="panoptic: kept share of a mask (default: 0.8)"
+    )
+    segment.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default)")
+    segment.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default: 1)")
+    segment.add_argument(
+        "--mask-format", choices=("rle", "png"), default="rle",
+        help="rle: COCO RLE in the JSON; png: a 16-bit PNG of segment ids + 1 next to it (default: rle)",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    try:
+        return run_segment(args)
+    except CliError as error:
+        print(f"eomt: error: {error}", file=sys.stderr)
+        return 2
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise CliError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    errors: list[str] = []
+
+    def report(message: str) -> None:
+        errors.append(message)
+        tqdm.write(f"eomt: error: {message}", file=sys.stderr)
+
+    files = list(find_images(args.inputs, report))
+    if not files:
+        raise CliError("no images to segment" + (f" ({len(errors)} input error(s) above)" if errors else "."))
+
+    device = _device(args.device)
+    model, processor = load_checkpoint(args.model, device)
+    task = args.task or ("semantic" if processor.do_split_image else "panoptic")
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    id2label = {int(k): v for k, v in model.config.id2label.items()}
+    names = _unique_names(files)
+
+    start, done, num_segments = time.perf_counter(), 0, 0
+    progress = tqdm(total=len(files), unit="image", desc="Segmenting", disable=None)
+    for batch in _batches(files, args.batch_size):
+        images = []
+        for path in batch:
+            try:
+                images.append((path, read_image(path)))
+            except CliError as error:
+                report(str(error))
+                progress.update()
+        if not images:
+            continue
+        try:
+            results = predict(model, processor, [image for _, image in images], task, args)
+        except (RuntimeError, ValueError) as error:
+            for path, _ in images:
+                report(f"cannot segment {path}: {error}")
+            progress.update(len(images))
+            continue
+        for (path, image), (segmentation, segments) in zip(images, results):
+            try:
+                write_outputs(output / names[path], path, image, segmentation, segments, id2label, task, args)
+                done += 1
+                num_segments += len(segments)
+            except OSError as error:
+                report(f"cannot write results for {path}: {error}")
+            progress.update()
+    progress.close()
+
+    elapsed = time.perf_counter() - start
+    failed = f", {len(errors)} error(s)" if errors else ""
+    print(
+        f"Segmented {done}/{len(files)} image(s) ({task}, {num_segments} segments) in {elapsed:.1f} s "
+        f"→ {output}{failed}"
+    )
+    return 1 if errors else 0
+
+
+def find_images(inputs: Sequence[str], report: Callable[[str], object]) -> Iterator[Path]:
+    """Image files named directly, and the image files (by suffix) directly inside named folders."""
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                report(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {path}")
+            yield from found
+        elif path.is_file():
+            yield path
+        else:
+            report(f"no such file or folder: {path}")
+
+
+def read_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return ImageOps.exif_transpose(image).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise CliError(f"cannot read image {path}: {error}") from None
+
+
+def load_checkpoint(name: str, device: torch.device):
+    """Our model and processor from a saved folder or Hub id, with one-line errors for the usual mistakes."""
+    from transformers import AutoConfig
+
+    from . import EomtForUniversalSegmentation, EomtImageProcessor
+
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise CliError(f"{path} is not a model folder (no config.json); pass a folder saved with save_pretrained.")
+    elif name.startswith((".", "/", "~")) or name.count("/") != 1:  # cannot be a Hub id ("org/name")
+        raise CliError(f"model path {name} does not exist.")
+    try:
+        config = AutoConfig.from_pretrained(str(path) if path.exists() else name)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CliError(f"cannot load model {name} (not a local folder; tried the Hub): {first_line}") from None
+    if config.model_type != "eomt":
+        raise CliError(f"{name} is not an EoMT checkpoint (model_type {config.model_type!r}, expected 'eomt').")
+    source = str(path) if path.exists() else name
+    try:
+        model = EomtForUniversalSegmentation.from_pretrained(source).to(device).eval()
+    except (OSError, ValueError, RuntimeError) as error:
+        raise CliError(f"cannot load the weights of {name}: {str(error).strip().splitlines()[0]}") from None
+    try:
+        processor = EomtImageProcessor.from_pretrained(source)
+    except OSError:  # no preprocessor_config.json: the model's native size, padded
+        processor = EomtImageProcessor(size={"shortest_edge": config.image_size, "longest_edge": config.image_size})
+    return model, processor
+
+
+@torch.inference_mode()
+def predict(model, processor, images: list[Image.Image], task: str, args) -> list[tuple[torch.Tensor, list[dict]]]:
+    """(segment id map, segments) per image."""
+    from .image_processing.post_processing import segments_from_semantic
+
+    device = next(model.parameters()).device
+    inputs = processor(images, device=device)
+    pixel_values = inputs["pixel_values"].to(device, model.dtype)
+    outputs = model(pixel_values=pixel_values, patch_offsets=inputs.get("patch_offsets"))
+    sizes = [(image.height, image.width) for image in images]
+    if task == "semantic":
+        semantic = processor.post_process_semantic_segmentation(outputs, sizes, return_segmentation_scores=True)
+        results = [segments_from_semantic(r.segmentation, r.segmentation_scores) for r in semantic]
+    elif task == "panoptic":
+        results = processor.post_process_panoptic_segmentation(
+            outputs, sizes, threshold=args.threshold, mask_threshold=args.mask_threshold,
+            overlap_mask_area_threshold=args.overlap_threshold,
+        )  # fmt: skip
+    else:
+        results = processor.post_process_instance_segmentation(
+            outputs, sizes, threshold=args.threshold, mask_threshold=args.mask_threshold
+        )
+    return [(r["segmentation"].cpu(), r["segments_info"]) for r in results]
+
+
+def write_outputs(stem: Path, source: Path, image, segmentation, segments, id2label, task, args) -> None:
+    """`<stem>.png` overlay, `<stem>.json` segments (and `<stem>.segments.png` ids with --mask-format png);
+    `stem` is the output folder joined with the image's output name."""
+    from .visualize import draw_overlay
+
+    ids = segmentation.numpy()
+    records = []
+    for segment in segments:
+        mask = ids == segment["id"]
+        rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
+        bbox = [0, 0, 0, 0]
+        if rows.size:  # COCO [x, y, width, height]
+            bbox = [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
+        record = {
+            "id": segment["id"],
+            "label_id": segment["label_id"],
+            "label": id2label.get(segment["label_id"], str(segment["label_id"])),
+            "score": segment.get("score"),
+            "area": int(mask.sum()),
+            "bbox": bbox,
+        }
+        if args.mask_format == "rle":
+            record["rle"] = {"size": [int(ids.shape[0]), int(ids.shape[1])], "counts": encode_rle(mask)}
+        else:
+            record["png_value"] = segment["id"] + 1
+        records.append(record)
+    summary = {"image": str(source), "width": image.width, "height": image.height, "task": task,
+               "model": args.model, "segments": records}  # fmt: skip
+    if args.mask_format == "png":
+        summary["mask_png"] = stem.name + ".segments.png"
+        id_image = Image.fromarray((ids + 1).clip(0, 65535).astype(np.uint16))
+        _atomic_write(stem.parent / summary["mask_png"], lambda f: id_image.save(f, format="PNG"))
+    overlay = draw_overlay(image, ids, segments, id2label)
+    _atomic_write(stem.parent / f"{stem.name}.png", lambda f: overlay.save(f, format="PNG"))
+    text = json.dumps(summary, indent=2).encode()
+    _atomic_write(stem.parent / f"{stem.name}.json", lambda f: f.write(text))
+
+
+def encode_rle(mask: np.ndarray) -> str:
+    """COCO compressed RLE (`pycocotools.mask.encode(...)["counts"]`) of a binary `(height, width)` mask."""
+    flat = np.asarray(mask, dtype=bool).ravel(order="F")
+    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate([[0], changes, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat.size and flat[0]:
+        counts.insert(0, 0)  # runs start with background
+    chars = []
+    for i, count in enumerate(counts):
+        value = count - counts[i - 2] if i > 2 else count
+        while True:
+            digit = value & 0x1F
+            value >>= 5
+            more = value != -1 if digit & 0x10 else value != 0
+            chars.append(chr(digit + 48 + (0x20 if more else 0)))
+            if not more:
+                break
+    return "".join(chars)
+
+
+def _atomic_write(path: Path, write: Callable) -> None:
+    """Write through a temporary file in the same folder, then rename, so no half-written file is left behind."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            write(f)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _unique_names(files: Sequence[Path]) -> dict[Path, str]:
+    """Output stem per input: the file name without suffix, numbered when two inputs share it."""
+    names, used = {}, set()
+    for path in files:
+        stem, n = path.stem, 1
+        while stem in used:
+            n += 1
+            stem = f"{path.stem}_{n}"
+        used.add(stem)
+        names[path] = stem
+    return names
+
+
+def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise CliError(f"device {name!r} is not available: {str(error).splitlines()[0]}") from None
+    return device
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Overlay drawing for segmentations: coloured, outlined and labelled segments with a legend (pillow + numpy)."""
+
+from __future__ import annotations
+
+import colorsys
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
+
+MAX_LEGEND_ENTRIES = 12
+
+
+def label_colour(label_id: int) -> tuple[int, int, int]:
+    """A bright colour per class, stable across images (golden-ratio hue steps keep neighbours apart)."""
+    hue = (label_id * 0.618033988749895) % 1.0
+    saturation = 0.65 + 0.35 * ((label_id * 7) % 3) / 2
+    r, g, b = colorsys.hsv_to_rgb(hue, saturation, 0.95)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def draw_overlay(
+    image: Image.Image,
+    segmentation: torch.Tensor | np.ndarray,
+    segments_info: Sequence[Mapping],
+    id2label: Mapping[int, str] | None = None,
+    alpha: float = 0.5,
+) -> Image.Image:
+    """
+    Draw segments over an image.
+
+    Args:
+        image: The original image; the result has its size.
+        segmentation: `(height, width)` segment ids (-1 or any id not in `segments_info` is left uncoloured).
+        segments_info: `{"id", "label_id", "score"?}` per segment (the post-processing format).
+        id2label: Class names; missing ones are shown as their id.
+        alpha: Opacity of the segment colours.
+
+    Returns:
+        An RGB image with each segment tinted in its class colour, white outlines between segments, the label (and
+        score) at each segment's most interior point, and a legend of the classes present.
+    """
+    id2label = id2label or {}
+    base = image.convert("RGB")
+    ids = np.asarray(segmentation.cpu() if torch.is_tensor(segmentation) else segmentation).astype(np.int64)
+    if ids.shape != (base.height, base.width):
+        raise ValueError(f"Segmentation of shape {ids.shape} does not match the image ({base.height}, {base.width}).")
+
+    known = {int(s["id"]): s for s in segments_info}
+    lut_size = max([ids.max(initial=0), *known]) + 2
+    colours = np.zeros((lut_size, 3), dtype=np.float32)
+    tinted = np.zeros(lut_size, dtype=bool)
+    for segment_id, segment in known.items():
+        colours[segment_id + 1] = label_colour(int(segment["label_id"]))
+        tinted[segment_id + 1] = True
+    lookup = np.clip(ids, -1, lut_size - 2) + 1  # -1 (void) → row 0, never tinted
+    pixels = np.asarray(base, dtype=np.float32)
+    mask = tinted[lookup][..., None]
+    pixels = np.where(mask, (1 - alpha) * pixels + alpha * colours[lookup], pixels)
+    pixels[_boundaries(np.where(tinted[lookup], ids, -1))] = 255
+    canvas = Image.fromarray(pixels.round().astype(np.uint8))
+
+    draw = ImageDraw.Draw(canvas)
+    font = _font(max(10, min(base.size) // 40))
+    for segment_id, segment in known.items():
+        point = _interior_point(ids == segment_id)
+        if point is None:
+            continue
+        text = _name(int(segment["label_id"]), id2label)
+        if segment.get("score") is not None:
+            text += f" {segment['score']:.2f}"
+        _text_box(draw, point, text, font, anchor="mm")
+    _legend(draw, known.values(), ids, id2label, font)
+    return canvas
+
+
+def _boundaries(ids: np.ndarray) -> np.ndarray:
+    """Segment pixels with a 4-neighbour of another id."""
+    edge = np.zeros(ids.shape, dtype=bool)
+    vertical, horizontal = ids[1:] != ids[:-1], ids[:, 1:] != ids[:, :-1]
+    edge[1:] |= vertical
+    edge[:-1] |= vertical
+    edge[:, 1:] |= horizontal
+    edge[:, :-1] |= horizontal
+    return edge & (ids >= 0)
+
+
+def _interior_point(mask: np.ndarray) -> tuple[int, int] | None:
+    """(x, y) of the pixel farthest from the segment's border, computed on its bounding box only."""
+    rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
+    if rows.size == 0:
+        return None
+    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    distance = ndimage.distance_transform_edt(np.pad(mask[top:bottom, left:right], 1))[1:-1, 1:-1]
+    y, x = np.unravel_index(distance.argmax(), distance.shape)
+    return int(left + x), int(top + y)
+
+
+def _legend(draw: ImageDraw.ImageDraw, segments, ids: np.ndarray, id2label, font) -> None:
+    area = np.bincount(ids[ids >= 0].ravel())
+    by_label: dict[int, int] = {}
+    for segment in segments:
+        segment_id, label = int(segment["id"]), int(segment["label_id"])
+        by_label[label] = by_label.get(label, 0) + (int(area[segment_id]) if segment_id < area.size else 0)
+    labels = sorted(by_label, key=lambda label: -by_label[label])
+    if not labels:
+        return
+    lines = labels[:MAX_LEGEND_ENTRIES]
+    texts = [_name(label, id2label) for label in lines]
+    if len(labels) > len(lines):
+        texts.append(f"+{len(labels) - len(lines)} more")
+    line_height = _text_size(draw, "Ag", font)[1] + 4
+    swatch = line_height - 4
+    width = max(_text_size(draw, t, font)[0] for t in texts) + swatch + 12
+    draw.rectangle([2, 2, 2 + width, 2 + line_height * len(texts) + 4], fill=(0, 0, 0))
+    for row, text in enumerate(texts):
+        y = 5 + row * line_height
+        if row < len(lines):
+            draw.rectangle([6, y, 6 + swatch, y + swatch], fill=label_colour(lines[row]), outline=(255, 255, 255))
+        draw.text((10 + swatch, y), text, fill=(255, 255, 255), font=font)
+
+
+def _text_box(draw: ImageDraw.ImageDraw, point, text: str, font, anchor: str) -> None:
+    left, top, right, bottom = draw.textbbox(point, text, font=font, anchor=anchor)
+    draw.rectangle([left - 2, top - 1, right + 2, bottom + 1], fill=(0, 0, 0))
+    draw.text(point, text, fill=(255, 255, 255), font=font, anchor=anchor)
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    return right - left, bottom - top
+
+
+def _name(label: int, id2label) -> str:
+    return str(id2label.get(label, id2label.get(str(label), label)))
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # pillow without FreeType: fixed-size bitmap font
+        return ImageFont.load_default()
