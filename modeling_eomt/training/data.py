@@ -889,15 +889,20 @@ def _local_folder(path: Path, task, split, key, classes, ignore_index, image_dir
                 raise ValueError(f"{path} has splits {list(dataset)}, not {split!r}; pass one of them as `split`.")
             dataset = dataset[split]
         return hf_dataset(dataset, task, key, classes, ignore_index)
-    coco = path / "annotations" / f"{'panoptic' if task == 'panoptic' else 'instances'}_{split}2017.json"
-    if coco.is_file():
-        return coco_json_dataset(coco, task, image_dir, mask_dir, split)
+    # COCO layout; instance and semantic training can also use the other kind of annotation file.
+    kinds = {"panoptic": ("panoptic",), "instance": ("instances", "panoptic"), "semantic": ("panoptic", "instances")}
+    for kind in kinds[task]:
+        coco = path / "annotations" / f"{kind}_{split}2017.json"
+        if coco.is_file():
+            return coco_json_dataset(coco, task, image_dir, mask_dir, split)
     if (path / "leftImg8bit").is_dir() and (path / "gtFine").is_dir():
         return cityscapes_dataset(path, split)
-    if (path / "images").is_dir() and not (path / "images" / "metadata.jsonl").is_file():
-        own_json = [p for p in (path / f"{split}.json", path / "annotations.json") if p.is_file()]
-        if own_json:
-            return coco_json_dataset(own_json[0], task, image_dir, mask_dir, split)
+    own_json = [p for p in (path / f"{split}.json", path / "annotations.json") if p.is_file()]
+    if own_json:
+        return coco_json_dataset(own_json[0], task, image_dir, mask_dir, split)
+    if task == "semantic" and (path / "images").is_dir() and any(
+        (path / name).is_dir() for name in ("masks", "annotations", "labels")
+    ):
         return semantic_folder_dataset(path, split, classes, ignore_index, image_dir, mask_dir)
     dataset = datasets.load_dataset(str(path), split=split, **load_kwargs)
     return hf_dataset(dataset, task, key, classes, ignore_index)
