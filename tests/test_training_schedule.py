@@ -1,5 +1,7 @@
 """The recipe's schedules: masked-attention annealing, layer-wise lr decay groups, two-stage warmup + poly decay."""
 
+import itertools
+
 import pytest
 import torch
 from torch.utils.data import Dataset
@@ -63,7 +65,7 @@ def test_annealing_probs_piecewise():
     assert annealing_probs(28, starts, ends, power=2.0) == pytest.approx([0.0, 0.2**2])
     assert annealing_probs(30, starts, ends) == [0.0, 0.0]
     values = [annealing_probs(step, starts, ends)[0] for step in range(40)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(values))
 
 
 def test_annealing_rejects_bad_windows():
@@ -188,7 +190,9 @@ def test_layer_wise_lr_decay_groups():
     model = tiny_model()
     groups = parameter_groups(model, learning_rate=1e-4, weight_decay=0.05, layer_decay=0.8)
     names = {id(param): name for name, param in model.named_parameters()}
-    lr_of = {names[id(p)]: (group["lr"], group["stage"], group["weight_decay"]) for group in groups for p in group["params"]}
+    lr_of = {
+        names[id(p)]: (group["lr"], group["stage"], group["weight_decay"]) for group in groups for p in group["params"]
+    }
     assert set(lr_of) == set(names.values())
     assert all(wd == 0.05 for _, _, wd in lr_of.values())
     for name, (lr, stage, _) in lr_of.items():

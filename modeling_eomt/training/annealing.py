@@ -99,7 +99,7 @@ class AttnMaskAnnealingCallback(TrainerCallback):
             raise ValueError("AttnMaskAnnealingCallback needs the model; use it inside a `Trainer`.")
         probs = getattr(unwrap_model(model), "attn_mask_probs", None)
         if not isinstance(probs, torch.Tensor):
-            raise AttributeError(
+            raise TypeError(
                 f"{type(unwrap_model(model)).__name__} has no `attn_mask_probs` buffer; the annealing callback only "
                 "applies to EoMT models (EomtForUniversalSegmentation)."
             )
@@ -115,9 +115,13 @@ class AttnMaskAnnealingCallback(TrainerCallback):
         starts, ends = self._update(state, model)
         logger.info(f"Masked-attention annealing over {state.max_steps} steps: starts {starts}, ends {ends}.")
 
-    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
+    ):
         self._update(state, model)
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
+    ):
         # Leave the model with the probabilities of the step it ended on (0 after a full run).
         self._update(state, model)

@@ -122,7 +122,13 @@ def build_scheduler(
         else:
             delay, warmup = 0, head_warmup_steps
         lambdas.append(
-            partial(two_stage_poly_factor, total_steps=total_steps, delay_steps=delay, warmup_steps=warmup, power=poly_power)
+            partial(
+                two_stage_poly_factor,
+                total_steps=total_steps,
+                delay_steps=delay,
+                warmup_steps=warmup,
+                power=poly_power,
+            )
         )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
