@@ -1,0 +1,121 @@
+"""`eomt segment` end to end on a tiny saved model: overlays, JSON (RLE checked with pycocotools), errors."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as coco_mask
+from test_pipeline import ID2LABEL, save_tiny_checkpoint
+
+from modeling_eomt import EomtImageProcessor
+from modeling_eomt.cli import encode_rle, main
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    save_tiny_checkpoint(path, EomtImageProcessor(size={"shortest_edge": 32, "longest_edge": 32}))
+    return path
+
+
+@pytest.fixture
+def images(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(folder / "street.jpg")
+    Image.fromarray(rng.integers(0, 256, (50, 30), dtype=np.uint8)).save(folder / "grey.png")
+    return folder
+
+
+def run(*args: str) -> int:
+    return main(["segment", *args])
+
+
+def test_segment_writes_overlay_and_json_per_image(model_path, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(str(images), "--model", str(model_path), "--output", str(out), "--threshold", "0.1") == 0
+    assert "Segmented 2/2 image(s)" in capsys.readouterr().out
+    for name, size in [("street", (60, 40)), ("grey", (30, 50))]:
+        with Image.open(out / f"{name}.png") as overlay:
+            assert overlay.size == size and overlay.mode == "RGB"
+        result = json.loads((out / f"{name}.json").read_text())
+        assert (result["width"], result["height"]) == size and result["task"] == "panoptic"
+        assert result["segments"], "the tiny model is biased to predict segments"
+        covered = np.zeros(size[::-1], dtype=np.int64)
+        for segment in result["segments"]:
+            assert segment["label"] == ID2LABEL[segment["label_id"]] and 0 < segment["score"] <= 1
+            mask = coco_mask.decode({"size": segment["rle"]["size"], "counts": segment["rle"]["counts"].encode()})
+            assert mask.shape == size[::-1] and int(mask.sum()) == segment["area"] > 0
+            rows, cols = np.nonzero(mask)
+            x, y, w, h = segment["bbox"]
+            assert (x, y, x + w - 1, y + h - 1) == (cols.min(), rows.min(), cols.max(), rows.max())
+            covered += mask
+        assert covered.max() == 1  # panoptic segments do not overlap
+    assert not list(out.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("task", ["instance", "semantic"])
+def test_tasks_and_png_masks(model_path, images, tmp_path, task):
+    out = tmp_path / "out"
+    code = run(str(images / "street.jpg"), "--model", str(model_path), "--output", str(out), "--task", task,
+               "--threshold", "0.05", "--mask-format", "png", "--batch-size", "2")  # fmt: skip
+    assert code == 0
+    result = json.loads((out / "street.json").read_text())
+    assert result["task"] == task and result["segments"]
+    with Image.open(out / result["mask_png"]) as id_png:
+        ids = np.asarray(id_png)
+    assert ids.shape == (40, 60)
+    for segment in result["segments"]:
+        assert int((ids == segment["png_value"]).sum()) == segment["area"]
+    if task == "semantic":  # every pixel has a class
+        assert sum(s["area"] for s in result["segments"]) == 40 * 60
+
+
+def test_bad_images_are_reported_and_the_rest_processed(model_path, images, tmp_path, capsys):
+    (images / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    code = run(str(images), str(tmp_path / "missing.jpg"), "--model", str(model_path), "--output", str(out))
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "cannot read image" in captured.err and "broken.png" in captured.err
+    assert "no such file or folder" in captured.err and "missing.jpg" in captured.err
+    assert (out / "street.json").is_file() and (out / "grey.json").is_file() and not (out / "broken.json").exists()
+    assert "Segmented 2/3 image(s)" in captured.out
+
+
+def test_bad_models_and_empty_folders_fail_with_one_line(model_path, images, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "vit").mkdir()
+    (tmp_path / "vit" / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    cases = {
+        "does not exist": [str(images), "--model", str(tmp_path / "nowhere")],
+        "not a model folder": [str(images), "--model", str(images)],
+        "not an EoMT checkpoint": [str(images), "--model", str(tmp_path / "vit")],
+        "no images": [str(tmp_path / "empty"), "--model", str(model_path)],
+    }
+    for message, args in cases.items():
+        assert run(*args, "--output", str(tmp_path / "out")) == 2
+        error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("eomt: error")]
+        assert error_lines and message in error_lines[-1]
+
+
+def test_python_dash_m_entry_point(model_path, images, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "modeling_eomt", "segment", str(images / "grey.png"), "--model", str(model_path),
+               "--output", str(out)]  # fmt: skip
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert (out / "grey.png").is_file() and json.loads((out / "grey.json").read_text())["height"] == 50
+
+
+def test_rle_matches_pycocotools():
+    rng = np.random.default_rng(1)
+    for shape in [(1, 1), (7, 5), (40, 33)]:
+        for density in (0.0, 0.3, 1.0):
+            mask = rng.random(shape) < density
+            expected = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"].decode()
+            assert encode_rle(mask) == expected

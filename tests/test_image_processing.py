@@ -1,0 +1,186 @@
+"""EomtImageProcessor: defaults, input kinds, parity with the built-in processor (oracle), training targets,
+Hub-config loading and errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor
+from transformers.image_transforms import get_size_with_aspect_ratio
+from transformers.models.eomt.image_processing_pil_eomt import EomtImageProcessorPil as BuiltinProcessor
+
+from modeling_eomt import EomtImageProcessor
+
+SMALL = {"shortest_edge": 32, "longest_edge": 32}
+ONE_GREY_LEVEL = 1 / 255 / 0.224 + 1e-4  # largest normalised difference of a ±1 rounding in resizing
+
+
+@pytest.fixture(scope="module")
+def rgb() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (45, 70, 3), dtype=np.uint8)
+
+
+def test_defaults_make_any_image_a_640_square():
+    processor = EomtImageProcessor()
+    for height, width in [(480, 640), (30, 1000), (2000, 700), (640, 640)]:
+        image = np.zeros((height, width, 3), dtype=np.uint8)
+        assert processor(image)["pixel_values"].shape == (1, 3, 640, 640)
+
+
+def test_batch_of_different_sizes_is_padded_to_one_tensor(rgb):
+    batch = EomtImageProcessor(size=SMALL)([rgb, rgb[:20], rgb.transpose(1, 0, 2)])
+    assert batch["pixel_values"].shape == (3, 3, 32, 32)
+    assert "patch_offsets" not in batch
+
+
+def test_input_kinds_agree(rgb):
+    processor = EomtImageProcessor(size=SMALL)
+    reference = processor(Image.fromarray(rgb))["pixel_values"]
+    chw = torch.from_numpy(rgb).permute(2, 0, 1)
+    variants = {
+        "numpy HWC uint8": rgb,
+        "numpy CHW uint8": rgb.transpose(2, 0, 1),
+        "torch CHW uint8": chw,
+        "torch HWC uint8": torch.from_numpy(rgb),
+        "numpy float [0,1]": rgb.astype(np.float32) / 255,
+        "torch float [0,255]": chw.float(),
+        "RGBA": Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 7, np.uint8)]), "RGBA"),
+        "4-d batch": chw[None],
+    }
+    for name, image in variants.items():
+        got = processor(image)["pixel_values"]
+        assert got.shape == reference.shape, name
+        assert (got - reference).abs().max() <= ONE_GREY_LEVEL, name
+
+    grey = rgb[..., 0]
+    from_grey = processor(Image.fromarray(grey))["pixel_values"]
+    same = processor(np.repeat(grey[..., None], 3, axis=2))["pixel_values"]
+    torch.testing.assert_close(from_grey, same)
+    assert (from_grey[:, 0] * 0.229 + 0.485 - (from_grey[:, 1] * 0.224 + 0.456)).abs().max() < 1e-5
+    np_batch = processor(np.stack([rgb, rgb]), return_tensors="np")["pixel_values"]
+    assert isinstance(np_batch, np.ndarray) and np_batch.shape == (2, 3, 32, 32)
+
+
+def test_padded_panoptic_inputs_match_builtin(rgb):
+    ours = EomtImageProcessor(size=SMALL)(rgb)["pixel_values"]
+    builtin = BuiltinProcessor(size=SMALL, do_pad=True)(images=[rgb], return_tensors="pt")["pixel_values"]
+    assert ours.shape == builtin.shape == (1, 3, 32, 32)
+    assert (ours - builtin).abs().max() <= ONE_GREY_LEVEL
+    # the padding is zero in pixel space, i.e. -mean/std after normalisation
+    torch.testing.assert_close(ours[0, :, -1, -1], -torch.tensor([0.485, 0.456, 0.406]) / torch.tensor([0.229, 0.224, 0.225]))
+
+
+@pytest.mark.parametrize("shape", [(45, 70), (70, 45), (32, 100), (40, 40)])
+def test_sliding_windows_match_builtin(rgb, shape):
+    size = {"shortest_edge": 16, "longest_edge": None}
+    image = np.resize(rgb, (*shape, 3))
+    ours = EomtImageProcessor(size=size, do_split_image=True, do_pad=False)(image)
+    builtin = BuiltinProcessor(size=size, do_split_image=True)(images=[image], return_tensors="pt")
+    assert [o.tolist() for o in ours["patch_offsets"]] == [o.tolist() for o in builtin["patch_offsets"]]
+    assert ours["pixel_values"].shape == builtin["pixel_values"].shape
+    assert (ours["pixel_values"] - builtin["pixel_values"]).abs().max() <= ONE_GREY_LEVEL
+
+
+def test_resized_size_follows_the_hub_rounding():
+    processor = EomtImageProcessor(size={"shortest_edge": 640, "longest_edge": 640})
+    semantic = EomtImageProcessor(size={"shortest_edge": 512, "longest_edge": None})
+    rng = np.random.default_rng(1)
+    for height, width in rng.integers(20, 3000, (300, 2)).tolist() + [[427, 640], [1000, 1500], [333, 1001]]:
+        assert processor.resized_size(height, width) == get_size_with_aspect_ratio((height, width), 640, 640)
+        assert semantic.resized_size(height, width) == get_size_with_aspect_ratio((height, width), 512, None)
+
+
+def test_semantic_targets_match_builtin_with_label_reduction():
+    rng = np.random.default_rng(2)
+    label_map = rng.integers(0, 5, (40, 64)).astype(np.int64)
+    label_map[:10] = 0  # background → ignored
+    image = np.zeros((40, 64, 3), np.uint8)
+    ours = EomtImageProcessor(size=SMALL, ignore_index=255, do_reduce_labels=True)(image, segmentation_maps=label_map)
+    builtin = BuiltinProcessor(size=SMALL, do_pad=True, ignore_index=255)(
+        images=[image], segmentation_maps=[label_map], return_tensors="pt"
+    )
+    torch.testing.assert_close(ours["class_labels"][0], builtin["class_labels"][0])
+    torch.testing.assert_close(ours["mask_labels"][0], builtin["mask_labels"][0])
+    assert ours["class_labels"][0].tolist() == [0, 1, 2, 3]
+    masks = ours["mask_labels"][0]
+    assert masks.shape == (4, 32, 32) and masks.dtype == torch.float32
+    assert masks[:, 20:].sum() == 0  # padding rows belong to no target
+    assert masks.sum(0).max() == 1  # one label per pixel
+
+
+def test_instance_targets_use_the_mapping():
+    label_map = np.zeros((32, 32), np.int64)
+    label_map[:16, :16], label_map[16:, :] = 3, 7
+    label_map[:16, 16:] = 255
+    mapping = {0: 0, 3: 12, 7: 5}
+    out = EomtImageProcessor(size=SMALL, ignore_index=255)(
+        np.zeros((32, 32, 3), np.uint8), segmentation_maps=[label_map], instance_id_to_semantic_id=[mapping]
+    )
+    assert out["class_labels"][0].tolist() == [12, 5]  # instances 3 and 7 in ascending order; 255 ignored
+    masks = out["mask_labels"][0]
+    assert masks.sum((1, 2)).tolist() == [256, 512]
+    assert masks[0, :16, :16].all() and masks[1, 16:].all() and masks[:, :16, 16:].sum() == 0
+    with pytest.raises(ValueError, match="Instance id 7 is missing"):
+        EomtImageProcessor(size=SMALL)(
+            np.zeros((32, 32, 3), np.uint8), segmentation_maps=[label_map], instance_id_to_semantic_id={3: 1}
+        )
+
+
+def test_targets_follow_windows():
+    size = {"shortest_edge": 16, "longest_edge": None}
+    label_map = np.zeros((16, 40), np.int64)
+    label_map[:, 20:] = 1
+    out = EomtImageProcessor(size=size, do_split_image=True, do_pad=False)(
+        np.zeros((16, 40, 3), np.uint8), segmentation_maps=label_map
+    )
+    assert len(out["mask_labels"]) == len(out["patch_offsets"]) == 3
+    assert [c.tolist() for c in out["class_labels"]] == [[0], [0, 1], [1]]
+
+
+def test_hub_config_loads_unchanged_through_auto(tmp_path):
+    hub_config = {
+        "do_normalize": True,
+        "do_pad": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "do_split_image": False,
+        "ignore_index": None,
+        "image_mean": [0.485, 0.456, 0.406],
+        "image_processor_type": "EomtImageProcessorFast",
+        "image_std": [0.229, 0.224, 0.225],
+        "resample": 2,
+        "rescale_factor": 0.00392156862745098,
+        "size": {"longest_edge": 640, "shortest_edge": 640},
+    }
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(hub_config))
+    for backend in (None, "pil", "torchvision"):
+        processor = AutoImageProcessor.from_pretrained(tmp_path, backend=backend)
+        assert type(processor) is EomtImageProcessor
+        assert processor.size == {"shortest_edge": 640, "longest_edge": 640} and processor.do_pad
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**hub_config, "image_processor_type": "EomtImageProcessor"}))
+    processor = AutoImageProcessor.from_pretrained(tmp_path, do_split_image=True)
+    assert type(processor) is EomtImageProcessor and processor.do_split_image
+
+    processor.save_pretrained(tmp_path / "saved")
+    reloaded = EomtImageProcessor.from_pretrained(tmp_path / "saved")
+    assert reloaded.to_dict() == processor.to_dict()
+
+
+def test_clear_errors(rgb):
+    processor = EomtImageProcessor(size=SMALL)
+    with pytest.raises(ValueError, match="channels"):
+        processor(np.zeros((20, 20, 2), np.uint8))
+    with pytest.raises(ValueError, match="channel axis"):
+        processor(np.zeros((5, 20, 20), np.uint8))
+    with pytest.raises(ValueError, match="has size"):
+        processor(rgb, segmentation_maps=np.zeros((10, 10), np.int64))
+    with pytest.raises(ValueError, match="do_pad=True"):
+        processor([rgb, rgb[:10]], do_pad=False)
+    with pytest.raises(ValueError, match="Unknown option"):
+        processor(rgb, do_padding=True)
+    with pytest.raises(ValueError, match="ignore_index"):
+        EomtImageProcessor(do_reduce_labels=True)
+    with pytest.raises(TypeError, match="Unsupported image type"):
+        processor("image.png")

@@ -1,0 +1,201 @@
+"""Post-processing: parity with transformers' built-in EoMT processor (the oracle) on the same model outputs,
+chunking, the kept-queries-only rule, top-k instances and sliding-window outputs."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers.models.eomt.image_processing_pil_eomt import EomtImageProcessorPil as BuiltinProcessor
+
+from modeling_eomt import EomtImageProcessor
+from modeling_eomt.image_processing import post_processing
+
+PANOPTIC_SIZE = {"shortest_edge": 64, "longest_edge": 64}
+SEMANTIC_SIZE = {"shortest_edge": 32, "longest_edge": None}
+TARGET_SIZES = [(48, 80), (90, 40)]  # both padded to the square canvas
+
+
+def fake_outputs(batch: int, queries: int = 24, classes: int = 6, grid: int = 16, confident: int = 10, seed: int = 0):
+    """Outputs where `confident` queries predict one class clearly and a blob of mask, the rest noise."""
+    g = torch.Generator().manual_seed(seed)
+    class_logits = torch.randn(batch, queries, classes + 1, generator=g)
+    mask_logits = torch.randn(batch, queries, grid, grid, generator=g) * 2 - 3
+    for b in range(batch):
+        for q in range(confident):
+            class_logits[b, q, q % classes] += 6 + 4 * torch.rand((), generator=g)
+            top, left = torch.randint(0, grid - 4, (2,), generator=g).tolist()
+            height, width = torch.randint(3, grid // 2, (2,), generator=g).tolist()
+            mask_logits[b, q, top : top + height, left : left + width] += 8
+    return SimpleNamespace(class_queries_logits=class_logits, masks_queries_logits=mask_logits, patch_offsets=None)
+
+
+def assert_same_segments(ours: list[dict], reference: list[dict]) -> None:
+    assert len(ours) == len(reference)
+    for mine, theirs in zip(ours, reference):
+        assert mine["segments_info"] == theirs["segments_info"]
+        assert torch.equal(mine["segmentation"], theirs["segmentation"].long())
+
+
+@pytest.fixture
+def processors():
+    return EomtImageProcessor(size=PANOPTIC_SIZE), BuiltinProcessor(size=PANOPTIC_SIZE, do_pad=True)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"threshold": 0.5, "stuff_classes": [0, 1, 2]}, {"threshold": 0.9, "overlap_mask_area_threshold": 0.5}],
+)
+def test_panoptic_matches_builtin(processors, options):
+    ours, builtin = processors
+    outputs = fake_outputs(2)
+    result = ours.post_process_panoptic_segmentation(outputs, TARGET_SIZES, **options)
+    assert_same_segments(result, builtin.post_process_panoptic_segmentation(outputs, TARGET_SIZES, **options))
+    assert sum(len(r["segments_info"]) for r in result) >= 3  # the comparison covered real segments
+
+
+def test_panoptic_fuses_stuff_segments(processors):
+    ours, _ = processors
+    outputs = fake_outputs(1, seed=3)
+    separate = ours.post_process_panoptic_segmentation(outputs, TARGET_SIZES[:1], threshold=0.5)[0]
+    labels = [s["label_id"] for s in separate["segments_info"]]
+    repeated = {label for label in labels if labels.count(label) > 1}
+    assert repeated, "fixture should repeat a class"
+    fused = ours.post_process_panoptic_segmentation(
+        outputs, TARGET_SIZES[:1], threshold=0.5, stuff_classes=sorted(repeated)
+    )[0]
+    fused_labels = [s["label_id"] for s in fused["segments_info"]]
+    assert all(fused_labels.count(label) == 1 for label in repeated)
+    # fusing only relabels: the same pixels stay covered
+    assert torch.equal(fused["segmentation"] >= 0, separate["segmentation"] >= 0)
+
+
+@pytest.mark.parametrize("threshold", [0.8, 0.3, 0.0])
+def test_instance_matches_builtin(processors, threshold):
+    ours, builtin = processors
+    outputs = fake_outputs(2, seed=1)
+    result = ours.post_process_instance_segmentation(outputs, TARGET_SIZES, threshold=threshold, mask_threshold=0.5)
+    assert_same_segments(result, builtin.post_process_instance_segmentation(outputs, TARGET_SIZES, threshold=threshold))
+    assert sum(len(r["segments_info"]) for r in result) >= 2
+
+
+def test_semantic_matches_builtin_on_square_images(processors):
+    ours, builtin = processors
+    outputs = fake_outputs(2, seed=2)
+    sizes = [(64, 64), (100, 100)]
+    result = ours.post_process_semantic_segmentation(outputs, sizes, return_segmentation_scores=True)
+    reference = builtin.post_process_semantic_segmentation(outputs, sizes, return_segmentation_scores=True)
+    for mine, theirs in zip(result, reference):
+        torch.testing.assert_close(mine.segmentation_scores, theirs.segmentation_scores, rtol=1e-5, atol=1e-6)
+        assert torch.equal(mine.segmentation, theirs.segmentation)
+    plain = ours.post_process_semantic_segmentation(outputs, sizes)
+    assert all(torch.equal(p, r.segmentation) for p, r in zip(plain, result))
+
+
+def test_semantic_sliding_windows_match_builtin():
+    ours = EomtImageProcessor(size=SEMANTIC_SIZE, do_split_image=True, do_pad=False)
+    builtin = BuiltinProcessor(size=SEMANTIC_SIZE, do_split_image=True)
+    images = [torch.randint(0, 256, (3, 40, 90), dtype=torch.uint8), torch.randint(0, 256, (3, 70, 33), dtype=torch.uint8)]
+    offsets = builtin(images=images, return_tensors="pt")["patch_offsets"]
+    assert [o.tolist() for o in ours(images)["patch_offsets"]] == [o.tolist() for o in offsets]
+    outputs = fake_outputs(len(offsets), grid=8, seed=4)
+    outputs.patch_offsets = offsets
+    sizes = [tuple(i.shape[-2:]) for i in images]
+    result = ours.post_process_semantic_segmentation(outputs, sizes, return_segmentation_scores=True)
+    reference = builtin.post_process_semantic_segmentation(outputs, sizes, return_segmentation_scores=True)
+    for mine, theirs in zip(result, reference):
+        torch.testing.assert_close(mine.segmentation_scores, theirs.segmentation_scores, rtol=1e-5, atol=1e-6)
+        assert torch.equal(mine.segmentation, theirs.segmentation)
+
+
+def test_semantic_crops_padding():
+    """A padded non-square image: the padded band must not be stretched into the result."""
+    ours = EomtImageProcessor(size=PANOPTIC_SIZE)
+    outputs = fake_outputs(1, queries=2, classes=2, confident=0)
+    outputs.class_queries_logits[:] = torch.tensor([[10.0, 0.0, 0.0], [0.0, 10.0, 0.0]])
+    outputs.masks_queries_logits[:] = -10.0
+    outputs.masks_queries_logits[0, 0, :8] = 10.0  # class 0 in the top half of the canvas = the whole 32×64 image
+    outputs.masks_queries_logits[0, 1, 8:] = 10.0  # class 1 only in the padding
+    segmentation = ours.post_process_semantic_segmentation(outputs, [(30, 60)])[0]
+    assert segmentation.shape == (30, 60) and bool((segmentation == 0).all())
+
+
+def test_chunked_results_equal_and_only_kept_queries_upsampled(processors, monkeypatch):
+    ours, _ = processors
+    outputs = fake_outputs(2, seed=5)
+    expected = (
+        ours.post_process_panoptic_segmentation(outputs, TARGET_SIZES, threshold=0.5),
+        ours.post_process_instance_segmentation(outputs, TARGET_SIZES, threshold=0.5),
+        ours.post_process_semantic_segmentation(outputs, TARGET_SIZES),
+    )
+    calls = []
+    upsample = post_processing.upsample_masks
+    monkeypatch.setattr(post_processing, "CHUNK_ELEMENTS", 3 * 90 * 40)
+    monkeypatch.setattr(post_processing, "upsample_masks", lambda m, *a: calls.append(m.shape[0]) or upsample(m, *a))
+    panoptic = ours.post_process_panoptic_segmentation(outputs, TARGET_SIZES, threshold=0.5)
+    probs = outputs.class_queries_logits.softmax(-1)
+    scores, labels = probs.max(-1)
+    kept = int(((scores > 0.5) & (labels != probs.shape[-1] - 1)).sum())
+    assert sum(calls) == kept < outputs.class_queries_logits.shape[:2].numel()
+    assert max(calls) <= 3
+    for mine, theirs in zip(panoptic, expected[0]):
+        assert mine["segments_info"] == theirs["segments_info"]
+        assert torch.equal(mine["segmentation"], theirs["segmentation"])
+    instance = ours.post_process_instance_segmentation(outputs, TARGET_SIZES, threshold=0.5)
+    for mine, theirs in zip(instance, expected[1]):
+        assert mine["segments_info"] == theirs["segments_info"]
+        assert torch.equal(mine["segmentation"], theirs["segmentation"])
+    semantic = ours.post_process_semantic_segmentation(outputs, TARGET_SIZES)
+    assert all(torch.equal(a, b) for a, b in zip(semantic, expected[2]))
+
+
+def test_instance_top_k_pairs(processors):
+    ours, _ = processors
+    outputs = fake_outputs(1, seed=6)
+    per_query = ours.post_process_instance_segmentation(outputs, TARGET_SIZES[:1], threshold=0.5)[0]
+    pairs = ours.post_process_instance_segmentation(outputs, TARGET_SIZES[:1], threshold=0.5, top_k=1000)[0]
+    # above 0.5 a query has at most one class, so both rules find the same instances
+    key = lambda r: sorted((s["label_id"], s["score"]) for s in r["segments_info"])  # noqa: E731
+    assert key(per_query) == key(pairs)
+
+    top = ours.post_process_instance_segmentation(
+        outputs, TARGET_SIZES[:1], threshold=0.0, top_k=5, return_binary_maps=True
+    )[0]
+    masks, segments = top["segmentation"], top["segments_info"]
+    assert masks.dtype == torch.bool and masks.shape == (len(segments), *TARGET_SIZES[0]) and len(segments) <= 5
+    # hand check of the first pair: class probability × mean mask probability inside the mask
+    probs = outputs.class_queries_logits[0].softmax(-1)[:, :-1]
+    best = probs.flatten().argmax()
+    query, label = divmod(int(best), probs.shape[1])
+    placement = ours.placements(TARGET_SIZES[:1])[1][0]
+    logits = post_processing.upsample_masks(outputs.masks_queries_logits[0, [query]], placement, TARGET_SIZES[0])[0]
+    inside = logits > 0
+    expected = float(probs.flatten()[best] * logits.sigmoid()[inside].sum() / (inside.sum() + 1e-6))
+    assert segments[0]["label_id"] == label and segments[0]["score"] == pytest.approx(expected, abs=2e-6)
+    assert torch.equal(masks[0], inside)
+
+
+def test_window_outputs_give_semantic_segments_for_panoptic_and_instance():
+    ours = EomtImageProcessor(size=SEMANTIC_SIZE, do_split_image=True, do_pad=False)
+    image = torch.randint(0, 256, (3, 40, 90), dtype=torch.uint8)
+    offsets = ours(image)["patch_offsets"]
+    outputs = fake_outputs(len(offsets), grid=8, seed=7)
+    outputs.patch_offsets = offsets
+    semantic = ours.post_process_semantic_segmentation(outputs, [(40, 90)])[0]
+    for method in (ours.post_process_panoptic_segmentation, ours.post_process_instance_segmentation):
+        result = method(outputs, [(40, 90)], threshold=0.9, mask_threshold=0.5, overlap_mask_area_threshold=0.5)[0]
+        info = result["segments_info"]
+        assert [s["label_id"] for s in info] == torch.unique(semantic).tolist()
+        assert all(0 < s["score"] <= 1 for s in info)
+        for s in info:
+            assert torch.equal(result["segmentation"] == s["id"], semantic == s["label_id"])
+
+
+def test_empty_predictions(processors):
+    ours, _ = processors
+    outputs = fake_outputs(1, confident=0)
+    outputs.class_queries_logits[..., -1] = 20.0  # every query says "no object"
+    panoptic = ours.post_process_panoptic_segmentation(outputs, TARGET_SIZES[:1])[0]
+    instance = ours.post_process_instance_segmentation(outputs, TARGET_SIZES[:1])[0]
+    for result in (panoptic, instance):
+        assert result["segments_info"] == [] and result["segmentation"].shape == TARGET_SIZES[0]
+        assert bool((result["segmentation"] == -1).all())
