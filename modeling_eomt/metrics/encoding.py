@@ -7,7 +7,7 @@ of boundaries. The metrics encode in `add`/`add_batch` and decode one example at
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import datasets
@@ -22,7 +22,7 @@ RUNS_FEATURE = {
 
 
 # Optional per-mask arrays of the masks form, and the segment-info key each one fills.
-_PER_MASK_FIELDS = {"scores": "score", "iscrowd": "iscrowd", "areas": "area"}
+_PER_MASK_FIELDS = {"scores": "score", "iscrowd": "iscrowd", "is_crowd": "iscrowd", "areas": "area"}
 
 
 def to_numpy(array: Any) -> np.ndarray:
@@ -76,20 +76,33 @@ def binary_masks(array: Any, what: str) -> np.ndarray:
 
 def segments_from_example(example: Mapping[str, Any], what: str) -> tuple[np.ndarray, list[dict]]:
     """
-    Boolean masks and per-segment info (`label_id`, optional `score`, `iscrowd`, `area`) of an example given either
-    as `{"segmentation": id map, "segments_info": [{"id", "label_id", ...}]}` (what post-processing returns) or as
-    `{"masks": (N, H, W), "labels": (N,), "scores"?, "iscrowd"?, "areas"?}`.
+    Boolean masks and per-segment info (`label_id`, `score`, `iscrowd`, `area`) of one example, given in one of
+    the forms post-processing returns or in the plain masks form:
+
+    - `{"segmentation": (H, W) id map, "segments_info": [{"id", "label_id", ...}]}`: pixels whose id is not listed
+      (e.g. -1) belong to no segment;
+    - `{"segmentation": (N, H, W) binary maps, "segments_info": [...]}` (`return_binary_maps=True`): map `i` is
+      segment `i`;
+    - `{"masks": (N, H, W) binary, "labels": (N,), "scores"?, "iscrowd"?, "areas"?}`.
+
+    Segment dicts may hold `score`, `iscrowd` and `area`; `is_crowd` is accepted as a spelling of `iscrowd`.
     """
     if not isinstance(example, Mapping):
         raise TypeError(f"Each of {what} must be a dict, got {type(example).__name__}.")
     if "segmentation" in example and "segments_info" in example:
-        segmentation = integer_map(example["segmentation"], f"{what}['segmentation']")
-        infos = list(example["segments_info"])
-        ids = [int(info["id"]) for info in infos]
+        infos = [_segment_info(info, what) for info in example["segments_info"]]
+        segmentation = to_numpy(example["segmentation"])
+        if segmentation.ndim == 3:
+            masks = binary_masks(segmentation, f"{what}['segmentation']")
+            if len(masks) != len(infos):
+                raise ValueError(f"{what} has {len(masks)} binary maps but {len(infos)} segments_info entries.")
+            return masks, infos
+        segmentation = integer_map(segmentation, f"{what}['segmentation']")
+        ids = [int(info["id"]) for info in example["segments_info"]]
         if len(set(ids)) != len(ids):
             raise ValueError(f"{what}['segments_info'] lists a segment id twice: {ids}.")
         masks = segmentation[None] == np.asarray(ids, dtype=np.int64).reshape(-1, 1, 1)
-        return masks.reshape(len(ids), *segmentation.shape), [_segment_info(info, what) for info in infos]
+        return masks.reshape(len(ids), *segmentation.shape), infos
     if "masks" in example and "labels" in example:
         masks = binary_masks(example["masks"], f"{what}['masks']")
         labels = to_numpy(example["labels"]).reshape(-1)
@@ -110,6 +123,18 @@ def segments_from_example(example: Mapping[str, Any], what: str) -> tuple[np.nda
     )
 
 
+def check_labels(examples: Iterable[Mapping[str, Any]], num_labels: int | None) -> None:
+    """Raise if a stored example's `labels` fall outside `0..num_labels - 1` (no check when `num_labels` is None)."""
+    if num_labels is None:
+        return
+    for example in examples:
+        unknown = sorted({label for label in example["labels"] if label >= num_labels})
+        if unknown:
+            raise ValueError(
+                f"Found label ids {unknown} but num_labels={num_labels}; pass the number of classes of the dataset."
+            )
+
+
 def _segment_info(info: Mapping[str, Any], what: str) -> dict:
     label = info.get("label_id", info.get("category_id"))
     if label is None:
@@ -119,7 +144,7 @@ def _segment_info(info: Mapping[str, Any], what: str) -> dict:
     return {
         "label_id": int(label),
         "score": float(info.get("score", 1.0)),
-        "iscrowd": int(bool(info.get("iscrowd", 0))),
+        "iscrowd": int(bool(info.get("iscrowd", info.get("is_crowd", 0)))),
         "area": float(info["area"]) if info.get("area") is not None else -1.0,
     }
 

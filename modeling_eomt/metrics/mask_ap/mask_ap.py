@@ -23,6 +23,7 @@ import numpy as np
 from modeling_eomt.metrics.encoding import (
     RUNS_FEATURE,
     EncodedInputsMixin,
+    check_labels,
     decode_runs,
     encode_runs,
     segments_from_example,
@@ -43,12 +44,14 @@ _CITATION = """\
 _KWARGS_DESCRIPTION = """
 Args:
     predictions (`list[dict]`): one dict per image, either `{"masks": (N, H, W) bool, "scores": (N,), "labels": (N,)}`
-        or what `post_process_instance_segmentation` returns, `{"segmentation": (H, W) id map, "segments_info":
-        [{"id", "label_id", "score"}]}` (non-overlapping masks only: prefer the masks form for overlapping ones).
-    references (`list[dict]`): the ground truth of each image in either form; optional `"iscrowd"` (per mask or per
-        segment) and `"areas"`/`"area"` (the area used for the small/medium/large split, e.g. COCO's annotation
-        area; defaults to the mask's pixel count).
+        or what `post_process_instance_segmentation` returns: with `return_binary_maps=True`, `{"segmentation":
+        (N, H, W) bool, "segments_info": [{"id", "label_id", "score"}]}` (map i is segment i); without it an (H, W) id
+        map, which cannot represent overlapping instances, so prefer the binary maps.
+    references (`list[dict]`): the ground truth of each image in any of these forms; optional crowd flags (`"iscrowd"`
+        or `"is_crowd"`, per mask or per segment) and areas (`"areas"` per mask / `"area"` per segment: the area used
+        for the small/medium/large split, e.g. COCO's annotation area; defaults to the mask's pixel count).
     per_category (`bool`, defaults to `False`): also return `per_category`, `{label_id: AP}`.
+    num_labels (`int`, *optional*): when given, label ids must be below it.
 Returns:
     `map` (AP@[.50:.95]), `map_50`, `map_75`, `map_small`, `map_medium`, `map_large`, `mar_1`, `mar_10`, `mar_100`,
     `mar_small`, `mar_medium`, `mar_large` -- pycocotools' 12 summary numbers in its order.
@@ -142,7 +145,8 @@ def evaluate_image(
             f"Predicted masks of size {dt_masks.shape[1:]} were paired with reference masks of size "
             f"{gt_masks.shape[1:]}; resize the predictions to the reference size (post-processing's `target_sizes`)."
         )
-    dt_masks, gt_masks = dt_masks.reshape(len(dt_masks), -1), gt_masks.reshape(len(gt_masks), -1)
+    pixels = int(np.prod(gt_masks.shape[1:]))
+    dt_masks, gt_masks = dt_masks.reshape(len(dt_masks), pixels), gt_masks.reshape(len(gt_masks), pixels)
     dt_labels, gt_labels = np.asarray(prediction["labels"], np.int64), np.asarray(reference["labels"], np.int64)
     dt_scores = np.asarray(prediction["scores"], np.float64)
     gt_crowd = np.asarray(reference["iscrowd"], bool)
@@ -249,6 +253,8 @@ class MaskAP(EncodedInputsMixin, evaluate.Metric):
             reference_urls=["https://github.com/cocodataset/cocoapi"],
         )
 
-    def _compute(self, predictions, references, per_category=False):
+    def _compute(self, predictions, references, per_category=False, num_labels=None):
+        check_labels(predictions, num_labels)
+        check_labels(references, num_labels)
         image_evals = [evaluate_image(p, r) for p, r in zip(predictions, references)]
         return summarize(*accumulate(image_evals), per_category=per_category)

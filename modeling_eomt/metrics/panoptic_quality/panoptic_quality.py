@@ -22,6 +22,7 @@ import numpy as np
 from modeling_eomt.metrics.encoding import (
     RUNS_FEATURE,
     EncodedInputsMixin,
+    check_labels,
     decode_runs,
     encode_runs,
     segments_from_example,
@@ -42,12 +43,14 @@ _KWARGS_DESCRIPTION = """
 Args:
     predictions (`list[dict]`): one dict per image, either what `post_process_panoptic_segmentation` returns,
         `{"segmentation": (H, W) int map of segment ids, "segments_info": [{"id": int, "label_id": int, ...}]}`
-        (pixels whose id is not listed, e.g. -1, are unassigned), or `{"masks": (N, H, W) bool, "labels": (N,)}`.
-    references (`list[dict]`): the ground truth in either form; segments may carry `"iscrowd": 1` (in the masks form
-        an `"iscrowd": (N,)` array). Pixels covered by no listed segment are void.
+        (pixels whose id is not listed, e.g. -1, are unassigned), or `{"masks": (N, H, W) bool, "labels": (N,)}`
+        (overlaps: the later mask wins).
+    references (`list[dict]`): the ground truth in either form; segments may be crowd regions (`"iscrowd": 1` in a
+        segment dict, or an `"iscrowd"`/`"is_crowd"` (N,) array in the masks form). Pixels of no segment are void.
     stuff_classes (`list[int]`, *optional*): label ids of the stuff classes; when given, the results also hold the
         `_things` and `_stuff` averages (every other class is a thing).
     per_category (`bool`, defaults to `False`): also return `per_category`, `{label_id: {pq, sq, rq, tp, fp, fn}}`.
+    num_labels (`int`, *optional*): when given, label ids must be below it.
 Returns:
     `pq`, `sq`, `rq` (fractions in [0, 1]) and `n` (number of classes averaged); with `stuff_classes` also
     `pq_things`, `sq_things`, `rq_things`, `n_things`, `pq_stuff`, `sq_stuff`, `rq_stuff`, `n_stuff`. An average over
@@ -171,7 +174,9 @@ class PanopticQuality(EncodedInputsMixin, evaluate.Metric):
             reference_urls=["https://github.com/cocodataset/panopticapi"],
         )
 
-    def _compute(self, predictions, references, stuff_classes=None, per_category=False):
+    def _compute(self, predictions, references, stuff_classes=None, per_category=False, num_labels=None):
+        check_labels(predictions, num_labels)
+        check_labels(references, num_labels)
         totals: dict[int, np.ndarray] = {}
         for prediction, reference in zip(predictions, references):
             for label, values in panoptic_stats(prediction, reference).items():
