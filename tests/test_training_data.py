@@ -534,3 +534,28 @@ def test_collator_shapes_dtypes_and_normalisation():
     assert batch["mask_labels"][0].dtype == torch.float32
     assert batch["mask_labels"][0][:, :8, :10].eq(1).all() and batch["mask_labels"][0][:, 8:].eq(0).all()
     assert [c.dtype for c in batch["class_labels"]] == [torch.int64] * 2 and batch["class_labels"][0].tolist() == [1, 4]
+
+
+def test_hub_ids_load_through_datasets(tmp_path, monkeypatch):
+    """A Hub id goes to `datasets.load_dataset` (ADE20K through its parquet export); offline, the error says what to do."""
+    annotation = np.zeros((12, 16), np.uint8)
+    annotation[:, 8:] = 3
+    table = datasets.Dataset.from_dict({"image": [{"bytes": None, "path": _save(_image(0), tmp_path / "a.png")}],
+                                        "annotation": [Image.fromarray(annotation)], "scene_category": [0]})  # fmt: skip
+    calls = []
+
+    def fake_load_dataset(path, split=None, **kwargs):
+        calls.append((path, split, kwargs))
+        if path == "someone/offline":
+            raise ConnectionError("Couldn't reach 'someone/offline' on the Hub (OfflineModeIsEnabled)")
+        return table
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    dataset = load_segmentation_dataset("zhoubolei/scene_parse_150", "semantic", "validation")
+    assert calls[0] == ("zhoubolei/scene_parse_150", "validation",
+                        {"revision": "refs/convert/parquet", "data_dir": "scene_parsing"})  # fmt: skip
+    assert dataset.id2label == benchmark_labels("ade20k_semantic")
+    example = dataset[0]
+    assert example["class_labels"].tolist() == [2] and torch.equal(example["masks"][0], torch.from_numpy(annotation == 3))
+    with pytest.raises(OSError, match="local copy"):
+        load_segmentation_dataset("someone/offline", "semantic")

@@ -22,6 +22,8 @@ Sources ([`load_segmentation_dataset`]):
 
 from __future__ import annotations
 
+import copy
+import io
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -133,8 +135,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def with_transform(self, transform: Callable[..., Example] | None, seed: int | None = None) -> SegmentationDataset:
         """A view of the same data with another transform (e.g. augmentation for training, resizing for eval)."""
-        view = object.__new__(SegmentationDataset)
-        view.__dict__.update(self.__dict__, transform=transform, seed=seed, epoch=0)
+        view = copy.copy(self)
+        view.transform, view.seed, view.epoch = transform, seed, 0
         return view
 
     def set_epoch(self, epoch: int):
@@ -156,10 +158,8 @@ def _convert_task(example: Example, source_task: str, task: str, label_map: torc
                 "is_crowd": example["is_crowd"][keep]}  # fmt: skip
     # semantic: one mask per class present, crowd regions included
     classes = example["class_labels"].unique()
-    masks = torch.stack([example["masks"][example["class_labels"] == c].any(0) for c in classes]) if len(classes) else (
-        example["masks"][:0]
-    )
-    return {"image": example["image"], "masks": masks, "class_labels": classes}
+    masks = [example["masks"][example["class_labels"] == c].any(0) for c in classes]
+    return {"image": example["image"], "masks": torch.stack(masks) if masks else example["masks"], "class_labels": classes}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -175,8 +175,6 @@ def _open_image(value: Any) -> Image.Image:
         return Image.open(value)
     if isinstance(value, dict):
         if value.get("bytes") is not None:
-            import io
-
             return Image.open(io.BytesIO(value["bytes"]))
         return Image.open(value["path"])
     if isinstance(value, np.ndarray):
@@ -862,8 +860,10 @@ def load_segmentation_dataset(
         return _local_folder(path, task, split, key, classes, ignore_index, image_dir, mask_dir, load_kwargs)
     import datasets
 
-    kwargs = {**_HUB_DEFAULTS.get(name, {}), **load_kwargs}
-    if dataset_config_name is not None:
+    kwargs = dict(load_kwargs)
+    if name in _PARQUET_EXPORTS:  # its configs are folders of the export
+        kwargs = {"revision": "refs/convert/parquet", "data_dir": dataset_config_name or _PARQUET_EXPORTS[name], **kwargs}
+    elif dataset_config_name is not None:
         kwargs["name"] = dataset_config_name
     try:
         dataset = datasets.load_dataset(name, split=split, **kwargs)
@@ -875,8 +875,8 @@ def load_segmentation_dataset(
     return hf_dataset(dataset, task, key, classes, ignore_index)
 
 
-# ADE20K's Hub copy is a loading-script dataset; recent `datasets` reads its parquet export instead.
-_HUB_DEFAULTS = {"zhoubolei/scene_parse_150": {"revision": "refs/convert/parquet", "data_dir": "scene_parsing"}}
+# Loading-script datasets (which recent `datasets` refuses to run) -> default config; their parquet export is read.
+_PARQUET_EXPORTS = {"zhoubolei/scene_parse_150": "scene_parsing"}
 
 
 def _local_folder(path: Path, task, split, key, classes, ignore_index, image_dir, mask_dir, load_kwargs):
