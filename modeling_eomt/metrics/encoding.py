@@ -98,10 +98,8 @@ def segments_from_example(example: Mapping[str, Any], what: str) -> tuple[np.nda
                 raise ValueError(f"{what} has {len(masks)} binary maps but {len(infos)} segments_info entries.")
             return masks, infos
         segmentation = integer_map(segmentation, f"{what}['segmentation']")
-        ids = [int(info["id"]) for info in example["segments_info"]]
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"{what}['segments_info'] lists a segment id twice: {ids}.")
-        masks = segmentation[None] == np.asarray(ids, dtype=np.int64).reshape(-1, 1, 1)
+        ids = _segment_ids(example, what)
+        masks = segmentation[None] == ids.reshape(-1, 1, 1)
         return masks.reshape(len(ids), *segmentation.shape), infos
     if "masks" in example and "labels" in example:
         masks = binary_masks(example["masks"], f"{what}['masks']")
@@ -123,6 +121,30 @@ def segments_from_example(example: Mapping[str, Any], what: str) -> tuple[np.nda
     )
 
 
+def segment_index_map(example: Mapping[str, Any], what: str) -> tuple[np.ndarray, list[dict]]:
+    """
+    An (H, W) map of segment indices into the returned segment infos (-1 where no segment), from any form that
+    [`segments_from_example`] reads; where masks overlap the later one wins.
+    """
+    segmentation = example.get("segmentation") if isinstance(example, Mapping) else None
+    if segmentation is not None and "segments_info" in example and to_numpy(segmentation).ndim == 2:
+        # Fast path for id maps: no per-segment masks.
+        segmentation = integer_map(segmentation, f"{what}['segmentation']")
+        infos = [_segment_info(info, what) for info in example["segments_info"]]
+        ids = _segment_ids(example, what)
+        index_map = np.full(segmentation.shape, -1, dtype=np.int64)
+        if len(ids):
+            order = np.argsort(ids)
+            candidate = order[np.clip(np.searchsorted(ids[order], segmentation), 0, len(ids) - 1)]
+            index_map = np.where(ids[candidate] == segmentation, candidate, -1)
+        return index_map, infos
+    masks, infos = segments_from_example(example, what)
+    index_map = np.full(masks.shape[1:], -1, dtype=np.int64)
+    for index, mask in enumerate(masks):
+        index_map[mask] = index
+    return index_map, infos
+
+
 def check_labels(examples: Iterable[Mapping[str, Any]], num_labels: int | None) -> None:
     """Raise if a stored example's `labels` fall outside `0..num_labels - 1` (no check when `num_labels` is None)."""
     if num_labels is None:
@@ -133,6 +155,13 @@ def check_labels(examples: Iterable[Mapping[str, Any]], num_labels: int | None) 
             raise ValueError(
                 f"Found label ids {unknown} but num_labels={num_labels}; pass the number of classes of the dataset."
             )
+
+
+def _segment_ids(example: Mapping[str, Any], what: str) -> np.ndarray:
+    ids = np.asarray([int(info["id"]) for info in example["segments_info"]], dtype=np.int64)
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError(f"{what}['segments_info'] lists a segment id twice: {ids.tolist()}.")
+    return ids
 
 
 def _segment_info(info: Mapping[str, Any], what: str) -> dict:

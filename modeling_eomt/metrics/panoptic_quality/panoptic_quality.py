@@ -25,7 +25,7 @@ from modeling_eomt.metrics.encoding import (
     check_labels,
     decode_runs,
     encode_runs,
-    segments_from_example,
+    segment_index_map,
 )
 
 _DESCRIPTION = __doc__
@@ -73,10 +73,7 @@ _STORED = {
 
 def encode_panoptic(example: Mapping[str, Any], what: str) -> dict:
     """One image as stored: a map of segment indices (-1 = void) plus each segment's label and crowd flag."""
-    masks, infos = segments_from_example(example, what)
-    index_map = np.full(masks.shape[1:], -1, dtype=np.int64)
-    for index, mask in enumerate(masks):
-        index_map[mask] = index  # overlapping masks: the later one wins
+    index_map, infos = segment_index_map(example, what)
     return {
         "index_map": encode_runs(index_map),
         "labels": [info["label_id"] for info in infos],
