@@ -272,3 +272,16 @@ def test_scheduler_state_roundtrip():
     scheduler2.load_state_dict(state)
     optimizer.step(), scheduler.step(), optimizer2.step(), scheduler2.step()
     assert [g["lr"] for g in optimizer2.param_groups] == [g["lr"] for g in optimizer.param_groups]
+
+
+def test_training_arguments_recipe_defaults_and_flags(tmp_path):
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(EomtTrainingArguments)
+    (defaults,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--report_to", "none"])
+    assert (defaults.learning_rate, defaults.weight_decay, defaults.max_grad_norm) == (1e-4, 0.05, 0.01)
+    assert (defaults.layer_decay, defaults.head_warmup_steps, defaults.backbone_warmup_steps) == (0.8, 500, 1000)
+    assert defaults.attn_mask_annealing and defaults.attn_mask_annealing_starts is None
+    flags = ["--attn_mask_annealing_starts", "1", "2", "--attn_mask_annealing_ends", "3", "4", "--layer_decay", "0.9"]
+    (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--report_to", "none", *flags])
+    assert (args.attn_mask_annealing_starts, args.attn_mask_annealing_ends, args.layer_decay) == ([1, 2], [3, 4], 0.9)
