@@ -50,18 +50,24 @@ def semantic_segmentation(
     class_probs = class_logits.float().softmax(-1)[..., :-1]
     num_classes = class_probs.shape[-1]
     device = mask_logits.device
-    sums = [torch.zeros(num_classes, h, w, device=device) for h, w in resized_sizes]
-    counts = [torch.zeros(h, w, device=device) for h, w in resized_sizes]
-    for index, placement in enumerate(placements):
-        scores = _class_scores(class_probs[index], mask_logits[index], placement.canvas)
-        rows = slice(placement.top, placement.top + placement.height)
-        cols = slice(placement.left, placement.left + placement.width)
-        sums[placement.image_index][:, rows, cols] += scores[:, : placement.height, : placement.width]
-        counts[placement.image_index][rows, cols] += 1
-
+    inputs_of_image = [[n for n, p in enumerate(placements) if p.image_index == i] for i in range(len(resized_sizes))]
     results = []
-    for total, count, size in zip(sums, counts, target_sizes):
-        averaged = total / count.clamp(min=1)
+    for (height, width), size, inputs in zip(resized_sizes, target_sizes, inputs_of_image):
+        if len(inputs) == 1:  # a padded image: its canvas without the padding
+            (index,) = inputs
+            averaged = _class_scores(class_probs[index], mask_logits[index], placements[index].canvas)
+            averaged = averaged[:, :height, :width]
+        else:  # windows: average where they overlap
+            total = torch.zeros(num_classes, height, width, device=device)
+            count = torch.zeros(height, width, device=device)
+            for index in inputs:
+                placement = placements[index]
+                scores = _class_scores(class_probs[index], mask_logits[index], placement.canvas)
+                rows = slice(placement.top, placement.top + placement.height)
+                cols = slice(placement.left, placement.left + placement.width)
+                total[:, rows, cols] += scores[:, : placement.height, : placement.width]
+                count[rows, cols] += 1
+            averaged = total / count.clamp(min=1)
         if return_segmentation_scores:
             scores = F.interpolate(averaged[None], size=size, mode="bilinear", align_corners=False)[0]
             results.append(
@@ -75,14 +81,15 @@ def semantic_segmentation(
 
 
 def _class_scores(class_probs: torch.Tensor, mask_logits: torch.Tensor, canvas: tuple[int, int]) -> torch.Tensor:
-    """`einsum(softmax classes, sigmoid masks)` at the canvas size, `(num_classes, *canvas)`, queries in chunks."""
-    total = None
-    step = _chunk(mask_logits.shape[0], canvas[0] * canvas[1])
-    for start in range(0, mask_logits.shape[0], step):
-        masks = F.interpolate(mask_logits[None, start : start + step].float(), size=canvas, mode="bilinear", align_corners=False)[0]
-        part = torch.einsum("qc,qhw->chw", class_probs[start : start + step], masks.sigmoid())
-        total = part if total is None else total + part
-    return total
+    """`einsum(softmax classes, sigmoid masks)` at the canvas size, `(num_classes, *canvas)`; queries in chunks,
+    accumulated inside the matrix product."""
+    num_queries, num_classes = class_probs.shape
+    total = torch.zeros(num_classes, canvas[0] * canvas[1], device=mask_logits.device)
+    step = _chunk(num_queries, canvas[0] * canvas[1])
+    for start in range(0, num_queries, step):
+        masks = F.interpolate(mask_logits[None, start : start + step].float(), size=canvas, mode="bilinear")[0]
+        total.addmm_(class_probs[start : start + step].T, masks.flatten(1).sigmoid_())
+    return total.view(num_classes, *canvas)
 
 
 def _resized_argmax(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -213,8 +220,8 @@ def instance_segmentation(
                 continue
             ids = torch.arange(len(segments), len(segments) + masks.shape[0], device=masks.device)
             # Later instances are drawn over earlier ones: the highest id covering a pixel wins.
-            top = torch.where(masks, ids[:, None, None] + 1, 0).amax(0) - 1
-            segmentation = torch.where(top >= 0, top, segmentation)
+            top = torch.where(masks, ids[:, None, None].int() + 1, 0).amax(0) - 1
+            segmentation = torch.where(top >= 0, top.long(), segmentation)
             if return_binary_maps:
                 binary_maps.append(masks)
             segments += [
