@@ -1,6 +1,7 @@
 """Training data: dataset adapters on small local datasets of each schema, the shapes set, augmentation, collator."""
 
 import json
+import pickle
 
 import datasets
 import numpy as np
@@ -181,8 +182,10 @@ def test_coco_instance_json_polygons_and_rle(tmp_path):
     crowd[5:9, 2:14] = 1
     compressed = coco_mask.encode(np.asfortranarray(crowd))
     annotations = [
-        {"id": 1, "image_id": 10, "category_id": 3, "iscrowd": 0, "segmentation": [_polygon(1, 1, 6, 5), _polygon(8, 2, 12, 4)]},
-        {"id": 2, "image_id": 10, "category_id": 9, "iscrowd": 1, "segmentation": {"size": [12, 16], "counts": compressed["counts"].decode()}},
+        {"id": 1, "image_id": 10, "category_id": 3, "iscrowd": 0,
+         "segmentation": [_polygon(1, 1, 6, 5), _polygon(8, 2, 12, 4)]},
+        {"id": 2, "image_id": 10, "category_id": 9, "iscrowd": 1,
+         "segmentation": {"size": [12, 16], "counts": compressed["counts"].decode()}},
         {"id": 3, "image_id": 11, "category_id": 9, "iscrowd": 0,
          "segmentation": [[2.5, 1.2, 13.7, 4.4, 6.1, 10.9, 4.0, 5.5]]},
     ]  # fmt: skip
@@ -363,8 +366,9 @@ def test_user_folder_rgb_masks(tmp_path):
     mask[:, 8:] = (220, 20, 60)
     mask[:2] = (0, 0, 0)
     _user_folder(tmp_path, {"a": mask})
-    dataset = load_segmentation_dataset(tmp_path, "semantic",
-                                        classes={"#804080": "road", (220, 20, 60): "person", "0,0,0": None})  # fmt: skip
+    dataset = load_segmentation_dataset(
+        tmp_path, "semantic", classes={"#804080": "road", (220, 20, 60): "person", "0,0,0": None}
+    )
     example = dataset[0]
     assert dataset.id2label == {0: "road", 1: "person"}
     assert torch.equal(example["masks"][0], torch.from_numpy((mask == (128, 64, 128)).all(-1)))
@@ -427,7 +431,9 @@ def test_shapes_is_deterministic_and_well_formed():
 
 def _colour_coded_example(height=40, width=56):
     """Blocks of flat colour; the colour of a pixel tells which mask it belongs to."""
-    palette = torch.tensor([[250, 10, 10], [10, 250, 10], [10, 10, 250], [250, 250, 10], [10, 250, 250]], dtype=torch.uint8)
+    palette = torch.tensor(
+        [[250, 10, 10], [10, 250, 10], [10, 10, 250], [250, 250, 10], [10, 250, 250]], dtype=torch.uint8
+    )
     segment = torch.zeros(height, width, dtype=torch.int64)
     segment[:, width // 3 :] = 1
     segment[height // 2 :, width // 3 :] = 2
@@ -464,7 +470,9 @@ def test_augmentation_keeps_masks_aligned_with_pixels():
             assert (colours - palette[label].int()).abs().max() <= 2, (seed, int(label))
         # Pixels outside every mask are padding (black) or the dropped crowd segment's colour.
         uncovered = out["image"][:, _eroded(~covered)].T.int()
-        black_or_crowd = (uncovered.abs().max(1).values <= 2) | ((uncovered - palette[4].int()).abs().max(1).values <= 2)
+        black_or_crowd = (uncovered.abs().max(1).values <= 2) | (
+            (uncovered - palette[4].int()).abs().max(1).values <= 2
+        )
         assert black_or_crowd.all()
 
 
@@ -522,8 +530,12 @@ def test_dataset_seeded_transforms_and_epochs():
 def test_collator_shapes_dtypes_and_normalisation():
     small = {"image": torch.full((3, 8, 10), 255, dtype=torch.uint8), "masks": torch.ones(2, 8, 10, dtype=torch.bool),
              "class_labels": torch.tensor([1, 4])}  # fmt: skip
-    large = {"image": torch.zeros(3, 12, 16, dtype=torch.uint8), "masks": torch.zeros(0, 12, 16, dtype=torch.bool),
-             "class_labels": torch.zeros(0, dtype=torch.int64), "is_crowd": torch.zeros(0, dtype=torch.bool)}  # fmt: skip
+    large = {
+        "image": torch.zeros(3, 12, 16, dtype=torch.uint8),
+        "masks": torch.zeros(0, 12, 16, dtype=torch.bool),
+        "class_labels": torch.zeros(0, dtype=torch.int64),
+        "is_crowd": torch.zeros(0, dtype=torch.bool),
+    }
     batch = SegmentationCollator()([small, large])
     assert set(batch) == {"pixel_values", "mask_labels", "class_labels"}
     assert batch["pixel_values"].shape == (2, 3, 12, 16) and batch["pixel_values"].dtype == torch.float32
@@ -533,15 +545,23 @@ def test_collator_shapes_dtypes_and_normalisation():
     assert [m.shape for m in batch["mask_labels"]] == [(2, 12, 16), (0, 12, 16)]
     assert batch["mask_labels"][0].dtype == torch.float32
     assert batch["mask_labels"][0][:, :8, :10].eq(1).all() and batch["mask_labels"][0][:, 8:].eq(0).all()
-    assert [c.dtype for c in batch["class_labels"]] == [torch.int64] * 2 and batch["class_labels"][0].tolist() == [1, 4]
+    assert [c.dtype for c in batch["class_labels"]] == [torch.int64] * 2 and batch["class_labels"][0].tolist() == [
+        1,
+        4,
+    ]
 
 
 def test_hub_ids_load_through_datasets(tmp_path, monkeypatch):
-    """A Hub id goes to `datasets.load_dataset` (ADE20K through its parquet export); offline, the error says what to do."""
+    """Hub ids go to `datasets.load_dataset` (ADE20K via its parquet export); offline, the error says what to do."""
     annotation = np.zeros((12, 16), np.uint8)
     annotation[:, 8:] = 3
-    table = datasets.Dataset.from_dict({"image": [{"bytes": None, "path": _save(_image(0), tmp_path / "a.png")}],
-                                        "annotation": [Image.fromarray(annotation)], "scene_category": [0]})  # fmt: skip
+    table = datasets.Dataset.from_dict(
+        {
+            "image": [{"bytes": None, "path": _save(_image(0), tmp_path / "a.png")}],
+            "annotation": [Image.fromarray(annotation)],
+            "scene_category": [0],
+        }
+    )
     calls = []
 
     def fake_load_dataset(path, split=None, **kwargs):
@@ -556,6 +576,25 @@ def test_hub_ids_load_through_datasets(tmp_path, monkeypatch):
                         {"revision": "refs/convert/parquet", "data_dir": "scene_parsing"})  # fmt: skip
     assert dataset.id2label == benchmark_labels("ade20k_semantic")
     example = dataset[0]
-    assert example["class_labels"].tolist() == [2] and torch.equal(example["masks"][0], torch.from_numpy(annotation == 3))
+    assert example["class_labels"].tolist() == [2] and torch.equal(
+        example["masks"][0], torch.from_numpy(annotation == 3)
+    )
     with pytest.raises(OSError, match="local copy"):
         load_segmentation_dataset("someone/offline", "semantic")
+
+
+def test_split_subfolders_and_pickling_for_workers(tmp_path):
+    mask = np.zeros((12, 16), np.uint8)
+    mask[6:] = 1
+    for split, name in (("train", "t"), ("val", "v")):
+        _save(_image(0), tmp_path / "images" / split / f"{name}.png")
+        _save(mask, tmp_path / "masks" / split / f"{name}.png")
+    dataset = load_segmentation_dataset(tmp_path, "semantic", "val", classes={0: "floor", 1: "wall"})
+    assert len(dataset) == 1 and dataset.records[0][0].name == "v.png"
+    # DataLoader workers receive the dataset pickled: every source must survive the round trip.
+    augmented = load_segmentation_dataset("shapes", num_examples=2, image_size=32).with_transform(
+        TrainTransform(32, (0.5, 1.0)), seed=1
+    )
+    for original in (dataset, augmented):
+        restored = pickle.loads(pickle.dumps(original))
+        assert torch.equal(restored[0]["masks"], original[0]["masks"])

@@ -35,7 +35,9 @@ def _shift_hue(image: torch.Tensor, shift: float) -> torch.Tensor:
     safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
     r, g, b = rgb
     # Hue in sixths of the circle, from whichever channel is largest.
-    hue = torch.where(argmax == 0, ((g - b) / safe) % 6, torch.where(argmax == 1, (b - r) / safe + 2, (r - g) / safe + 4))
+    hue = torch.where(
+        argmax == 0, ((g - b) / safe) % 6, torch.where(argmax == 1, (b - r) / safe + 2, (r - g) / safe + 4)
+    )
     hue = torch.where(chroma > 0, hue, torch.zeros_like(hue))
     hue = (hue + 6 * shift) % 6
     # Back to RGB: each channel n is V - C * clamp(min(k, 4 - k), 0, 1) with k = (n + hue) mod 6.

@@ -159,7 +159,11 @@ def _convert_task(example: Example, source_task: str, task: str, label_map: torc
     # semantic: one mask per class present, crowd regions included
     classes = example["class_labels"].unique()
     masks = [example["masks"][example["class_labels"] == c].any(0) for c in classes]
-    return {"image": example["image"], "masks": torch.stack(masks) if masks else example["masks"], "class_labels": classes}
+    return {
+        "image": example["image"],
+        "masks": torch.stack(masks) if masks else example["masks"],
+        "class_labels": classes,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -378,7 +382,9 @@ class SemanticLabels:
         return cls({ignore_index: IGNORE_INDEX, **{k: k for k in id2label}}, id2label)
 
     @classmethod
-    def from_classes(cls, classes: Mapping[Any, str | None], ignore_index: int | None = IGNORE_INDEX) -> SemanticLabels:
+    def from_classes(
+        cls, classes: Mapping[Any, str | None], ignore_index: int | None = IGNORE_INDEX
+    ) -> SemanticLabels:
         """
         From a user mapping raw value -> class name. Values are integers, RGB triples, `"#rrggbb"` or `"r,g,b"`
         strings (JSON keys may be strings of integers). Values sharing a name merge into one class; a name of `None`
@@ -539,7 +545,9 @@ def coco_json_dataset(
     )  # fmt: skip
     missing = [i["file_name"] for i in images.values() if not (image_root / i["file_name"]).is_file()]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} image(s) listed in {json_path} are not in {image_root}: {missing[:5]}")
+        raise FileNotFoundError(
+            f"{len(missing)} image(s) listed in {json_path} are not in {image_root}: {missing[:5]}"
+        )
 
     if panoptic:
         unknown = [a["image_id"] for a in data["annotations"] if a["image_id"] not in images]
@@ -593,8 +601,16 @@ def _match_pairs(images: dict[str, Path], masks: dict[str, Path], image_root: Pa
     if unmatched_images or unmatched_masks:
         raise ValueError(
             f"Images in {image_root} and masks in {mask_root} must match by file name: "
-            + (f"{len(unmatched_images)} image(s) without a mask (e.g. {unmatched_images[:5]}) " if unmatched_images else "")
-            + (f"{len(unmatched_masks)} mask(s) without an image (e.g. {unmatched_masks[:5]})" if unmatched_masks else "")
+            + (
+                f"{len(unmatched_images)} image(s) without a mask (e.g. {unmatched_images[:5]}) "
+                if unmatched_images
+                else ""
+            )
+            + (
+                f"{len(unmatched_masks)} mask(s) without an image (e.g. {unmatched_masks[:5]})"
+                if unmatched_masks
+                else ""
+            )
         )
     if not images:
         raise ValueError(f"No images found in {image_root}.")
@@ -641,15 +657,19 @@ def semantic_folder_dataset(
     )  # fmt: skip
     for folder, argument in ((image_root, "image_dir"), (mask_root, "mask_dir")):
         if not folder.is_dir():
-            raise FileNotFoundError(f"{folder} does not exist; lay out images/ and masks/ under {root} or pass `{argument}=`.")
-    pairs = _match_pairs(_files_by_stem(image_root, IMAGE_EXTENSIONS), _files_by_stem(mask_root, (".png", ".tif", ".tiff", ".bmp")),
-                         image_root, mask_root)  # fmt: skip
+            raise FileNotFoundError(
+                f"{folder} does not exist; lay out images/ and masks/ under {root} or pass `{argument}=`."
+            )
+    images = _files_by_stem(image_root, IMAGE_EXTENSIONS)
+    pairs = _match_pairs(images, _files_by_stem(mask_root, (".png", ".tif", ".tiff", ".bmp")), image_root, mask_root)
     if classes is None and (root / "classes.json").is_file():
         classes = root / "classes.json"
     if isinstance(classes, (str, os.PathLike)):
         classes = _read_json(Path(classes))
-    labels = SemanticLabels.from_classes(classes, ignore_index) if classes is not None else _scan_semantic_values(
-        (mask for _, mask in pairs), ignore_index
+    labels = (
+        SemanticLabels.from_classes(classes, ignore_index)
+        if classes is not None
+        else _scan_semantic_values((mask for _, mask in pairs), ignore_index)
     )
     return SegmentationDataset(pairs, partial(_decode_semantic_record, labels=labels), source_task="semantic",
                                task="semantic", id2label=labels.id2label)  # fmt: skip
@@ -734,8 +754,9 @@ def hf_dataset(
     elif dataset_key is not None:
         labels = _semantic_labels_for_key(dataset_key)
     else:
-        labels = _scan_semantic_values((row[annotation_column] for row in dataset.select_columns(annotation_column)),
-                                       ignore_index)
+        labels = _scan_semantic_values(
+            (row[annotation_column] for row in dataset.select_columns(annotation_column)), ignore_index
+        )
     decode = partial(_decode_semantic_row, image_column=image_column, annotation_column=annotation_column,
                      labels=labels)  # fmt: skip
     return SegmentationDataset(dataset, decode, source_task="semantic", task=task, id2label=labels.id2label)
@@ -766,8 +787,8 @@ def _table_categories(dataset, classes, dataset_key, path: tuple[str, str]) -> l
         stuff = set(stuff_ids(dataset_key))
         return [{"id": k, "name": n, "isthing": k not in stuff} for k, n in _labels_for(dataset_key).items()]
     raise ValueError(
-        f"The table does not name its categories; pass `classes=` (a COCO `categories` list with `id`, `name` and, "
-        f"for panoptic, `isthing`, or a {{category_id: name}} mapping)."
+        "The table does not name its categories; pass `classes=` (a COCO `categories` list with `id`, `name` and, "
+        "for panoptic, `isthing`, or a {category_id: name} mapping)."
     )
 
 
@@ -862,7 +883,11 @@ def load_segmentation_dataset(
 
     kwargs = dict(load_kwargs)
     if name in _PARQUET_EXPORTS:  # its configs are folders of the export
-        kwargs = {"revision": "refs/convert/parquet", "data_dir": dataset_config_name or _PARQUET_EXPORTS[name], **kwargs}
+        kwargs = {
+            "revision": "refs/convert/parquet",
+            "data_dir": dataset_config_name or _PARQUET_EXPORTS[name],
+            **kwargs,
+        }
     elif dataset_config_name is not None:
         kwargs["name"] = dataset_config_name
     try:
@@ -900,8 +925,10 @@ def _local_folder(path: Path, task, split, key, classes, ignore_index, image_dir
     own_json = [p for p in (path / f"{split}.json", path / "annotations.json") if p.is_file()]
     if own_json:
         return coco_json_dataset(own_json[0], task, image_dir, mask_dir, split)
-    if task == "semantic" and (path / "images").is_dir() and any(
-        (path / name).is_dir() for name in ("masks", "annotations", "labels")
+    if (
+        task == "semantic"
+        and (path / "images").is_dir()
+        and any((path / name).is_dir() for name in ("masks", "annotations", "labels"))
     ):
         return semantic_folder_dataset(path, split, classes, ignore_index, image_dir, mask_dir)
     dataset = datasets.load_dataset(str(path), split=split, **load_kwargs)

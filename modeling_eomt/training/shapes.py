@@ -19,7 +19,11 @@ SHAPES_ID2LABEL = {0: "circle", 1: "square", 2: "triangle", 3: "sky", 4: "grass"
 SHAPES_STUFF_IDS = (3, 4, 5)
 
 # (low, high) RGB bounds per thing class: far apart from each other and from the stuff textures below.
-_THING_COLOURS = {0: ((200, 20, 20), (255, 70, 60)), 1: ((20, 30, 150), (60, 70, 220)), 2: ((220, 200, 0), (255, 240, 60))}
+_THING_COLOURS = {
+    0: ((200, 20, 20), (255, 70, 60)),
+    1: ((20, 30, 150), (60, 70, 220)),
+    2: ((220, 200, 0), (255, 240, 60)),
+}
 # A thing must keep this share of its area visible, both when drawn and after later things cover it.
 _MIN_VISIBLE = 0.6
 
@@ -44,7 +48,9 @@ def _stuff_texture(label: int, height: int, width: int, rng: np.random.Generator
     return image
 
 
-def _thing_mask(label: int, centre: np.ndarray, radius: float, angle: float, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+def _thing_mask(
+    label: int, centre: np.ndarray, radius: float, angle: float, yy: np.ndarray, xx: np.ndarray
+) -> np.ndarray:
     """Boolean mask of a circle, rotated square or rotated triangle, tested at pixel centres."""
     if label == 0:
         return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2
@@ -58,7 +64,9 @@ def _thing_mask(label: int, centre: np.ndarray, radius: float, angle: float, yy:
     return inside
 
 
-def render_shapes_example(index: int, seed: int = 0, image_size: int | tuple[int, int] = 128) -> dict[str, torch.Tensor]:
+def render_shapes_example(
+    index: int, seed: int = 0, image_size: int | tuple[int, int] = 128
+) -> dict[str, torch.Tensor]:
     """
     Draw example `index` of the shapes set with the given `seed`.
 
@@ -97,9 +105,7 @@ def render_shapes_example(index: int, seed: int = 0, image_size: int | tuple[int
             centre = rng.uniform([radius * 0.5, radius * 0.5], [height - radius * 0.5, width - radius * 0.5])
             mask = _thing_mask(label, centre, radius, rng.uniform(0, 2 * np.pi), yy, xx)
             area = int(mask.sum())
-            covered_ok = all(
-                ((owner == k) & ~mask).sum() >= _MIN_VISIBLE * full for k, (_, full) in enumerate(things)
-            )
+            covered_ok = all(((owner == k) & ~mask).sum() >= _MIN_VISIBLE * full for k, (_, full) in enumerate(things))
             if area > 0 and covered_ok:
                 break
         else:
