@@ -1,13 +1,13 @@
 """Registration of our classes with the Auto classes for model type "eomt", replacing transformers' built-in EoMT.
 
 Checkpoints of the `tue-mps` Hub organisation (model type "eomt") and folders saved by this package then load into
-`modeling_eomt` classes through `AutoConfig`, `AutoModel`, `AutoModelForUniversalSegmentation` and
+`modeling_eomt` classes through `AutoConfig`, `AutoModel`, `AutoModelForUniversalSegmentation`, `AutoModelForImageSegmentation` and
 `pipeline("image-segmentation")`.
 """
 
 from __future__ import annotations
 
-from transformers import AutoConfig, AutoModel, AutoModelForUniversalSegmentation
+from transformers import AutoConfig, AutoModel, AutoModelForImageSegmentation, AutoModelForUniversalSegmentation
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import Chunk, WeightConverter, WeightRenaming
 
@@ -25,6 +25,8 @@ LEGACY_SWIGLU_NAMES = [
 def register_auto_classes() -> None:
     """Map model type "eomt" to our config and model in every Auto class (idempotent)."""
     AutoConfig.register(EomtConfig.model_type, EomtConfig, exist_ok=True)
-    for auto_class in (AutoModel, AutoModelForUniversalSegmentation):
+    # The image-segmentation pipeline tries AutoModelForImageSegmentation before falling back to the class named in
+    # `config.architectures`, which it looks up in `transformers` itself (and would find the built-in EoMT).
+    for auto_class in (AutoModel, AutoModelForUniversalSegmentation, AutoModelForImageSegmentation):
         auto_class.register(EomtConfig, EomtForUniversalSegmentation, exist_ok=True)
     register_checkpoint_conversion_mapping(EomtForUniversalSegmentation.__name__, LEGACY_SWIGLU_NAMES, overwrite=True)

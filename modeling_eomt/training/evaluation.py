@@ -93,16 +93,20 @@ class SegmentationMetrics:
             )
             self.metric.add_batch(predictions=results, references=[segments(target) for target in targets])
         else:
+            # COCO AP ranks all top-100 detections: no score threshold.
             results = self.processor.post_process_instance_segmentation(
-                outputs, target_sizes=sizes, return_binary_maps=True
+                outputs, target_sizes=sizes, threshold=0.0, return_binary_maps=True
             )
             self.metric.add_batch(predictions=results, references=[segments(target) for target in targets])
 
     def _compute(self) -> dict[str, float]:
-        kwargs = {"num_labels": self.num_labels, "ignore_index": IGNORE_INDEX} if self.task == "semantic" else {}
-        if self.task == "panoptic":
-            kwargs = {"stuff_ids": self.stuff_ids, "num_labels": self.num_labels}
-        results = self.metric.compute(**kwargs)
+        if self.task == "semantic":
+            results = self.metric.compute(num_labels=self.num_labels, ignore_index=IGNORE_INDEX)
+            results["miou"] = results.pop("mean_iou")
+        elif self.task == "panoptic":
+            results = self.metric.compute(stuff_classes=self.stuff_ids, num_labels=self.num_labels)
+        else:
+            results = self.metric.compute(num_labels=self.num_labels)
         return {key: float(value) for key, value in results.items() if isinstance(value, (int, float))}
 
 

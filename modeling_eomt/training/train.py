@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, set_seed
 from transformers.utils import logging
 
 from ..configuration import PRESETS, EomtConfig
@@ -81,6 +81,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Eom
     from ..convert.convert import build_image_processor
     from ..convert.model_card import build_model_card
 
+    set_seed(training_args.seed)  # before building the model, so a fresh head is the same in every run
     load = dict(name_or_path=data_args.dataset_name, task=data_args.task,
                 dataset_config_name=data_args.dataset_config_name)
     train_raw = subset(load_segmentation_dataset(split=data_args.train_split, **load), data_args.max_train_samples)
