@@ -249,16 +249,18 @@ class EomtImageProcessor(BaseImageProcessor):
         return opts
 
     def _normalize(self, image: torch.Tensor, opts: dict[str, Any]) -> torch.Tensor:
+        """Rescale and normalise in one multiply-add per pixel, on a float32 copy."""
         floating = image.is_floating_point()
-        image = image.float()
         # Floats in [0, 1] are already rescaled; rescaling them again would turn every image black.
-        if opts["do_rescale"] and (not floating or image.numel() == 0 or image.max() > 1):
-            image = image * opts["rescale_factor"]
+        rescale = opts["do_rescale"] and (not floating or image.numel() == 0 or bool(image.max() > 1))
+        scale = torch.full((3,), opts["rescale_factor"] if rescale else 1.0, dtype=torch.float64)
+        shift = torch.zeros(3, dtype=torch.float64)
         if opts["do_normalize"]:
-            mean = torch.tensor(opts["image_mean"], device=image.device).view(-1, 1, 1)
-            std = torch.tensor(opts["image_std"], device=image.device).view(-1, 1, 1)
-            image = (image - mean) / std
-        return image
+            mean = torch.tensor(opts["image_mean"], dtype=torch.float64)
+            std = torch.tensor(opts["image_std"], dtype=torch.float64)
+            scale, shift = scale / std, -mean / std
+        scale, shift = (t.to(image.device, torch.float32).view(-1, 1, 1) for t in (scale, shift))
+        return image.to(torch.float32, copy=True).mul_(scale).add_(shift)
 
     def _windows(self, resized: list[tuple[int, int]], opts: dict[str, Any]) -> list[tuple[int, int, int, bool]]:
         """Per model input: (image index, start, end, tall) along the long side; the whole image unless splitting."""
@@ -525,7 +527,7 @@ def _to_chw(image, data_format: str | None = None) -> torch.Tensor:
         raise ValueError(f"Empty image of shape {tuple(tensor.shape)}.")
     if tensor.dtype != torch.uint8 and not tensor.is_floating_point():
         tensor = tensor.float()
-    return tensor.contiguous()
+    return tensor
 
 
 def _map_list(maps, count: int) -> list:

@@ -140,7 +140,7 @@ def panoptic_segmentation(
         step = _chunk(kept.numel(), size[0] * size[1])
         for start in range(0, kept.numel(), step):
             mask_probs = upsample_masks(mask_logits[index, kept[start : start + step]], placement, size).sigmoid_()
-            mask_areas.append((mask_probs >= mask_threshold).flatten(1).sum(1))
+            mask_areas.append(torch.count_nonzero(mask_probs >= mask_threshold, dim=(1, 2)))
             value, query = _first_max(kept_scores[start : start + step, None, None] * mask_probs)
             prob = mask_probs.gather(0, query[None])[0]
             if best_value is None:
