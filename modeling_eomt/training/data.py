@@ -596,21 +596,15 @@ def _files_by_stem(folder: Path, extensions: Sequence[str], suffix: str = "") ->
 
 
 def _match_pairs(images: dict[str, Path], masks: dict[str, Path], image_root: Path, mask_root: Path):
-    unmatched_images = sorted(set(images) - set(masks))
-    unmatched_masks = sorted(set(masks) - set(images))
-    if unmatched_images or unmatched_masks:
+    problems = []
+    for what, names in (("image(s) without a mask", set(images) - set(masks)),
+                        ("mask(s) without an image", set(masks) - set(images))):  # fmt: skip
+        if names:
+            problems.append(f"{len(names)} {what} (e.g. {sorted(names)[:5]})")
+    if problems:
         raise ValueError(
-            f"Images in {image_root} and masks in {mask_root} must match by file name: "
-            + (
-                f"{len(unmatched_images)} image(s) without a mask (e.g. {unmatched_images[:5]}) "
-                if unmatched_images
-                else ""
-            )
-            + (
-                f"{len(unmatched_masks)} mask(s) without an image (e.g. {unmatched_masks[:5]})"
-                if unmatched_masks
-                else ""
-            )
+            f"Images in {image_root} and masks in {mask_root} must match by file name (without extension): "
+            + "; ".join(problems)
         )
     if not images:
         raise ValueError(f"No images found in {image_root}.")
