@@ -242,6 +242,9 @@ def test_panoptic_table_saved_to_disk(tmp_path):
     assert dataset.stuff_ids == (2,)
     for seed in range(2):
         _check_panoptic(dataset[seed], seed, _image(seed))
+    first = dataset.select([1])
+    assert len(first) == 1 and len(dataset) == 2
+    _check_panoptic(first[0], 1, _image(1))
     with pytest.raises(ValueError, match="not 'train'"):
         load_segmentation_dataset(tmp_path / "saved", "panoptic", "train", classes=CATEGORIES)
     with pytest.raises(ValueError, match="classes="):
@@ -591,6 +594,7 @@ def test_split_subfolders_and_pickling_for_workers(tmp_path):
         _save(mask, tmp_path / "masks" / split / f"{name}.png")
     dataset = load_segmentation_dataset(tmp_path, "semantic", "val", classes={0: "floor", 1: "wall"})
     assert len(dataset) == 1 and dataset.records[0][0].name == "v.png"
+    assert len(load_segmentation_dataset("shapes", num_examples=5).select(range(3))) == 3
     # DataLoader workers receive the dataset pickled: every source must survive the round trip.
     augmented = load_segmentation_dataset("shapes", num_examples=2, image_size=32).with_transform(
         TrainTransform(32, (0.5, 1.0)), seed=1

@@ -139,6 +139,16 @@ class SegmentationDataset(torch.utils.data.Dataset):
         view.transform, view.seed, view.epoch = transform, seed, 0
         return view
 
+    def select(self, indices: Iterable[int]) -> SegmentationDataset:
+        """A view of the examples at `indices` (e.g. `range(100)` for the first hundred)."""
+        indices = list(indices)
+        view = copy.copy(self)
+        # A `datasets.Dataset` sliced with [] would give a dict of columns; it has its own `select`.
+        view.records = (
+            self.records.select(indices) if hasattr(self.records, "select") else [self.records[i] for i in indices]
+        )
+        return view
+
     def set_epoch(self, epoch: int):
         """Called by the Trainer/accelerate at each epoch; changes the seeded augmentations (see `seed`)."""
         self.epoch = epoch
