@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..configuration import PRESETS
-from .convert import DEFAULT_ATOL, DTYPES, TASKS, ConversionError, convert_checkpoint
+from .convert import DEFAULT_ATOL, DTYPES, TASKS, VERIFY_DTYPES, ConversionError, convert_checkpoint
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,13 +15,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a checkpoint of the original EoMT release (tue-mps/eomt) to the Transformers format, "
         "verifying the logits against an independent forward of the original weights.",
     )
-    parser.add_argument("source", help="Original checkpoint: folder (pytorch_model.bin + config.json), file "
-                        "(.bin, .pt, .ckpt, .safetensors) or Hub repo id (e.g. tue-mps/coco_panoptic_eomt_large_640).")  # fmt: skip
+    parser.add_argument(
+        "source",
+        help="Original checkpoint: folder (pytorch_model.bin + config.json), file "
+        "(.bin, .pt, .ckpt, .safetensors) or Hub repo id (e.g. tue-mps/coco_panoptic_eomt_large_640).",
+    )
     parser.add_argument("output_dir", help="Folder to write (replaced atomically once everything succeeded).")
     arch = parser.add_argument_group("architecture (default: from the preset / the original config.json)")
-    arch.add_argument("--preset", choices=sorted(PRESETS), metavar="NAME",
-                      help="Released checkpoint name, e.g. coco_panoptic_eomt_large_640 (inferred from SOURCE's name).")  # fmt: skip
-    arch.add_argument("--backbone", help="timm backbone, e.g. vit_large_patch14_reg4_dinov2 (or small/base/large/giant).")
+    arch.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        metavar="NAME",
+        help="Released checkpoint name, e.g. coco_panoptic_eomt_large_640 (inferred from SOURCE's name).",
+    )
+    arch.add_argument(
+        "--backbone", help="timm backbone, e.g. vit_large_patch14_reg4_dinov2 (or small/base/large/giant)."
+    )
     arch.add_argument("--image-size", type=int)
     arch.add_argument("--num-queries", type=int)
     arch.add_argument("--num-labels", type=int)
@@ -29,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--task", choices=TASKS, help="Decides the processor settings and label names.")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the written weights.")
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="Skip the logit check.")
+    parser.add_argument(
+        "--verify-dtype",
+        choices=list(VERIFY_DTYPES),
+        default="float64",
+        help="Arithmetic of the check: float64 isolates conversion errors; float32 halves its memory.",
+    )
     parser.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="Tolerance of the logit check.")
     parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty OUTPUT_DIR.")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="Also upload the folder to this Hub repo.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ..configuration import EomtConfig, SIZES
+from ..configuration import SIZES, EomtConfig
 from ..configuration.presets import DATASETS
 
 # Dataset key of `DATASETS` → (display name, Hub dataset id).
@@ -76,14 +76,18 @@ def build_model_card(
     lines = [
         f"# {model_name}",
         "",
-        f"EoMT (Encoder-only Mask Transformer) for **{task} segmentation**"
-        + (f" on {dataset_name}" if dataset_name else "")
-        + f": a DINOv2 ViT-{size[0].upper()} ({config.num_hidden_layers} blocks, width {config.hidden_size}) whose "
-        f"last {config.num_blocks} blocks also process {config.num_queries} learned queries, at "
-        f"{config.image_size}×{config.image_size} pixels, predicting {config.num_labels} classes.",
+        (
+            f"EoMT (Encoder-only Mask Transformer) for **{task} segmentation**"
+            + (f" on {dataset_name}" if dataset_name else "")
+            + f": a DINOv2 ViT-{size[0].upper()} ({config.num_hidden_layers} blocks, width {config.hidden_size}) "
+            f"whose last {config.num_blocks} blocks also process {config.num_queries} learned queries, at "
+            f"{config.image_size}×{config.image_size} pixels, predicting {config.num_labels} classes."
+        ),
         "",
-        "Paper: [Your ViT is Secretly an Image Segmentation Model](https://arxiv.org/abs/2503.19108) (CVPR 2025). "
-        "Original code: [tue-mps/eomt](https://github.com/tue-mps/eomt).",
+        (
+            "Paper: [Your ViT is Secretly an Image Segmentation Model](https://arxiv.org/abs/2503.19108) "
+            "(CVPR 2025). Original code: [tue-mps/eomt](https://github.com/tue-mps/eomt)."
+        ),
     ]
     if notes:
         lines += ["", notes]

@@ -23,19 +23,21 @@ def reference_forward(
     pixels: torch.Tensor,
     num_heads: int,
     weight_dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final `(mask_logits (B, Q, 4h, 4w), class_logits (B, Q, C+1))` of the original model, in float32.
+    """Final `(mask_logits (B, Q, 4h, 4w), class_logits (B, Q, C+1))` of the original model, in `compute_dtype`.
 
     Args:
         state_dict: Original names (`network.…`), without wrappers or `_orig_mod`.
         pixels: `(B, 3, S, S)` images in [0, 1] at the checkpoint's native size.
         num_heads: Attention heads of the backbone (not recoverable from the tensors).
         weight_dtype: Round every weight to this dtype first, to mirror a checkpoint saved at lower precision.
+        compute_dtype: dtype of all arithmetic (float64 gives the exact function of the weights for comparison).
     """
 
     def w(name: str) -> torch.Tensor:
         tensor = state_dict[name]
-        return (tensor.to(weight_dtype) if weight_dtype is not None else tensor).float()
+        return (tensor.to(weight_dtype) if weight_dtype is not None else tensor).to(compute_dtype)
 
     def layer_norm(x: torch.Tensor, prefix: str) -> torch.Tensor:
         return F.layer_norm(x, x.shape[-1:], w(prefix + ".weight"), w(prefix + ".bias"), LAYER_NORM_EPS)
@@ -44,7 +46,7 @@ def reference_forward(
         return F.linear(x, w(prefix + ".weight"), w(prefix + ".bias"))
 
     num_queries = state_dict["network.q.weight"].shape[0]
-    mask_probs = state_dict["network.attn_mask_probs"].float()
+    mask_probs = state_dict["network.attn_mask_probs"].double()
     num_query_blocks = mask_probs.numel()
     if ((mask_probs != 0) & (mask_probs != 1)).any():
         raise ValueError(
@@ -53,10 +55,18 @@ def reference_forward(
         )
     depth = 1 + max(int(key.split(".")[4]) for key in state_dict if key.startswith(BACKBONE + "blocks."))
     num_prefix = 1 + (state_dict[BACKBONE + "reg_token"].shape[1] if BACKBONE + "reg_token" in state_dict else 0)
+    num_upscale = sum(1 for key in state_dict if key.startswith("network.upscale.") and key.endswith(".conv1.weight"))
 
-    x = (pixels.float() - w("network.encoder.pixel_mean")) / w("network.encoder.pixel_std")
-    x = F.conv2d(x, w(BACKBONE + "patch_embed.proj.weight"), w(BACKBONE + "patch_embed.proj.bias"),
-                 stride=state_dict[BACKBONE + "patch_embed.proj.weight"].shape[-1])  # fmt: skip
+    # Normalisation statistics are not weights: they stay exact whatever `weight_dtype` is.
+    mean = state_dict["network.encoder.pixel_mean"].to(compute_dtype)
+    std = state_dict["network.encoder.pixel_std"].to(compute_dtype)
+    x = (pixels.to(compute_dtype) - mean) / std
+    x = F.conv2d(
+        x,
+        w(BACKBONE + "patch_embed.proj.weight"),
+        w(BACKBONE + "patch_embed.proj.bias"),
+        stride=state_dict[BACKBONE + "patch_embed.proj.weight"].shape[-1],
+    )
     batch, dim, grid_h, grid_w = x.shape
     x = x.flatten(2).transpose(1, 2) + w(BACKBONE + "pos_embed")
     prefix_tokens = [w(BACKBONE + "cls_token")]
@@ -68,7 +78,7 @@ def reference_forward(
         tokens = layer_norm(tokens, BACKBONE + "norm")
         queries = tokens[:, :num_queries]
         grid = tokens[:, num_queries + num_prefix :].transpose(1, 2).reshape(batch, dim, grid_h, grid_w)
-        for i in range(sum(1 for k in state_dict if k.startswith("network.upscale.") and k.endswith(".conv1.weight"))):
+        for i in range(num_upscale):
             up = f"network.upscale.{i}."
             grid = F.conv_transpose2d(grid, w(up + "conv1.weight"), w(up + "conv1.bias"), stride=2)
             grid = F.conv2d(F.gelu(grid), w(up + "conv2.weight"), padding=1, groups=dim)
@@ -85,7 +95,8 @@ def reference_forward(
         scores = torch.einsum("bihd,bjhd->bhij", q, k) * (dim // num_heads) ** -0.5
         if allowed is not None:
             scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-        return linear(torch.einsum("bhij,bjhd->bihd", scores.softmax(-1), v).reshape(batch, tokens, dim), prefix + ".proj")
+        context = torch.einsum("bhij,bjhd->bihd", scores.softmax(-1), v).reshape(batch, tokens, dim)
+        return linear(context, prefix + ".proj")
 
     def mlp(h: torch.Tensor, prefix: str) -> torch.Tensor:
         hidden = linear(h, prefix + ".fc1")

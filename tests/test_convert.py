@@ -1,0 +1,636 @@
+"""Conversion of original-release checkpoints: every source form, logits against the independent reference, loading
+through the Auto classes and the pipeline, and every bad-input case (one clear error, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from modeling_eomt.configuration import EomtConfig
+from modeling_eomt.configuration.labels import id2label
+from modeling_eomt.convert import ConversionError, convert_checkpoint, reference_forward
+from modeling_eomt.convert.__main__ import main
+from modeling_eomt.convert.convert import logit_difference, verification_pixels
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import AutoModelForUniversalSegmentation, pipeline
+
+import modeling_eomt  # noqa: F401  (registers the Auto classes)
+
+TINY = dict(
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    num_blocks=2,
+    image_size=32,
+    num_queries=5,
+    num_labels=7,
+)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def original_state_dict(
+    hidden_size: int = 32,
+    num_hidden_layers: int = 3,
+    num_attention_heads: int = 2,
+    num_blocks: int = 2,
+    image_size: int = 32,
+    num_queries: int = 5,
+    num_labels: int = 7,
+    patch_size: int = 16,
+    swiglu: bool = False,
+    mask_probs: float = 0.0,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Random tensors with the names and shapes of the original release's LightningModule state dict."""
+    del num_attention_heads  # not visible in the tensors
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, scale: float | None = None) -> torch.Tensor:
+        # Fan-in scaling keeps activations O(1) through the blocks, so fp32 rounding stays far below the tolerance.
+        fan_in = math.prod(shape[1:]) if len(shape) > 1 else 25
+        return torch.randn(*shape, generator=generator) * (scale if scale is not None else fan_in**-0.5)
+
+    d, grid = hidden_size, (image_size // patch_size) ** 2
+    backbone = "network.encoder.backbone."
+    sd = {
+        "network.attn_mask_probs": torch.full((num_blocks,), mask_probs),
+        "network.encoder.pixel_mean": torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
+        "network.encoder.pixel_std": torch.tensor(IMAGENET_STD).view(1, 3, 1, 1),
+        backbone + "cls_token": rand(1, 1, d),
+        backbone + "reg_token": rand(1, 4, d),
+        backbone + "pos_embed": rand(1, grid, d),
+        backbone + "patch_embed.proj.weight": rand(d, 3, patch_size, patch_size),
+        backbone + "patch_embed.proj.bias": rand(d),
+        backbone + "norm.weight": 1 + rand(d),
+        backbone + "norm.bias": rand(d),
+    }
+    hidden = 4 * d
+    for i in range(num_hidden_layers):
+        block = f"{backbone}blocks.{i}."
+        sd.update(
+            {
+                block + "norm1.weight": 1 + rand(d),
+                block + "norm1.bias": rand(d),
+                block + "attn.qkv.weight": rand(3 * d, d),
+                block + "attn.qkv.bias": rand(3 * d),
+                block + "attn.proj.weight": rand(d, d),
+                block + "attn.proj.bias": rand(d),
+                block + "ls1.gamma": 1 + rand(d),
+                block + "norm2.weight": 1 + rand(d),
+                block + "norm2.bias": rand(d),
+                block + "ls2.gamma": 1 + rand(d),
+            }
+        )
+        if swiglu:  # timm SwiGLUPacked: fc1 rows hold gate then up; DINOv2 rounds 2/3 of 4d up to a multiple of 8
+            packed = (int(hidden * 2 / 3) + 7) // 8 * 8
+            sd.update(
+                {
+                    block + "mlp.fc1.weight": rand(2 * packed, d),
+                    block + "mlp.fc1.bias": rand(2 * packed),
+                    block + "mlp.fc2.weight": rand(d, packed),
+                    block + "mlp.fc2.bias": rand(d),
+                }
+            )
+        else:
+            sd.update(
+                {
+                    block + "mlp.fc1.weight": rand(hidden, d),
+                    block + "mlp.fc1.bias": rand(hidden),
+                    block + "mlp.fc2.weight": rand(d, hidden),
+                    block + "mlp.fc2.bias": rand(d),
+                }
+            )
+    sd["network.q.weight"] = rand(num_queries, d, scale=1.0)
+    sd["network.class_head.weight"], sd["network.class_head.bias"] = rand(num_labels + 1, d), rand(num_labels + 1)
+    for i in (0, 2, 4):
+        sd[f"network.mask_head.{i}.weight"], sd[f"network.mask_head.{i}.bias"] = rand(d, d), rand(d)
+    for i in range(max(1, int(math.log2(patch_size)) - 2)):
+        up = f"network.upscale.{i}."
+        sd.update(
+            {
+                up + "conv1.weight": rand(d, d, 2, 2),
+                up + "conv1.bias": rand(d),
+                up + "conv2.weight": rand(d, 1, 3, 3, scale=0.3),
+                up + "norm.weight": 1 + rand(d),
+                up + "norm.bias": rand(d),
+            }
+        )
+    empty_weight = torch.ones(num_labels + 1)
+    empty_weight[-1] = 0.1
+    sd["criterion.empty_weight"] = empty_weight
+    return sd
+
+
+def original_config(size: str = "small", **arch) -> dict:
+    """The original `config.json` of a Hub folder, for the architecture of `original_state_dict(**arch)`."""
+    arch = {**TINY, **arch}
+    return dict(
+        backbone=f"vit_{size}_patch14_reg4_dinov2",
+        image_size=[arch["image_size"]] * 2,
+        patch_size=16,
+        num_queries=arch["num_queries"],
+        num_blocks=arch["num_blocks"],
+        num_labels=arch["num_labels"],
+    )
+
+
+def tiny_flags(**arch) -> dict:
+    """Options of `convert_checkpoint` for a tiny architecture (the backbone size only gives the head count)."""
+    arch = {**TINY, **arch}
+    return dict(
+        image_size=arch["image_size"],
+        num_queries=arch["num_queries"],
+        num_labels=arch["num_labels"],
+        num_blocks=arch["num_blocks"],
+    )
+
+
+@pytest.fixture(autouse=True)
+def tiny_sizes(monkeypatch):
+    """Make "small" a 32-wide, 3-block, 2-head ViT and "giant" its SwiGLU twin, so tests run in milliseconds."""
+    from modeling_eomt.configuration import presets
+
+    tiny = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, num_blocks=2)
+    monkeypatch.setitem(presets.SIZES, "small", tiny)
+    monkeypatch.setitem(presets.SIZES, "giant", {**tiny, "hidden_size": 48, "use_swiglu_ffn": True})
+
+
+def converted_logits(output_dir: Path, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    model = AutoModelForUniversalSegmentation.from_pretrained(output_dir).eval()
+    normalised = (pixels - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        output = model(pixel_values=normalised)
+    return output.masks_queries_logits, output.class_queries_logits
+
+
+def assert_matches_reference(output_dir: Path, sd: dict, num_heads: int = 2, seed: int = 1) -> None:
+    side = int(sd["network.encoder.backbone.pos_embed"].shape[1] ** 0.5) * 16
+    pixels = torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(seed))
+    ref_masks, ref_classes = reference_forward(sd, pixels, num_heads)
+    masks, classes = converted_logits(output_dir, pixels)
+    assert masks.shape == ref_masks.shape and classes.shape == ref_classes.shape
+    torch.testing.assert_close(masks, ref_masks, atol=1e-4, rtol=0)
+    torch.testing.assert_close(classes, ref_classes, atol=1e-4, rtol=0)
+
+
+def save_folder(folder: Path, sd: dict, config: dict | None = None, shards: int = 1) -> Path:
+    """An original Hub folder: pytorch_model.bin (or `shards` bins + index) and the original config.json."""
+    folder.mkdir(parents=True)
+    if shards == 1:
+        torch.save(sd, folder / "pytorch_model.bin")
+    else:
+        keys, weight_map = list(sd), {}
+        for index in range(shards):
+            name = f"pytorch_model-{index + 1:05d}-of-{shards:05d}.bin"
+            part = keys[index::shards]
+            torch.save({key: sd[key] for key in part}, folder / name)
+            weight_map.update(dict.fromkeys(part, name))
+        (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def run_cli(*args: str, capsys) -> tuple[int, str, str]:
+    code = main([*map(str, args), "--no-progress"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_nothing_written(directory: Path, before: set[Path]) -> None:
+    assert set(directory.iterdir()) == before, "a failed conversion must leave no files behind"
+
+
+# ------------------------------------------------------------------------------------------ reference vs built-in
+@pytest.mark.parametrize("swiglu", [False, True], ids=["gelu", "packed-swiglu"])
+def test_reference_forward_matches_builtin_eomt(swiglu):
+    """The functional reference agrees with transformers' own EoMT given hand-mapped weights (the oracle)."""
+    arch = dict(
+        hidden_size=48 if swiglu else 32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_blocks=2,
+        image_size=32,
+        num_queries=5,
+        num_labels=7,
+    )
+    sd = original_state_dict(**arch, swiglu=swiglu)
+    config = transformers.EomtConfig(**arch, patch_size=16, use_swiglu_ffn=swiglu)
+    oracle = transformers.EomtForUniversalSegmentation(config).eval()
+    b = "network.encoder.backbone."
+    weights = {
+        "embeddings.cls_token": sd[b + "cls_token"],
+        "embeddings.register_tokens": sd[b + "reg_token"],
+        "embeddings.position_embeddings.weight": sd[b + "pos_embed"][0],
+        "embeddings.patch_embeddings.projection.weight": sd[b + "patch_embed.proj.weight"],
+        "embeddings.patch_embeddings.projection.bias": sd[b + "patch_embed.proj.bias"],
+        "layernorm.weight": sd[b + "norm.weight"],
+        "layernorm.bias": sd[b + "norm.bias"],
+        "query.weight": sd["network.q.weight"],
+        "class_predictor.weight": sd["network.class_head.weight"],
+        "class_predictor.bias": sd["network.class_head.bias"],
+        "attn_mask_probs": torch.zeros(2),
+    }
+    for p in ("weight", "bias"):
+        for i, name in ((0, "fc1"), (2, "fc2"), (4, "fc3")):
+            weights[f"mask_head.{name}.{p}"] = sd[f"network.mask_head.{i}.{p}"]
+        for i in range(2):
+            weights[f"upscale_block.block.{i}.conv1.{p}"] = sd[f"network.upscale.{i}.conv1.{p}"]
+            weights[f"upscale_block.block.{i}.layernorm2d.{p}"] = sd[f"network.upscale.{i}.norm.{p}"]
+        for n in range(3):
+            layer, block = f"layers.{n}.", f"{b}blocks.{n}."
+            q, k, v = sd[block + f"attn.qkv.{p}"].chunk(3)
+            weights.update(
+                {
+                    layer + f"attention.q_proj.{p}": q,
+                    layer + f"attention.k_proj.{p}": k,
+                    layer + f"attention.v_proj.{p}": v,
+                    layer + f"attention.out_proj.{p}": sd[block + f"attn.proj.{p}"],
+                    layer + f"norm1.{p}": sd[block + f"norm1.{p}"],
+                    layer + f"norm2.{p}": sd[block + f"norm2.{p}"],
+                }
+            )
+            if swiglu:
+                gate, up = sd[block + f"mlp.fc1.{p}"].chunk(2)
+                weights.update(
+                    {
+                        layer + f"mlp.gate_proj.{p}": gate,
+                        layer + f"mlp.up_proj.{p}": up,
+                        layer + f"mlp.down_proj.{p}": sd[block + f"mlp.fc2.{p}"],
+                    }
+                )
+            else:
+                weights.update(
+                    {
+                        layer + f"mlp.fc1.{p}": sd[block + f"mlp.fc1.{p}"],
+                        layer + f"mlp.fc2.{p}": sd[block + f"mlp.fc2.{p}"],
+                    }
+                )
+    for i in range(2):
+        weights[f"upscale_block.block.{i}.conv2.weight"] = sd[f"network.upscale.{i}.conv2.weight"]
+    for n in range(3):
+        weights[f"layers.{n}.layer_scale1.lambda1"] = sd[f"{b}blocks.{n}.ls1.gamma"]
+        weights[f"layers.{n}.layer_scale2.lambda1"] = sd[f"{b}blocks.{n}.ls2.gamma"]
+    missing, unexpected = oracle.load_state_dict(weights, strict=False)
+    assert set(missing) <= {"criterion.empty_weight"} and not unexpected
+
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    normalised = (pixels - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = oracle(pixel_values=normalised)
+    masks, classes = reference_forward(sd, pixels, num_heads=2)
+    torch.testing.assert_close(masks, expected.masks_queries_logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(classes, expected.class_queries_logits, atol=1e-4, rtol=0)
+
+
+def test_reference_rejects_mid_annealing_checkpoint():
+    with pytest.raises(ValueError, match="mid-annealing"):
+        reference_forward(original_state_dict(mask_probs=0.5), torch.rand(1, 3, 32, 32), num_heads=2)
+
+
+# ------------------------------------------------------------------------------------------------- source forms
+def _folder(tmp_path, sd):
+    return save_folder(tmp_path / "ckpt", sd, original_config()), dict(task="panoptic")
+
+
+def _sharded(tmp_path, sd):
+    return save_folder(tmp_path / "ckpt", sd, original_config(), shards=3), dict(task="panoptic")
+
+
+def _bin(tmp_path, sd):
+    torch.save(sd, tmp_path / "weights.bin")
+    return tmp_path / "weights.bin", dict(backbone="vit_small_patch14_reg4_dinov2", task="panoptic", **tiny_flags())
+
+
+def _pt(tmp_path, sd):
+    torch.save(sd, tmp_path / "weights.pt")
+    return tmp_path / "weights.pt", dict(backbone="small", task="panoptic", **tiny_flags())
+
+
+def _lightning(tmp_path, sd):
+    checkpoint = {"state_dict": sd, "epoch": 11, "global_step": 88_000, "optimizer_states": [], "lr_schedulers": []}
+    torch.save(checkpoint, tmp_path / "last.ckpt")
+    return tmp_path / "last.ckpt", dict(backbone="small", task="panoptic", **tiny_flags())
+
+
+def _compiled(tmp_path, sd):
+    compiled = {key.replace("network.", "network._orig_mod."): value for key, value in sd.items()}
+    torch.save({"state_dict": compiled}, tmp_path / "compiled.ckpt")
+    return tmp_path / "compiled.ckpt", dict(backbone="small", task="panoptic", **tiny_flags())
+
+
+def _safetensors(tmp_path, sd):
+    from safetensors.torch import save_file
+
+    save_file({key: value.contiguous() for key, value in sd.items()}, tmp_path / "weights.safetensors")
+    return tmp_path / "weights.safetensors", dict(backbone="small", task="panoptic", **tiny_flags())
+
+
+@pytest.mark.parametrize(
+    "make_source",
+    [_folder, _sharded, _bin, _pt, _lightning, _compiled, _safetensors],
+    ids=["folder", "sharded-folder", "bin", "pt", "lightning-ckpt", "orig_mod", "safetensors"],
+)
+def test_every_source_form_converts_to_reference_logits(tmp_path, make_source):
+    sd = original_state_dict(seed=7)
+    source, options = make_source(tmp_path, sd)
+    result = convert_checkpoint(source, tmp_path / "out", progress=False, **options)
+    assert result.max_abs_difference is not None and result.max_abs_difference <= 1e-4
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "README.md",
+    }
+    assert_matches_reference(tmp_path / "out", sd)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [
+        dict(),
+        dict(
+            num_blocks=1, image_size=48, num_queries=3, num_labels=4, mask_probs=1.0
+        ),  # masked attention at inference
+        dict(size="giant", hidden_size=48, swiglu=True),  # packed SwiGLU
+        dict(size="giant", hidden_size=48, swiglu=True, num_blocks=3, mask_probs=1.0),
+    ],
+    ids=["small", "small-masked-attention", "giant-swiglu", "giant-swiglu-masked"],
+)
+def test_sizes_convert_to_reference_logits(tmp_path, arch):
+    arch = dict(arch)
+    size = arch.pop("size", "small")
+    mask_probs, swiglu = arch.pop("mask_probs", 0.0), arch.pop("swiglu", False)
+    sd = original_state_dict(**{**TINY, **arch}, swiglu=swiglu, mask_probs=mask_probs)
+    flags = {key: value for key, value in arch.items() if key != "hidden_size"}
+    source = save_folder(tmp_path / "ckpt", sd, original_config(size, **flags))
+    convert_checkpoint(source, tmp_path / "out", task="panoptic", progress=False)
+    assert_matches_reference(tmp_path / "out", sd)
+    weights = load_file(tmp_path / "out" / "model.safetensors")
+    torch.testing.assert_close(weights["attn_mask_probs"], sd["network.attn_mask_probs"])
+    if swiglu:
+        gate, up = sd["network.encoder.backbone.blocks.1.mlp.fc1.weight"].chunk(2)
+        assert torch.equal(weights["layers.1.mlp.gate_proj.weight"], gate)
+        assert torch.equal(weights["layers.1.mlp.up_proj.weight"], up)
+
+
+def test_builtin_eomt_loads_the_converted_folder_with_the_same_logits(tmp_path):
+    sd = original_state_dict(seed=5)
+    source = save_folder(tmp_path / "ckpt", sd, original_config())
+    convert_checkpoint(source, tmp_path / "out", task="panoptic", progress=False)
+    oracle = transformers.EomtForUniversalSegmentation.from_pretrained(tmp_path / "out").eval()
+    pixels = verification_pixels(32)
+    reference = reference_forward(sd, pixels, num_heads=2)
+    assert logit_difference(oracle, reference, pixels, IMAGENET_MEAN, IMAGENET_STD) <= 1e-4
+
+
+def test_swapped_swiglu_halves_fail_verification(tmp_path, monkeypatch):
+    """The check is sharp: mapping the packed fc1 halves the wrong way round is caught and nothing is written."""
+    from modeling_eomt.convert import convert as convert_module
+
+    swapped = [
+        (source, tuple(reversed(targets))) if len(targets) == 2 else (source, targets)
+        for source, targets in convert_module._SWIGLU_RULES
+    ]
+    monkeypatch.setattr(convert_module, "_SWIGLU_RULES", swapped)
+    sd = original_state_dict(hidden_size=48, swiglu=True)
+    source = save_folder(tmp_path / "ckpt", sd, original_config("giant"))
+    before = set(tmp_path.iterdir())
+    with pytest.raises(ConversionError, match="Verification failed"):
+        convert_checkpoint(source, tmp_path / "out", task="panoptic", progress=False)
+    assert_nothing_written(tmp_path, before)
+
+
+# ------------------------------------------------------------------------------------------- outputs and options
+def test_preset_conversion_writes_labels_processor_and_model_card(tmp_path):
+    # The "small" size is shrunk by the fixture, so the released 640-pixel preset stays cheap.
+    sd = original_state_dict(image_size=640, num_queries=200, num_labels=133, num_blocks=2)
+    source = save_folder(tmp_path / "coco_panoptic_eomt_small_640_2x", sd, config=None)
+    result = convert_checkpoint(source, tmp_path / "out", progress=False)  # preset inferred from the folder name
+    assert result.task == "panoptic" and result.dataset == "coco_panoptic"
+
+    config = EomtConfig.from_pretrained(tmp_path / "out")
+    assert config.id2label[0] == "person" and config.id2label[132] == "rug-merged"
+    assert config.image_size == 640 and config.num_queries == 200
+    processor = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())
+    assert processor["do_pad"] is True and processor["do_split_image"] is False
+    assert processor["size"] == {"shortest_edge": 640, "longest_edge": 640}
+    card = (tmp_path / "out" / "README.md").read_text()
+    for needle in (
+        "pipeline_tag: image-segmentation",
+        "library_name: transformers",
+        "model-index:",
+        "value: 46.7",
+        "type: pq",
+        "@inproceedings{kerssies2025eomt",
+        'pipeline("image-segmentation"',
+    ):
+        assert needle in card, needle
+
+
+def test_semantic_task_writes_sliding_window_processor_and_runs_in_the_pipeline(tmp_path):
+    sd = original_state_dict(num_labels=19, num_queries=4)
+    source = save_folder(tmp_path / "ckpt", sd, original_config(num_labels=19, num_queries=4))
+    result = convert_checkpoint(source, tmp_path / "out", task="semantic", progress=False)
+    assert result.dataset == "cityscapes_semantic"
+    processor = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())
+    assert processor["do_split_image"] is True and processor["size"]["shortest_edge"] == 32
+
+    segmenter = pipeline("image-segmentation", model=str(tmp_path / "out"))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 72, 3), dtype=np.uint8))
+    segments = segmenter(image, subtask="semantic")
+    assert segments, "semantic segmentation labels every pixel"
+    names = set(id2label("cityscapes_semantic").values())
+    assert {segment["label"] for segment in segments} <= names
+    assert all(segment["mask"].size == (72, 40) for segment in segments)
+
+
+def test_panoptic_conversion_runs_in_the_pipeline(tmp_path):
+    sd = original_state_dict(num_labels=133)
+    source = save_folder(tmp_path / "ckpt", sd, original_config(num_labels=133))
+    convert_checkpoint(source, tmp_path / "out", progress=False)  # task follows from 133 labels (COCO panoptic)
+    segmenter = pipeline("image-segmentation", model=str(tmp_path / "out"))
+    assert type(segmenter.model).__module__.startswith("modeling_eomt")
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (50, 30, 3), dtype=np.uint8))
+    segments = segmenter(image, subtask="panoptic", threshold=0.0)
+    names = set(id2label("coco_panoptic").values())
+    assert all(segment["label"] in names and segment["mask"].size == (30, 50) for segment in segments)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_low_precision_output_is_verified_and_loads(tmp_path, dtype):
+    sd = original_state_dict()
+    source = save_folder(tmp_path / "ckpt", sd, original_config())
+    result = convert_checkpoint(source, tmp_path / "out", task="panoptic", dtype=dtype, progress=False)
+    assert result.max_abs_difference <= 1e-4
+    weights = load_file(tmp_path / "out" / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {getattr(torch, dtype)}
+    model = AutoModelForUniversalSegmentation.from_pretrained(tmp_path / "out")
+    assert model.dtype == getattr(torch, dtype)
+
+
+def test_large_outputs_are_sharded_with_an_index(tmp_path, monkeypatch):
+    from modeling_eomt.convert import convert as convert_module
+
+    monkeypatch.setattr(convert_module, "MAX_SHARD_SIZE", "60KB")
+    sd = original_state_dict()
+    source = save_folder(tmp_path / "ckpt", sd, original_config())
+    convert_checkpoint(source, tmp_path / "out", task="panoptic", progress=False)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and all((tmp_path / "out" / shard).is_file() for shard in shards)
+    assert "layers.0.attention.k_proj.weight" in index["weight_map"]
+    assert_matches_reference(tmp_path / "out", sd)
+
+
+def test_overwrite_replaces_a_non_empty_output(tmp_path, capsys):
+    source = save_folder(tmp_path / "ckpt", original_state_dict(), original_config())
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("old")
+    code, out, _ = run_cli(source, tmp_path / "out", "--task", "panoptic", "--overwrite", capsys=capsys)
+    assert code == 0 and "max |Δlogit|" in out
+    assert not (tmp_path / "out" / "old.txt").exists() and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_no_verify_converts_a_mid_annealing_checkpoint(tmp_path, capsys):
+    source = save_folder(tmp_path / "ckpt", original_state_dict(mask_probs=0.5), original_config())
+    code, _, err = run_cli(source, tmp_path / "out", "--task", "panoptic", capsys=capsys)
+    assert code == 1 and "--no-verify" in err
+    code, out, _ = run_cli(source, tmp_path / "out", "--task", "panoptic", "--no-verify", capsys=capsys)
+    assert code == 0 and "verification: skipped" in out
+
+
+def test_module_entry_point_converts_a_real_small_backbone(tmp_path):
+    """`python -m modeling_eomt.convert` end to end with the real ViT-S shapes (384 wide, 12 blocks, 6 heads)."""
+    sd = original_state_dict(hidden_size=384, num_hidden_layers=12, num_blocks=3, num_labels=19, num_queries=10)
+    source = save_folder(tmp_path / "ckpt", sd, original_config(num_blocks=3, num_labels=19, num_queries=10))
+    command = [sys.executable, "-m", "modeling_eomt.convert", str(source), str(tmp_path / "out"), "--no-progress"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert completed.returncode == 0, completed.stderr
+    assert "task: semantic, labels: cityscapes_semantic" in completed.stdout
+    assert_matches_reference(tmp_path / "out", sd, num_heads=6)
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+def _other_model(tmp_path):
+    timm_vit = {"blocks.0.attn.qkv.weight": torch.zeros(96, 32), "cls_token": torch.zeros(1, 1, 32)}
+    torch.save(timm_vit, tmp_path / "vit.bin")
+    return [tmp_path / "vit.bin", "--backbone", "small", "--task", "panoptic"], "not an original EoMT checkpoint"
+
+
+def _already_converted(tmp_path):
+    torch.save(
+        {"layers.0.norm1.weight": torch.ones(32), "embeddings.cls_token": torch.zeros(1, 1, 32)}, tmp_path / "hf.bin"
+    )
+    return [tmp_path / "hf.bin", "--backbone", "small"], "already in the Transformers format"
+
+
+def _missing_file(tmp_path):
+    return [tmp_path / "nowhere" / "pytorch_model.bin", "--backbone", "small"], "does not exist"
+
+
+def _missing_shard(tmp_path):
+    folder = save_folder(tmp_path / "ckpt", original_state_dict(), original_config(), shards=2)
+    (folder / "pytorch_model-00002-of-00002.bin").unlink()
+    return [folder], "missing shard"
+
+
+def _offline_hub_id(tmp_path):
+    return ["tue-mps/not_a_released_checkpoint"], "could not be downloaded"
+
+
+def _wrong_preset(tmp_path):
+    torch.save(original_state_dict(), tmp_path / "weights.bin")
+    return [tmp_path / "weights.bin", "--preset", "coco_panoptic_eomt_small_640_2x"], "expects"
+
+
+def _wrong_backbone_size(tmp_path):
+    torch.save(original_state_dict(), tmp_path / "weights.bin")
+    return [
+        tmp_path / "weights.bin",
+        "--backbone",
+        "giant",
+        "--task",
+        "panoptic",
+        *[f"--{k.replace('_', '-')}={v}" for k, v in tiny_flags().items()],
+    ], "expects"
+
+
+def _unknown_backbone(tmp_path):
+    torch.save(original_state_dict(), tmp_path / "weights.bin")
+    return [tmp_path / "weights.bin", "--backbone", "vit_huge_patch14_clip_224"], "Unknown backbone"
+
+
+def _unknown_key(tmp_path):
+    sd = original_state_dict()
+    sd["network.extra_head.weight"] = torch.zeros(3)
+    save_folder(tmp_path / "ckpt", sd, original_config())
+    return [tmp_path / "ckpt", "--task", "panoptic"], "'network.extra_head.weight'"
+
+
+def _missing_key(tmp_path):
+    sd = original_state_dict()
+    del sd["network.encoder.backbone.blocks.2.ls1.gamma"]
+    save_folder(tmp_path / "ckpt", sd, original_config())
+    return [tmp_path / "ckpt", "--task", "panoptic"], "'network.encoder.backbone.blocks.2.ls1.gamma'"
+
+
+class NotATensor:  # a pickled object a malicious checkpoint could use to run code
+    pass
+
+
+def _pickled_object(tmp_path):
+    torch.save({"state_dict": original_state_dict(), "hyper_parameters": NotATensor()}, tmp_path / "unsafe.ckpt")
+    return [tmp_path / "unsafe.ckpt", "--backbone", "small"], "never unpickled"
+
+
+def _no_architecture(tmp_path):
+    torch.save(original_state_dict(), tmp_path / "weights.bin")
+    return [tmp_path / "weights.bin"], "--preset NAME or --backbone"
+
+
+@pytest.mark.parametrize(
+    "make_case",
+    [
+        _other_model,
+        _already_converted,
+        _missing_file,
+        _missing_shard,
+        _offline_hub_id,
+        _wrong_preset,
+        _wrong_backbone_size,
+        _unknown_backbone,
+        _unknown_key,
+        _missing_key,
+        _pickled_object,
+        _no_architecture,
+    ],
+    ids=lambda f: f.__name__.strip("_"),
+)
+def test_bad_input_gives_one_clear_error_and_writes_nothing(tmp_path, capsys, make_case):
+    args, message = make_case(tmp_path)
+    before = set(tmp_path.iterdir())
+    code, _, err = run_cli(*args, tmp_path / "converted" / "out", capsys=capsys)
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("eomt-convert: error: ") and message in lines[0], err
+    assert_nothing_written(tmp_path, before)
+
+
+def test_non_empty_output_without_overwrite_is_refused_untouched(tmp_path, capsys):
+    source = save_folder(tmp_path / "ckpt", original_state_dict(), original_config())
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    code, _, err = run_cli(source, tmp_path / "out", "--task", "panoptic", capsys=capsys)
+    assert code == 1 and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
