@@ -12,7 +12,13 @@ from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 
 from modeling_eomt.configuration.labels import id2label as benchmark_labels
-from modeling_eomt.training.augmentation import EvalTransform, TrainTransform, _shift_hue, photometric_jitter
+from modeling_eomt.training.augmentation import (
+    EvalTransform,
+    TrainTransform,
+    _shift_hue,
+    photometric_jitter,
+    resize_window,
+)
 from modeling_eomt.training.collator import SegmentationCollator
 from modeling_eomt.training.data import (
     SegmentationDataset,
@@ -602,3 +608,22 @@ def test_split_subfolders_and_pickling_for_workers(tmp_path):
     for original in (dataset, augmented):
         restored = pickle.loads(pickle.dumps(original))
         assert torch.equal(restored[0]["masks"], original[0]["masks"])
+
+
+def test_resize_window_samples_masks_like_torch_nearest_exact():
+    generator = torch.Generator().manual_seed(0)
+    for height, width, size, top, left, window in (
+        (37, 53, (80, 91), 10, 30, (64, 64)),  # upscale, window inside
+        (100, 64, (33, 20), 0, 0, (40, 40)),  # downscale, window beyond the border
+        (480, 640, (960, 1280), 500, 900, (640, 640)),
+    ):
+        masks = torch.rand(3, height, width, generator=generator) > 0.5
+        image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator)
+        out = resize_window({"image": image, "masks": masks}, size, top, left, window)
+        full_masks = torch.nn.functional.interpolate(masks[None].byte(), size=size, mode="nearest-exact")[0].bool()
+        full_image = torch.nn.functional.interpolate(image[None], size=size, mode="bilinear", antialias=True)[0]
+        rows, cols = min(window[0], size[0] - top), min(window[1], size[1] - left)
+        assert torch.equal(out["masks"][:, :rows, :cols], full_masks[:, top : top + rows, left : left + cols])
+        assert torch.equal(out["image"][:, :rows, :cols], full_image[:, top : top + rows, left : left + cols])
+        assert not out["masks"][:, rows:].any() and not out["masks"][:, :, cols:].any()
+        assert out["image"][:, rows:].eq(0).all() and out["image"][:, :, cols:].eq(0).all()

@@ -65,27 +65,23 @@ def photometric_jitter(image: torch.Tensor, generator: torch.Generator | None = 
     return result.clamp(0, 255).round().to(torch.uint8)
 
 
-def resize_example(example: Example, size: tuple[int, int]) -> Example:
-    """Resize image (bilinear, antialiased) and masks (nearest, pixel-centre aligned) to `size` (H, W)."""
-    # uint8 in, uint8 out: torch's antialiased bilinear kernel for uint8 is the fast path.
-    image = F.interpolate(example["image"][None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
-    masks = example["masks"]
-    if masks.shape[0]:
-        masks = F.interpolate(masks[None].to(torch.uint8), size=size, mode="nearest-exact")[0].bool()
-    else:
-        masks = masks.new_zeros((0, *size))
-    return {**example, "image": image, "masks": masks}
-
-
-def crop_or_pad(example: Example, top: int, left: int, size: tuple[int, int]) -> Example:
-    """The window of `size` at (`top`, `left`); parts beyond the bottom/right border are zero (void)."""
+def resize_window(example: Example, size: tuple[int, int], top: int, left: int, window: tuple[int, int]) -> Example:
+    """
+    The `window` (H, W) at (`top`, `left`) of the example resized to `size` (H, W); what lies beyond the resized
+    image's bottom/right border is zero (void). The image is resized bilinearly (antialiased); masks are sampled
+    nearest, pixel-centre aligned (torch's "nearest-exact"), and only inside the window, which keeps large upscales of
+    many masks cheap.
+    """
     height, width = example["image"].shape[1:]
-    out_h, out_w = size
-    rows, cols = min(out_h, height - top), min(out_w, width - left)
-    image = example["image"].new_zeros((3, out_h, out_w))
-    image[:, :rows, :cols] = example["image"][:, top : top + rows, left : left + cols]
-    masks = example["masks"].new_zeros((example["masks"].shape[0], out_h, out_w))
-    masks[:, :rows, :cols] = example["masks"][:, top : top + rows, left : left + cols]
+    rows, cols = min(window[0], size[0] - top), min(window[1], size[1] - left)
+    # uint8 in, uint8 out: torch's antialiased bilinear kernel for uint8 is the fast path.
+    resized = F.interpolate(example["image"][None], size=size, mode="bilinear", align_corners=False, antialias=True)
+    image = example["image"].new_zeros((3, *window))
+    image[:, :rows, :cols] = resized[0, :, top : top + rows, left : left + cols]
+    source_rows = ((torch.arange(top, top + rows) + 0.5) * (height / size[0])).long().clamp(max=height - 1)
+    source_cols = ((torch.arange(left, left + cols) + 0.5) * (width / size[1])).long().clamp(max=width - 1)
+    masks = example["masks"].new_zeros((example["masks"].shape[0], *window))
+    masks[:, :rows, :cols] = example["masks"][:, source_rows][:, :, source_cols]
     return {**example, "image": image, "masks": masks}
 
 
@@ -140,11 +136,9 @@ class TrainTransform:
         crop_h, crop_w = self.crop_size
         factor = _uniform(*self.scale_range, generator) * min(crop_h / height, crop_w / width)
         size = (max(1, round(height * factor)), max(1, round(width * factor)))
-        example = resize_example(example, size)
-
         top = int(torch.randint(0, max(size[0] - crop_h, 0) + 1, (), generator=generator))
         left = int(torch.randint(0, max(size[1] - crop_w, 0) + 1, (), generator=generator))
-        example = crop_or_pad(example, top, left, self.crop_size)
+        example = resize_window(example, size, top, left, self.crop_size)
         return select_segments(example, example["masks"].flatten(1).any(1))
 
 
@@ -162,6 +156,6 @@ class EvalTransform:
         height, width = example["image"].shape[1:]
         factor = self.size / max(height, width)
         # Same rounding as the image processor's resize, so both give the same size.
-        resized = resize_example(example, (max(1, round(height * factor)), max(1, round(width * factor))))
-        padded = crop_or_pad(resized, 0, 0, (self.size, self.size))
+        size = (max(1, round(height * factor)), max(1, round(width * factor)))
+        padded = resize_window(example, size, 0, 0, (self.size, self.size))
         return {**padded, "original_size": torch.tensor([height, width], dtype=torch.int64)}
