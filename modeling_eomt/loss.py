@@ -1,8 +1,7 @@
 """Mask2Former-style set loss used by EoMT: Hungarian matching, then class CE and point-sampled mask BCE + dice.
 
-Target masks stay at input resolution in whatever dtype the caller gives (bool, uint8 or float): they are only
-read at sampled points, by bilinear interpolation over four gathered neighbours, so no full-resolution float copy
-of the targets is ever made.
+Target masks stay at input resolution and are only read at sampled points. They are cast to float at most once per
+forward (shared by every block's prediction), never padded into a batch tensor nor copied per matched query.
 """
 
 from __future__ import annotations
@@ -15,28 +14,10 @@ from torch import nn
 from .configuration import EomtConfig
 
 
-def point_sample(maps: torch.Tensor, points: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Bilinearly sample `maps` `(N, H, W)` at `points` `(N or 1, P, 2)`, given as (x, y) in [0, 1].
-
-    Matches `F.grid_sample(..., align_corners=False, padding_mode="zeros")`; returns float32 `(N, P)`. With `rows`
-    `(M,)`, samples maps `rows` only (points `(M, P, 2)`) without copying them out first.
-    """
-    height, width = maps.shape[-2:]
-    x = points[..., 0].float() * width - 0.5
-    y = points[..., 1].float() * height - 0.5
-    x0, y0 = x.floor(), y.floor()
-    fx, fy = x - x0, y - y0
-    flat = maps.flatten(1)
-    samples = 0.0
-    for dy, wy in ((0, 1 - fy), (1, fy)):
-        for dx, wx in ((0, 1 - fx), (1, fx)):
-            xi, yi = x0 + dx, y0 + dy
-            inside = (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
-            index = (yi.clamp(0, height - 1) * width + xi.clamp(0, width - 1)).long()
-            values = flat.gather(1, index.expand(flat.shape[0], -1)) if rows is None else flat[rows[:, None], index]
-            values = values.float()
-            samples = samples + values * (wx * wy * inside)
-    return samples
+def point_sample(maps: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Bilinearly sample `maps` `(N, H, W)` at `points` `(N or 1, P, 2)`, given as (x, y) in [0, 1]; float32 `(N, P)`."""
+    grid = (2 * points - 1).expand(maps.shape[0], -1, -1)[:, :, None]
+    return F.grid_sample(maps[:, None].float(), grid.float(), align_corners=False)[:, 0, :, 0]
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor, pairwise: bool = False) -> torch.Tensor:
@@ -81,6 +62,7 @@ class EomtLoss(nn.Module):
         class_labels: list[torch.Tensor],
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         num_masks = self.num_masks(class_labels, masks_per_prediction[0].device)
+        mask_labels = [masks if masks.dtype == torch.float32 else masks.float() for masks in mask_labels]
         terms = {"loss_cross_entropy": 0.0, "loss_mask": 0.0, "loss_dice": 0.0}
         for mask_logits, class_logits in zip(masks_per_prediction, classes_per_prediction):
             indices = self.match(mask_logits, class_logits, mask_labels, class_labels)
@@ -150,11 +132,8 @@ class EomtLoss(nn.Module):
             return zero, zero
         points = self.importance_points(predicted)
         target_points = torch.cat(
-            [
-                point_sample(mask_labels[image], points[batch_index == image], rows=cols.to(mask_labels[image].device))
-                for image, (_, cols) in enumerate(indices)
-                if len(cols)
-            ]
+            [sample_rows(mask_labels[image], cols.to(mask_labels[image].device), points[batch_index == image])
+             for image, (_, cols) in enumerate(indices)]
         ).to(device)
         logits = point_sample(predicted, points)
         bce = F.binary_cross_entropy_with_logits(logits, target_points, reduction="none").mean(1).sum() / num_masks
@@ -183,3 +162,15 @@ class EomtLoss(nn.Module):
             world_size = torch.distributed.get_world_size()
         return (total / world_size).clamp(min=1)
 
+
+
+def sample_rows(maps: torch.Tensor, rows: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Sample map `rows[j]` of `maps` `(N, H, W)` at `points[j]` `(len(rows), P, 2)`, without copying the maps out.
+
+    `rows` are distinct (a matching), so one grid per map, dummy points for the others, samples every map once.
+    """
+    if len(rows) == 0:
+        return points.new_zeros(0, points.shape[1])
+    grid = points.new_zeros(maps.shape[0], points.shape[1], 2)
+    grid[rows] = points
+    return point_sample(maps, grid)[rows]

@@ -219,15 +219,13 @@ class EomtLayer(GradientCheckpointingLayer):
         return hidden_states, attn_weights
 
 
-class EomtLayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of an NCHW feature map."""
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return super().forward(hidden_states.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
 class EomtScaleLayer(nn.Module):
-    """×2 upsampling: transposed conv → activation → depthwise 3×3 conv → channel LayerNorm."""
+    """×2 upsampling: transposed conv (k=2, s=2) → activation → depthwise 3×3 conv → LayerNorm over channels.
+
+    Runs on channels-last `(B, H, W, D)` maps: the transposed conv is one matmul into the four sub-pixel outputs
+    (a k=2, s=2 transposed conv has no overlap), and the depthwise conv and the LayerNorm need no layout copies.
+    This is several times faster on CPU than `ConvTranspose2d` + NCHW LayerNorm, with the same weights.
+    """
 
     def __init__(self, config: EomtConfig):
         super().__init__()
@@ -235,10 +233,16 @@ class EomtScaleLayer(nn.Module):
         self.conv1 = nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2)
         self.activation = ACT2FN[config.hidden_act]
         self.conv2 = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, bias=False)
-        self.layernorm2d = EomtLayerNorm2d(dim, eps=1e-6)
+        self.layernorm2d = nn.LayerNorm(dim, eps=1e-6)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.layernorm2d(self.conv2(self.activation(self.conv1(hidden_states))))
+        batch_size, height, width, dim = hidden_states.shape
+        # conv1.weight is (in, out, 2, 2): a (in → out·2·2) linear map per input pixel.
+        upsampled = F.linear(hidden_states, self.conv1.weight.flatten(1).T)
+        upsampled = upsampled.view(batch_size, height, width, dim, 2, 2).permute(0, 1, 4, 2, 5, 3)
+        upsampled = self.activation(upsampled.reshape(batch_size, 2 * height, 2 * width, dim) + self.conv1.bias)
+        smoothed = self.conv2(upsampled.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.layernorm2d(smoothed)
 
 
 class EomtScaleBlock(nn.Module):
@@ -409,11 +413,11 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
         num_queries = self.config.num_queries
         queries = tokens[:, :num_queries]
         patches = tokens[:, num_queries + self.embeddings.num_prefix_tokens :]
-        feature_map = patches.transpose(1, 2).reshape(patches.shape[0], -1, *grid)
-        pixel_embeddings = self.upscale_block(feature_map)
+        pixel_embeddings = self.upscale_block(patches.reshape(patches.shape[0], *grid, -1))
         mask_embeddings = self.mask_head(queries)
-        mask_logits = torch.bmm(mask_embeddings, pixel_embeddings.flatten(2))
-        return mask_logits.view(*mask_logits.shape[:2], *pixel_embeddings.shape[-2:]), self.class_predictor(queries)
+        height, width = pixel_embeddings.shape[1:3]
+        mask_logits = torch.bmm(mask_embeddings, pixel_embeddings.flatten(1, 2).transpose(1, 2))
+        return mask_logits.view(*mask_logits.shape[:2], height, width), self.class_predictor(queries)
 
     def _query_attention_mask(
         self, mask_logits: torch.Tensor, grid: tuple[int, int], prob: torch.Tensor, seq_len: int
