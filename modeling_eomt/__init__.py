@@ -1,12 +1,11 @@
 """EoMT for the Hugging Face ecosystem. Importing this package registers our classes with the Auto classes."""
 
 from .configuration import EomtConfig
-from .image_processing import EomtImageProcessor, register_image_processor
+from .image_processing import EomtImageProcessor
 from .modeling import EomtForUniversalSegmentation, EomtForUniversalSegmentationOutput, EomtPreTrainedModel
 from .registration import register_auto_classes
 
 register_auto_classes()
-register_image_processor()
 
 __all__ = [
     "EomtConfig",

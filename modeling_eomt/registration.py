@@ -1,8 +1,8 @@
 """Registration of our classes with the Auto classes for model type "eomt", replacing transformers' built-in EoMT.
 
 Checkpoints of the `tue-mps` Hub organisation (model type "eomt") and folders saved by this package then load into
-`modeling_eomt` classes through `AutoConfig`, `AutoModel`, `AutoModelForUniversalSegmentation`, `AutoModelForImageSegmentation` and
-`pipeline("image-segmentation")`.
+`modeling_eomt` classes through `AutoConfig`, `AutoModel`, `AutoModelForUniversalSegmentation`,
+`AutoModelForImageSegmentation`, `AutoImageProcessor` and `pipeline("image-segmentation")`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from transformers.conversion_mapping import register_checkpoint_conversion_mappi
 from transformers.core_model_loading import Chunk, WeightConverter, WeightRenaming
 
 from .configuration import EomtConfig
+from .image_processing import register_image_processor
 from .modeling import EomtForUniversalSegmentation
 
 # Checkpoints written before transformers 5 pack the SwiGLU gate and up projections as `weights_in`.
@@ -23,10 +24,11 @@ LEGACY_SWIGLU_NAMES = [
 
 
 def register_auto_classes() -> None:
-    """Map model type "eomt" to our config and model in every Auto class (idempotent)."""
+    """Map model type "eomt" to our config, model and image processor in every Auto class (idempotent)."""
     AutoConfig.register(EomtConfig.model_type, EomtConfig, exist_ok=True)
     # The image-segmentation pipeline tries AutoModelForImageSegmentation before falling back to the class named in
     # `config.architectures`, which it looks up in `transformers` itself (and would find the built-in EoMT).
     for auto_class in (AutoModel, AutoModelForUniversalSegmentation, AutoModelForImageSegmentation):
         auto_class.register(EomtConfig, EomtForUniversalSegmentation, exist_ok=True)
     register_checkpoint_conversion_mapping(EomtForUniversalSegmentation.__name__, LEGACY_SWIGLU_NAMES, overwrite=True)
+    register_image_processor()
