@@ -61,16 +61,21 @@ def build(kind: str, kwargs: dict) -> torch.nn.Module:
 
 
 def bench_forward(kwargs: dict, batch: int, repeats: int) -> dict[str, float]:
+    """Median forward time per model; calls are interleaved so that load changes hit every model alike."""
     pixels = torch.randn(batch, 3, kwargs["image_size"], kwargs["image_size"])
-    results = {}
-    for kind in ("bare_vit", "builtin", "ours"):
-        model = build(kind, kwargs)
-        if kind != "bare_vit":
-            model.attn_mask_probs.zero_()
-        with torch.inference_mode():
-            results[kind] = median_time(lambda: model(pixels), repeats)
-        del model
-    return results
+    models = {kind: build(kind, kwargs) for kind in ("bare_vit", "builtin", "ours")}
+    for kind in ("builtin", "ours"):
+        models[kind].attn_mask_probs.zero_()
+    times: dict[str, list[float]] = {kind: [] for kind in models}
+    with torch.inference_mode():
+        for model in models.values():
+            model(pixels)  # warm-up
+        for _ in range(repeats):
+            for kind, model in models.items():
+                start = time.perf_counter()
+                model(pixels)
+                times[kind].append(time.perf_counter() - start)
+    return {kind: statistics.median(values) for kind, values in times.items()}
 
 
 def train_step_child(kind: str, kwargs: dict, steps: int) -> None:
