@@ -103,7 +103,9 @@ def main() -> None:
             rows.append(("convert (verified)", run("verify", folder, work / "verified")))
 
     base = rows[0][1]
-    header = f"{'run':28} {'time s':>8} {'×base':>6} {'peak RSS GB':>12} {'×base':>6} {'peak anon GB':>13} {'×base':>6}"
+    header = (
+        f"{'run':28} {'time s':>8} {'×base':>6} {'peak RSS GB':>12} {'×base':>6} {'peak anon GB':>13} {'×base':>6}"
+    )
     print(header)
     for name, row in rows:
         print(

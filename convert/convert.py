@@ -313,7 +313,7 @@ class Target:
 
 
 def backbone_size(name: str) -> str:
-    """ "small" … "giant" from a timm backbone name (a pretrained tag such as `.lvd142m` is ignored) or a size."""
+    """Backbone size (small … giant) of a timm backbone name (a pretrained tag like `.lvd142m` is ignored)."""
     if name in SIZES:
         return name
     sizes = {timm_name: size for size, timm_name in TIMM_BACKBONES.items()}
