@@ -1,0 +1,89 @@
+"""The notebooks in `notebooks/` run top to bottom (nbclient, offline, small settings via EOMT_NOTEBOOK_FAST=1) and
+produce what they promise: each writes a `results.json` next to its figures, which the tests check."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+from PIL import Image
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOK_NAMES = ("01_inference",)
+KERNEL_NAME = "eomt-test-python"
+TIMEOUT = 600  # per cell; the fast settings need a small fraction of it
+
+
+@pytest.fixture(scope="session")
+def jupyter_path(tmp_path_factory) -> Path:
+    """A kernelspec that starts the kernel with this interpreter (the project's .venv), whatever else is installed."""
+    root = tmp_path_factory.mktemp("jupyter")
+    spec = root / "kernels" / KERNEL_NAME
+    spec.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "EoMT tests", "language": "python"}))
+    return root
+
+
+def execute(name: str, tmp_path: Path, jupyter_path: Path, monkeypatch) -> tuple[nbformat.NotebookNode, dict]:
+    """Run notebook `name` with the current directory `tmp_path`; return it and its `results.json`."""
+    # The kernel inherits this environment.
+    monkeypatch.setenv("JUPYTER_PATH", str(jupyter_path))
+    monkeypatch.setenv("EOMT_NOTEBOOK_FAST", "1")
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(variable, "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # nothing may come from a cache of earlier downloads
+    # One thread: on a machine shared with other jobs, two OpenMP threads per process thrash (10-20x slower).
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend renders the figures
+    notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    client = NotebookClient(
+        notebook, timeout=TIMEOUT, kernel_name=KERNEL_NAME, resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute()
+    results = json.loads((tmp_path / "notebook_output" / name / "results.json").read_text())
+    return notebook, results
+
+
+def inline_images(notebook: nbformat.NotebookNode) -> int:
+    return sum(
+        "image/png" in output.get("data", {})
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+    )
+
+
+def check_figures(figures: dict, tmp_path: Path, names: set[str]) -> None:
+    assert set(figures) >= names
+    for path in figures.values():
+        with Image.open(tmp_path / path) as image:
+            assert image.format == "PNG" and min(image.size) >= 100
+            assert len(set(image.convert("L").getdata())) > 10, f"{path} is blank"
+
+
+def test_every_notebook_is_tested_and_committed_without_outputs():
+    assert sorted(path.stem for path in NOTEBOOKS.glob("*.ipynb")) == sorted(NOTEBOOK_NAMES)
+    for name in NOTEBOOK_NAMES:
+        notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+        nbformat.validate(notebook)
+        code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+        assert code and all(cell.outputs == [] and cell.execution_count is None for cell in code), name
+        # The first code cell holds the parameters that EOMT_NOTEBOOK_FAST shrinks.
+        assert "EOMT_NOTEBOOK_FAST" in code[0].source and "parameters" in code[0].metadata.get("tags", []), name
+
+
+def test_inference_notebook(tmp_path, jupyter_path, monkeypatch):
+    notebook, results = execute("01_inference", tmp_path, jupyter_path, monkeypatch)
+    assert results["model_class"] == "modeling_eomt.modeling.EomtForUniversalSegmentation"
+    # The processor path and pipeline("image-segmentation") give the same segments for every subtask.
+    assert results["pipeline_matches_processor"] == {"panoptic": True, "instance": True, "semantic": True}
+    assert all(count >= 1 for count in results["panoptic_segments"])
+    # The briefly trained model already labels most pixels of unseen images right (a constant guess: < 0.45).
+    assert results["semantic_pixel_accuracy"] > 0.7
+    check_figures(results["figures"], tmp_path, {"panoptic", "instance", "semantic", "pipeline"})
+    assert inline_images(notebook) >= 4
