@@ -27,6 +27,7 @@ from transformers.utils import logging
 from ..configuration import PRESETS, SIZES, EomtConfig
 from ..configuration.labels import dataset_for, id2label
 from ..configuration.presets import DATASETS, TIMM_BACKBONES
+from ..image_processing import EomtImageProcessor
 from .model_card import build_model_card
 from .reference import reference_forward
 
@@ -441,29 +442,6 @@ def write_weights(
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def build_image_processor(task: str, image_size: int, dataset: str | None, mean, std):
-    """Processor settings of a checkpoint: padded canvas for panoptic/instance, sliding windows for semantic."""
-    from .. import EomtImageProcessor
-
-    if task == "semantic":
-        return EomtImageProcessor(
-            size={"shortest_edge": image_size, "longest_edge": None},
-            do_split_image=True,
-            do_pad=False,
-            image_mean=mean,
-            image_std=std,
-            ignore_index=255,
-            do_reduce_labels=dataset == "ade20k_semantic",  # ADE20K files use 0 for "other"
-        )
-    return EomtImageProcessor(
-        size={"shortest_edge": image_size, "longest_edge": image_size},
-        do_split_image=False,
-        do_pad=True,
-        image_mean=mean,
-        image_std=std,
-    )
-
-
 # ------------------------------------------------------------------------------------------------------- verification
 def verification_pixels(image_size: int) -> torch.Tensor:
     """The fixed input of the check: one image of uniform noise in [0, 1] at the native size."""
@@ -584,7 +562,9 @@ def convert_checkpoint(
                     f"(> {atol:g}); the checkpoint does not match {_describe(config)} or the mapping is wrong."
                 )
 
-        build_image_processor(target.task, config.image_size, target.dataset, mean, std).save_pretrained(staging)
+        EomtImageProcessor.for_task(
+            target.task, config.image_size, mean, std, do_reduce_labels=target.dataset == "ade20k_semantic"
+        ).save_pretrained(staging)
         metrics = None
         if target.preset is not None and _is_preset(config, target):
             metrics = {PRESETS[target.preset].metric: PRESETS[target.preset].result}

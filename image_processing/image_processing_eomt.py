@@ -115,6 +115,30 @@ class EomtImageProcessor(BaseImageProcessor):
 
     # ------------------------------------------------------------------ geometry (shared with post-processing)
 
+    @classmethod
+    def for_task(
+        cls,
+        task: str,
+        image_size: int,
+        image_mean: Sequence[float] = IMAGENET_MEAN,
+        image_std: Sequence[float] = IMAGENET_STD,
+        do_reduce_labels: bool = False,
+    ) -> "EomtImageProcessor":
+        """The settings EoMT uses for a task: panoptic/instance scale the long side to `image_size` and pad to a
+        square; semantic scales the short side to `image_size` and slides square windows (ignore index 255;
+        `do_reduce_labels` for label files where 0 means "other", like ADE20K's)."""
+        if task == "semantic":
+            return cls(
+                size={"shortest_edge": image_size, "longest_edge": None}, do_split_image=True, do_pad=False,
+                image_mean=image_mean, image_std=image_std, ignore_index=255, do_reduce_labels=do_reduce_labels,
+            )
+        if task not in ("panoptic", "instance"):
+            raise ValueError(f"Unknown task {task!r}; choose panoptic, instance or semantic.")
+        return cls(
+            size={"shortest_edge": image_size, "longest_edge": image_size}, do_split_image=False, do_pad=True,
+            image_mean=image_mean, image_std=image_std,
+        )
+
     def resized_size(self, height: int, width: int, size: dict | None = None) -> tuple[int, int]:
         """Size of an image of `height × width` after resizing (unchanged when `do_resize` is off)."""
         if not self.do_resize:

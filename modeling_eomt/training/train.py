@@ -19,6 +19,7 @@ from transformers import HfArgumentParser, set_seed
 from transformers.utils import logging
 
 from ..configuration import PRESETS, EomtConfig
+from ..image_processing import EomtImageProcessor
 from ..modeling import EomtForUniversalSegmentation
 from .augmentation import TrainTransform
 from .collator import SegmentationCollator
@@ -78,7 +79,6 @@ def subset(dataset: SegmentationDataset, limit: int | None) -> SegmentationDatas
 
 def run(model_args: ModelArguments, data_args: DataArguments, training_args: EomtTrainingArguments) -> dict:
     """Train (and evaluate if asked); save model, processor, metrics and a model card into `output_dir`."""
-    from ..convert.convert import build_image_processor
     from ..convert.model_card import build_model_card
 
     set_seed(training_args.seed)  # before building the model, so a fresh head is the same in every run
@@ -87,7 +87,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Eom
     train_raw = subset(load_segmentation_dataset(split=data_args.train_split, **load), data_args.max_train_samples)
     model = load_model(model_args, train_raw)
     size = data_args.image_size or model.config.image_size
-    processor = build_image_processor(data_args.task, size, None, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    processor = EomtImageProcessor.for_task(data_args.task, size)
     transform = TrainTransform(size, (data_args.scale_min, data_args.scale_max), data_args.flip_probability,
                                data_args.color_jitter)
     train_dataset = train_raw.with_transform(transform, seed=training_args.seed)
