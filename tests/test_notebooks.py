@@ -13,7 +13,7 @@ from nbclient import NotebookClient
 from PIL import Image
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-NOTEBOOK_NAMES = ("01_inference",)
+NOTEBOOK_NAMES = ("01_inference", "02_fine_tuning")
 KERNEL_NAME = "eomt-test-python"
 TIMEOUT = 600  # per cell; the fast settings need a small fraction of it
 
@@ -87,3 +87,34 @@ def test_inference_notebook(tmp_path, jupyter_path, monkeypatch):
     assert results["semantic_pixel_accuracy"] > 0.7
     check_figures(results["figures"], tmp_path, {"panoptic", "instance", "semantic", "pipeline"})
     assert inline_images(notebook) >= 4
+
+
+def test_fine_tuning_notebook(tmp_path, jupyter_path, monkeypatch):
+    from modeling_eomt import EomtForUniversalSegmentation
+    from modeling_eomt.training.shapes import SHAPES_ID2LABEL
+
+    notebook, results = execute("02_fine_tuning", tmp_path, jupyter_path, monkeypatch)
+    metrics = results["eval_metrics"]
+    assert results["eval_pq_before"] < 0.1
+    assert metrics["eval_pq"] > 0.4 and metrics["eval_pq_stuff"] > 0.6
+    losses = [loss for _, loss in results["losses"]]
+    assert len(losses) >= 6 and sum(losses[-3:]) < 0.6 * sum(losses[:3])
+
+    # The annealing callback drove the model's masked-attention probabilities through its windows, block by block.
+    (starts, ends), history = results["annealing_windows"], results["mask_probs"]
+    assert starts == sorted(starts) and all(0 < s < e <= history[-1][0] + 1 for s, e in zip(starts, ends))
+    assert history[0] == [0, [1.0] * len(starts)]
+    for step, probs in history:
+        for prob, start, end in zip(probs, starts, ends):
+            assert prob == 1.0 if step <= start else prob == 0.0 if step >= end else 0.0 < prob < 1.0
+    assert results["final_mask_probs"] == [0.0] * len(starts)
+
+    model = EomtForUniversalSegmentation.from_pretrained(tmp_path / results["model_dir"])
+    assert model.config.id2label == SHAPES_ID2LABEL and model.attn_mask_probs.tolist() == [0.0] * len(starts)
+    assert {name: c["dataset_name"] for name, c in results["commands"].items()} == {
+        "coco_panoptic": "/data/coco",
+        "ade20k_semantic": "zhoubolei/scene_parse_150",
+        "cityscapes_semantic": "/data/cityscapes",
+    }
+    check_figures(results["figures"], tmp_path, {"ground_truth", "training_curves", "predictions"})
+    assert inline_images(notebook) >= 3
