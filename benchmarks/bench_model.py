@@ -63,12 +63,18 @@ def build(kind: str, kwargs: dict) -> torch.nn.Module:
     return model.eval()
 
 
-def bench_forward(kwargs: dict, batch: int, repeats: int) -> dict[str, float]:
-    """Median forward time per model; calls are interleaved so that load changes hit every model alike."""
+def bench_forward(
+    kwargs: dict, batch: int, repeats: int, extra: dict[str, torch.nn.Module] | None = None
+) -> dict[str, float]:
+    """Median forward time per model; calls are interleaved so that load changes hit every model alike.
+
+    `extra` models (e.g. another architecture taking `pixel_values` first) join the same interleaved loop.
+    """
     pixels = torch.randn(batch, 3, kwargs["image_size"], kwargs["image_size"])
     models = {kind: build(kind, kwargs) for kind in ("bare_vit", "builtin", "ours")}
     for kind in ("builtin", "ours"):
         models[kind].attn_mask_probs.zero_()
+    models.update(extra or {})
     times: dict[str, list[float]] = {kind: [] for kind in models}
     with torch.inference_mode():
         for model in models.values():
