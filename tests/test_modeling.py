@@ -245,3 +245,16 @@ def test_bad_input_names_the_problem(pixels, labels, message):
     model = EomtForUniversalSegmentation(EomtConfig(**TINY))
     with pytest.raises(ValueError, match=message):
         model(pixels, **labels)
+
+
+def test_drop_path_is_random_in_training_and_off_in_eval():
+    model = EomtForUniversalSegmentation(EomtConfig(**{**TINY, "drop_path_rate": 0.5}))
+    model.attn_mask_probs.zero_()
+    pixels = torch.randn(2, 3, 64, 64)
+    model.train()
+    torch.manual_seed(0)
+    first = model(pixels).class_queries_logits
+    second = model(pixels).class_queries_logits
+    assert not torch.allclose(first, second)
+    model.eval()
+    torch.testing.assert_close(model(pixels).class_queries_logits, model(pixels).class_queries_logits)

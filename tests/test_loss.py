@@ -1,0 +1,90 @@
+"""The set loss: matching, point sampling, class and mask terms, checked against hand-built cases."""
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+from modeling_eomt import EomtConfig, EomtForUniversalSegmentation
+from modeling_eomt.loss import EomtLoss, dice_loss, point_sample, sample_rows
+
+
+def make_loss(**overrides) -> EomtLoss:
+    return EomtLoss(EomtConfig(**{"num_labels": 4, "train_num_points": 2048, **overrides}))
+
+
+def quadrant_masks() -> torch.Tensor:
+    masks = torch.zeros(4, 32, 32)
+    masks[0, :16, :16] = masks[1, :16, 16:] = masks[2, 16:, :16] = masks[3, 16:, 16:] = 1
+    return masks
+
+
+def test_matcher_recovers_the_permutation_of_confident_predictions():
+    torch.manual_seed(0)
+    targets = quadrant_masks()
+    classes = torch.tensor([0, 1, 2, 3])
+    permutation = torch.tensor([3, 0, 2, 1])  # query i predicts target permutation[i]
+    mask_logits = (targets[permutation] * 2 - 1)[None] * 10
+    class_logits = F.one_hot(classes[permutation], 5)[None].float() * 10
+    (rows, cols), = make_loss().match(mask_logits, class_logits, [targets], [classes])
+    assert torch.equal(cols[rows.argsort()], permutation)
+
+
+def test_matching_is_optimal_against_brute_force():
+    torch.manual_seed(1)
+    loss = make_loss(class_weight=2.0)
+    targets, classes = quadrant_masks()[:3], torch.tensor([1, 1, 2])
+    mask_logits, class_logits = torch.randn(1, 4, 8, 8) * 3, torch.randn(1, 4, 5)
+    # The matcher's first draw is its point set: reproduce it to compute the same costs independently.
+    torch.manual_seed(2)
+    points = torch.rand(1, 2048, 2)
+    torch.manual_seed(2)
+    (rows, cols), = loss.match(mask_logits, class_logits, [targets], [classes])
+
+    pred, tgt = point_sample(mask_logits[0], points), point_sample(targets, points)
+    bce = torch.stack([F.binary_cross_entropy_with_logits(pred, t.expand_as(pred), reduction="none").mean(1)
+                       for t in tgt], dim=1)
+    cost = 5 * bce - 2 * class_logits[0].softmax(-1)[:, classes] + 5 * dice_loss(pred, tgt, pairwise=True)
+    best = min(itertools.permutations(range(4), 3), key=lambda r: sum(cost[q, t] for t, q in enumerate(r)))
+    assert [int(rows[cols == t]) for t in range(3)] == list(best)
+
+
+def test_point_sample_matches_grid_sample_and_sample_rows_selects_maps():
+    maps = torch.randn(5, 9, 13)
+    points = torch.rand(3, 50, 2)
+    rows = torch.tensor([4, 0, 2])
+    expected = torch.stack([
+        F.grid_sample(maps[r][None, None], (2 * points[i] - 1)[None, :, None], align_corners=False)[0, 0, :, 0]
+        for i, r in enumerate(rows)
+    ])
+    torch.testing.assert_close(sample_rows(maps, rows, points), expected)
+    # Exact at pixel centres.
+    centre = torch.tensor([[[(6 + 0.5) / 13, (2 + 0.5) / 9]]])
+    torch.testing.assert_close(point_sample(maps[:1], centre)[0, 0], maps[0, 2, 6])
+
+
+def test_class_loss_weights_no_object_queries():
+    loss = make_loss(no_object_weight=0.1)
+    class_logits = torch.randn(1, 3, 5)
+    indices = [(torch.tensor([1]), torch.tensor([0]))]
+    value = loss.class_loss(class_logits, [torch.tensor([2])], indices)
+    target = torch.tensor([4, 2, 4])
+    weights = torch.tensor([0.1, 1.0, 0.1])
+    per_query = F.cross_entropy(class_logits[0], target, reduction="none")
+    torch.testing.assert_close(value, (weights * per_query).sum() / weights.sum())
+
+
+def test_mask_terms_are_a_mean_over_target_masks():
+    torch.manual_seed(0)
+    config = EomtConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_blocks=1, image_size=32,
+                        num_queries=4, num_labels=4, train_num_points=256)
+    model = EomtForUniversalSegmentation(config).eval()
+    model.attn_mask_probs.zero_()
+    image, masks, classes = torch.randn(1, 3, 32, 32), quadrant_masks()[:2], torch.tensor([0, 3])
+    torch.manual_seed(1)
+    single = model(image, mask_labels=[masks], class_labels=[classes]).loss_dict
+    torch.manual_seed(1)
+    double = model(image.repeat(2, 1, 1, 1), mask_labels=[masks] * 2, class_labels=[classes] * 2).loss_dict
+    # Twice the masks, twice the sum: the normalised terms stay close (points are random, so not equal).
+    for key in ("loss_mask", "loss_dice"):
+        assert abs(double[key] - single[key]) < 0.1 * single[key]
