@@ -13,7 +13,7 @@ from nbclient import NotebookClient
 from PIL import Image
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-NOTEBOOK_NAMES = ("01_inference", "02_fine_tuning")
+NOTEBOOK_NAMES = ("01_inference", "02_fine_tuning", "03_conversion")
 KERNEL_NAME = "eomt-test-python"
 TIMEOUT = 600  # per cell; the fast settings need a small fraction of it
 
@@ -118,3 +118,21 @@ def test_fine_tuning_notebook(tmp_path, jupyter_path, monkeypatch):
     }
     check_figures(results["figures"], tmp_path, {"ground_truth", "training_curves", "predictions"})
     assert inline_images(notebook) >= 3
+
+
+def test_conversion_notebook(tmp_path, jupyter_path, monkeypatch):
+    notebook, results = execute("03_conversion", tmp_path, jupyter_path, monkeypatch)
+    # The converter's own check, and the notebook's: exact in float64, float32 rounding only in float32.
+    assert results["converter_max_abs_difference"] <= 1e-4
+    assert results["float64_max_abs_difference"] <= 1e-9
+    assert results["float32_max_abs_difference"] <= 1e-5 * results["float32_logit_range"]
+    assert (results["task"], results["dataset"], results["id2label_0"]) == ("panoptic", "coco_panoptic", "person")
+    assert 20e6 < results["num_parameters"] < 25e6  # ViT-S with its head
+    expected_files = ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
+    assert results["cli_returncode"] == 0 and results["cli_files"] == expected_files
+    assert "--overwrite" in results["overwrite_error"]
+    assert results["model_class"] == "modeling_eomt.modeling.EomtForUniversalSegmentation"
+    assert results["mask_logits_shape"] == [1, 200, 32, 32] and results["class_logits_shape"] == [1, 200, 134]
+    assert results["pipeline_matches_processor"] and results["pipeline_classes"] >= 1
+    check_figures(results["figures"], tmp_path, {"verification"})
+    assert inline_images(notebook) >= 1
