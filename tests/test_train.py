@@ -76,3 +76,21 @@ def test_two_process_torchrun_trains(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "model.safetensors").exists()
     assert json.loads((tmp_path / "train_results.json").read_text())["train_loss"] > 0
+
+
+def test_epoch_callback_reseeds_augmentation_per_epoch():
+    from types import SimpleNamespace
+
+    from modeling_eomt.training.augmentation import TrainTransform
+    from modeling_eomt.training.data import load_segmentation_dataset
+    from modeling_eomt.training.train import EpochSeedCallback
+
+    dataset = load_segmentation_dataset("shapes", num_examples=2, image_size=64).with_transform(
+        TrainTransform(64, (0.5, 1.5)), seed=0
+    )
+    callback = EpochSeedCallback(dataset)
+    callback.on_epoch_begin(None, SimpleNamespace(epoch=0.0), None)
+    first = dataset[0]["image"]
+    assert torch.equal(first, dataset[0]["image"])  # same epoch, same augmentation
+    callback.on_epoch_begin(None, SimpleNamespace(epoch=1.0), None)
+    assert dataset.epoch == 1 and not torch.equal(first, dataset[0]["image"])

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import HfArgumentParser, set_seed
+from transformers import HfArgumentParser, TrainerCallback, set_seed
 from transformers.utils import logging
 
 from ..configuration import PRESETS, EomtConfig
@@ -71,10 +71,18 @@ def load_model(model_args: ModelArguments, dataset: SegmentationDataset) -> Eomt
 
 
 def subset(dataset: SegmentationDataset, limit: int | None) -> SegmentationDataset:
-    if limit is None or limit >= len(dataset):
-        return dataset
-    dataset.records = dataset.records[:limit] if not isinstance(dataset.records, range) else range(limit)
-    return dataset
+    return dataset if limit is None or limit >= len(dataset) else dataset.select(range(limit))
+
+
+class EpochSeedCallback(TrainerCallback):
+    """Tell the training set which epoch starts, so seeded augmentations differ per epoch in every process
+    (accelerate forwards `set_epoch` to the dataset only in single-process runs)."""
+
+    def __init__(self, dataset: SegmentationDataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(int(state.epoch or 0))
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, training_args: EomtTrainingArguments) -> dict:
@@ -110,6 +118,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Eom
         data_collator=SegmentationCollator(processor.image_mean, processor.image_std),
         eval_collator=EvalCollator(processor),
         compute_metrics=compute_metrics,
+        callbacks=[EpochSeedCallback(train_dataset)],
     )
     metrics = {}
     if training_args.do_train:
