@@ -94,3 +94,19 @@ def test_epoch_callback_reseeds_augmentation_per_epoch():
     assert torch.equal(first, dataset[0]["image"])  # same epoch, same augmentation
     callback.on_epoch_begin(None, SimpleNamespace(epoch=1.0), None)
     assert dataset.epoch == 1 and not torch.equal(first, dataset[0]["image"])
+
+
+def test_demo_trains_caches_and_writes_overlays(tmp_path, capsys):
+    from modeling_eomt.training import demo
+
+    args = ["--output", str(tmp_path), "--max-steps", "3", "--eval-images", "4", "--overlays", "2"]
+    demo.main(args)
+    first = capsys.readouterr().out
+    assert "Training a small EoMT" in first and "PQ on 4 held-out shapes images" in first
+    overlays = sorted((tmp_path / "overlays").glob("*.png"))
+    assert len(overlays) == 2
+    from PIL import Image
+
+    assert Image.open(overlays[0]).size == (384, 384)
+    demo.main(args)  # second run: straight to inference from the cache
+    assert "Using the cached model" in capsys.readouterr().out
