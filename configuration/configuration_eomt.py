@@ -77,32 +77,36 @@ class EomtConfig(PretrainedConfig):
 
     model_type = "eomt"
 
-    hidden_size: int = 1024
-    num_hidden_layers: int = 24
-    num_attention_heads: int = 16
-    hidden_act: str = "gelu"
-    hidden_dropout_prob: float = 0.0
-    initializer_range: float = 0.02
-    layer_norm_eps: float = 1e-6
+    # The ViT backbone.
     image_size: int = 640
     patch_size: int = 16
     num_channels: int = 3
+    hidden_size: int = 1024
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
     mlp_ratio: int = 4
-    layerscale_value: float = 1.0
-    drop_path_rate: float = 0.0
-    num_upscale_blocks: int = 2
-    attention_dropout: float = 0.0
     use_swiglu_ffn: bool = False
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    layerscale_value: float = 1.0
+    num_register_tokens: int = 4
+    # Queries and head.
+    num_queries: int = 200
     num_blocks: int = 4
-    no_object_weight: float = 0.1
+    num_upscale_blocks: int = 2
+    # Regularisation and initialisation.
+    hidden_dropout_prob: float = 0.0
+    attention_dropout: float = 0.0
+    drop_path_rate: float = 0.0
+    initializer_range: float = 0.02
+    # Loss and matching.
     class_weight: float = 2.0
     mask_weight: float = 5.0
     dice_weight: float = 5.0
+    no_object_weight: float = 0.1
     train_num_points: int = 12544
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
-    num_queries: int = 200
-    num_register_tokens: int = 4
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
