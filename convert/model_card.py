@@ -39,16 +39,16 @@ def build_model_card(
     Args:
         config: The model's config (architecture figures and label count).
         task: "panoptic", "instance" or "semantic" (decides the usage snippet).
-        dataset: Key of `DATASETS` ("coco_panoptic", …), if the labels are those of a known dataset.
+        dataset: Key of `DATASETS` ("coco_panoptic", …) for a known benchmark, or any other dataset name or Hub id.
         metrics: Results in percent by metric key ("pq", "miou", "map"), reported as the Hub's model-index.
         model_name: Title of the card.
         repo_id: Hub repo the files go to (used in the snippet; defaults to `model_name`).
         notes: A paragraph on where the weights come from (conversion, fine-tuning), placed after the summary.
     """
     spec = DATASETS.get(dataset) if dataset else None
-    dataset_name, dataset_id = DATASET_INFO[spec["dataset"]] if spec else (None, None)
+    dataset_name, dataset_id = DATASET_INFO[spec["dataset"]] if spec else (dataset, dataset)
     eval_results = None
-    if metrics and spec:
+    if metrics and dataset_id:
         eval_results = [
             EvalResult(
                 task_type="image-segmentation",
@@ -71,7 +71,12 @@ def build_model_card(
         model_name=model_name,
         eval_results=eval_results,
     )
-    size = next((name for name, s in SIZES.items() if s["hidden_size"] == config.hidden_size), "custom")
+    size = next(
+        (name for name, s in SIZES.items()
+         if (s["hidden_size"], s["num_hidden_layers"]) == (config.hidden_size, config.num_hidden_layers)),
+        None,
+    )
+    backbone = f"DINOv2 ViT-{size[0].upper()}" if size else "ViT"
     repo = repo_id or model_name
     lines = [
         f"# {model_name}",
@@ -79,7 +84,7 @@ def build_model_card(
         (
             f"EoMT (Encoder-only Mask Transformer) for **{task} segmentation**"
             + (f" on {dataset_name}" if dataset_name else "")
-            + f": a DINOv2 ViT-{size[0].upper()} ({config.num_hidden_layers} blocks, width {config.hidden_size}) "
+            + f": a {backbone} ({config.num_hidden_layers} blocks, width {config.hidden_size}) "
             f"whose last {config.num_blocks} blocks also process {config.num_queries} learned queries, at "
             f"{config.image_size}×{config.image_size} pixels, predicting {config.num_labels} classes."
         ),

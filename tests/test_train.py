@@ -39,6 +39,12 @@ def test_train_saves_everything_and_loads_in_pipeline(tmp_path, task, metric):
     assert 0.0 <= results[metric] <= 1.0
     card = (tmp_path / "README.md").read_text()
     assert "pipeline_tag: image-segmentation" in card and "library_name: transformers" in card
+    from huggingface_hub import ModelCard
+
+    card_data = ModelCard(card).data
+    assert card_data.datasets == ["shapes"]
+    (result,) = card_data.eval_results
+    assert result.metric_value == round(100 * results[metric], 2) and result.dataset_split == "validation"
     config = json.loads((tmp_path / "config.json").read_text())
     assert len(config["id2label"]) == {"panoptic": 6, "instance": 3, "semantic": 6}[task]
 

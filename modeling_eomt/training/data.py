@@ -480,7 +480,7 @@ def _labels_for(dataset_key: str) -> dict[int, str]:
     return id2label(dataset_key)
 
 
-def _dataset_key(name: str, task: str) -> str | None:
+def benchmark_key(name: str, task: str) -> str | None:
     """The benchmark (a key of `configuration.labels`) a dataset name refers to, for its labels and id convention."""
     lowered = name.lower()
     if "scene_parse" in lowered or "ade20k" in lowered or "ade_20k" in lowered:
@@ -875,7 +875,7 @@ def load_segmentation_dataset(
         seed = load_kwargs.pop("seed", 0) + (0 if split == "train" else 1_000_003)
         num_examples = load_kwargs.pop("num_examples", 2000 if split == "train" else 200)
         return shapes_dataset(num_examples, seed=seed, task=task, **load_kwargs)
-    key = dataset_key or _dataset_key(name, task)
+    key = dataset_key or benchmark_key(name, task)
     path = Path(name_or_path)
     if path.is_file():
         if path.suffix.lower() != ".json":

@@ -23,7 +23,7 @@ from ..image_processing import EomtImageProcessor
 from ..modeling import EomtForUniversalSegmentation
 from .augmentation import TrainTransform
 from .collator import SegmentationCollator
-from .data import TASKS, SegmentationDataset, load_segmentation_dataset
+from .data import TASKS, SegmentationDataset, benchmark_key, load_segmentation_dataset
 from .evaluation import HEADLINE, EvalCollator, SegmentationMetrics, predict_for_metrics
 from .optim import EomtTrainer, EomtTrainingArguments
 
@@ -132,9 +132,11 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Eom
     if trainer.is_world_process_zero():
         trainer.save_model(training_args.output_dir)
         processor.save_pretrained(training_args.output_dir)
-        headline = {HEADLINE[data_args.task]: 100 * metrics[f"eval_{HEADLINE[data_args.task]}"]} if eval_dataset else None
-        card = build_model_card(model.config, data_args.task, dataset=data_args.dataset_name, metrics=headline,
-                                model_name=Path(training_args.output_dir).name)
+        headline = {HEADLINE[data_args.task]: round(100 * metrics[f"eval_{HEADLINE[data_args.task]}"], 2)} if eval_dataset else None
+        dataset = benchmark_key(data_args.dataset_name, data_args.task) or data_args.dataset_name
+        card = build_model_card(model.config, data_args.task, dataset=dataset, metrics=headline,
+                                model_name=Path(training_args.output_dir).name,
+                                notes=f"Trained with `eomt-train` on `{data_args.dataset_name}`.")
         (Path(training_args.output_dir) / "README.md").write_text(card)
     return metrics
 
