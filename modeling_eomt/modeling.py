@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -421,7 +422,12 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
         num_queries = self.config.num_queries
         queries = tokens[:, :num_queries]
         patches = tokens[:, num_queries + self.embeddings.num_prefix_tokens :]
-        pixel_embeddings = self.upscale_block(patches.reshape(patches.shape[0], *grid, -1))
+        feature_map = patches.reshape(patches.shape[0], *grid, -1)
+        if self.is_activation_checkpointing and torch.is_grad_enabled():
+            # The upscaled maps dominate training memory (one set per prediction): recompute them in backward.
+            pixel_embeddings = checkpoint(self.upscale_block, feature_map, use_reentrant=False)
+        else:
+            pixel_embeddings = self.upscale_block(feature_map)
         mask_embeddings = self.mask_head(queries)
         height, width = pixel_embeddings.shape[1:3]
         mask_logits = torch.bmm(mask_embeddings, pixel_embeddings.flatten(1, 2).transpose(1, 2))

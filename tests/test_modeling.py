@@ -171,9 +171,14 @@ def test_gradient_checkpointing_gives_same_gradients():
         ours(pixels, **labels).loss.backward()
         return {n: p.grad.clone() for n, p in ours.named_parameters() if p.grad is not None}
 
+    upscale_calls = []
+    ours.upscale_block.register_forward_hook(lambda *args: upscale_calls.append(1))
     plain = grads()
-    ours.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    predictions = TINY["num_blocks"] + 1
+    assert len(upscale_calls) == predictions
+    ours.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     checkpointed = grads()
+    assert len(upscale_calls) == predictions + 2 * predictions  # the upscaled maps are recomputed in backward
     assert plain.keys() == checkpointed.keys() and len(plain) > 20
     for name in plain:
         torch.testing.assert_close(plain[name], checkpointed[name], atol=1e-5, rtol=1e-4)
