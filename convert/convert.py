@@ -28,7 +28,7 @@ from ..configuration import PRESETS, SIZES, EomtConfig
 from ..configuration.labels import dataset_for, id2label
 from ..configuration.presets import DATASETS, TIMM_BACKBONES
 from ..image_processing import EomtImageProcessor
-from .model_card import build_model_card
+from ..model_card import build_model_card
 from .reference import reference_forward
 
 logger = logging.get_logger(__name__)

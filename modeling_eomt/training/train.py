@@ -20,6 +20,7 @@ from transformers.utils import logging
 
 from ..configuration import PRESETS, EomtConfig
 from ..image_processing import EomtImageProcessor
+from ..model_card import build_model_card
 from ..modeling import EomtForUniversalSegmentation
 from .augmentation import TrainTransform
 from .collator import SegmentationCollator
@@ -87,8 +88,6 @@ class EpochSeedCallback(TrainerCallback):
 
 def run(model_args: ModelArguments, data_args: DataArguments, training_args: EomtTrainingArguments) -> dict:
     """Train (and evaluate if asked); save model, processor, metrics and a model card into `output_dir`."""
-    from ..convert.model_card import build_model_card
-
     set_seed(training_args.seed)  # before building the model, so a fresh head is the same in every run
     load = dict(name_or_path=data_args.dataset_name, task=data_args.task,
                 dataset_config_name=data_args.dataset_config_name)
@@ -129,8 +128,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Eom
         eval_metrics = trainer.evaluate()
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
+    trainer.save_model(training_args.output_dir)  # every rank takes part (FSDP gathers the weights)
     if trainer.is_world_process_zero():
-        trainer.save_model(training_args.output_dir)
         processor.save_pretrained(training_args.output_dir)
         headline = {HEADLINE[data_args.task]: round(100 * metrics[f"eval_{HEADLINE[data_args.task]}"], 2)} if eval_dataset else None
         dataset = benchmark_key(data_args.dataset_name, data_args.task) or data_args.dataset_name

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ..configuration import SIZES, EomtConfig
-from ..configuration.presets import DATASETS
+from .configuration import SIZES, EomtConfig
+from .configuration.presets import DATASETS
 
 # Dataset key of `DATASETS` → (display name, Hub dataset id).
 DATASET_INFO = {
