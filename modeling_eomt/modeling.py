@@ -246,12 +246,11 @@ class EomtScaleLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_size, height, width, dim = hidden_states.shape
-        # conv1.weight is (in, out, 2, 2): a (in → out·2·2) linear map per input pixel.
-        upsampled = F.linear(hidden_states, self.conv1.weight.flatten(1).T)
+        # conv1.weight is (in, out, 2, 2): a (in → out·2·2) linear map per input pixel, bias repeated per sub-pixel.
+        upsampled = F.linear(hidden_states, self.conv1.weight.flatten(1).T, self.conv1.bias.repeat_interleave(4))
         upsampled = upsampled.view(batch_size, height, width, dim, 2, 2).permute(0, 1, 4, 2, 5, 3)
-        upsampled = self.activation(upsampled.reshape(batch_size, 2 * height, 2 * width, dim) + self.conv1.bias)
-        smoothed = self.conv2(upsampled.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return self.layernorm2d(smoothed)
+        upsampled = self.activation(upsampled.reshape(batch_size, 2 * height, 2 * width, dim))
+        return self.layernorm2d(self.conv2(upsampled.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
 
 class EomtScaleBlock(nn.Module):
