@@ -213,15 +213,7 @@ def assert_nothing_written(directory: Path, before: set[Path]) -> None:
 @pytest.mark.parametrize("swiglu", [False, True], ids=["gelu", "packed-swiglu"])
 def test_reference_forward_matches_builtin_eomt(swiglu):
     """The functional reference agrees with transformers' own EoMT given hand-mapped weights (the oracle)."""
-    arch = dict(
-        hidden_size=48 if swiglu else 32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_blocks=2,
-        image_size=32,
-        num_queries=5,
-        num_labels=7,
-    )
+    arch = {**TINY, "hidden_size": 48 if swiglu else 32}
     sd = original_state_dict(**arch, swiglu=swiglu)
     config = transformers.EomtConfig(**arch, patch_size=16, use_swiglu_ffn=swiglu)
     oracle = transformers.EomtForUniversalSegmentation(config).eval()

@@ -238,16 +238,21 @@ def panoptic_example(
         segments_info = [dict(zip(segments_info, values)) for values in zip(*segments_info.values())]
     masks, labels, crowd = [], [], []
     for segment in segments_info:
-        category = int(segment["category_id"])
-        if category not in category_to_label:
-            raise ValueError(
-                f"{name}: segment {segment['id']} has category_id {category}, which is not among the dataset's "
-                f"categories {sorted(category_to_label)}; fix the annotation or pass the full category list."
-            )
+        labels.append(_label_of(segment["category_id"], category_to_label, f"{name}: segment {segment['id']}"))
         masks.append(ids == int(segment["id"]))
-        labels.append(category_to_label[category])
         crowd.append(bool(segment.get("iscrowd", 0)))
     return _example(pixels, masks, labels, crowd)
+
+
+def _label_of(category_id: Any, category_to_label: Mapping[int, int], what: str) -> int:
+    """Contiguous label of a COCO category id, or an error naming the annotation and the known categories."""
+    category = int(category_id)
+    if category not in category_to_label:
+        raise ValueError(
+            f"{what} has category_id {category}, which is not among the dataset's categories "
+            f"{sorted(category_to_label)}; fix the annotation or pass the full category list."
+        )
+    return category_to_label[category]
 
 
 def _example(pixels: torch.Tensor, masks: list[np.ndarray], labels: list[int], crowd: list[bool] | None) -> Example:
@@ -347,14 +352,8 @@ def instance_example(
     height, width = pixels.shape[1:]
     masks, labels, crowd = [], [], []
     for annotation in annotations:
-        category = int(annotation["category_id"])
-        if category not in category_to_label:
-            raise ValueError(
-                f"{name}: an annotation has category_id {category}, which is not among the dataset's categories "
-                f"{sorted(category_to_label)}; fix the annotation or pass the full category list."
-            )
+        labels.append(_label_of(annotation["category_id"], category_to_label, f"{name}: an annotation"))
         masks.append(segmentation_to_mask(annotation["segmentation"], height, width, name))
-        labels.append(category_to_label[category])
         crowd.append(bool(annotation.get("iscrowd", 0)))
     return _example(pixels, masks, labels, crowd)
 
