@@ -1,10 +1,15 @@
 """Mask2Former-style set loss used by EoMT: Hungarian matching, then class CE and point-sampled mask BCE + dice.
 
+A prediction arrives factored: mask logits are the dot products of per-query mask embeddings with per-pixel
+embeddings (`mask_logits`). The loss never forms the full `(B, Q, H, W)` logits: matching reads the pixel embeddings
+at its sampled points, and only matched queries get full-resolution logits (with gradients) for the mask terms.
 Target masks stay at input resolution and are only read at sampled points. They are cast to float at most once per
 forward (shared by every block's prediction), never padded into a batch tensor nor copied per matched query.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,10 +19,32 @@ from torch import nn
 from .configuration import EomtConfig
 
 
-def point_sample(maps: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Bilinearly sample `maps` `(N, H, W)` at `points` `(N or 1, P, 2)`, given as (x, y) in [0, 1]; float32 `(N, P)`."""
+def mask_logits(mask_embeddings: torch.Tensor, pixel_embeddings: torch.Tensor) -> torch.Tensor:
+    """Mask logits `(..., Q, H, W)`: mask embeddings `(..., Q, D)` dotted with pixel embeddings `(..., H, W, D)`."""
+    pixels = pixel_embeddings.flatten(-3, -2).transpose(-1, -2)
+    return torch.matmul(mask_embeddings, pixels).unflatten(-1, pixel_embeddings.shape[-3:-1])
+
+
+def _grid_sample(maps: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Bilinearly sample `maps` `(N, C, H, W)` at `points` `(N or 1, P, 2)`, given as (x, y) in [0, 1]; `(N, C, P)`."""
     grid = (2 * points - 1).expand(maps.shape[0], -1, -1)[:, :, None]
-    return F.grid_sample(maps[:, None].float(), grid.float(), align_corners=False)[:, 0, :, 0]
+    return F.grid_sample(maps.float(), grid.float(), align_corners=False)[..., 0]
+
+
+def point_sample(maps: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Sample `maps` `(N, H, W)` at `points` `(N or 1, P, 2)`; float32 `(N, P)`."""
+    return _grid_sample(maps[:, None], points)[:, 0]
+
+
+def point_sample_logits(
+    mask_embeddings: torch.Tensor, pixel_embeddings: torch.Tensor, points: torch.Tensor
+) -> torch.Tensor:
+    """Mask logits of queries `(Q, D)` at `points` `(1, P, 2)` of pixel embeddings `(H, W, D)`; float32 `(Q, P)`.
+
+    Bilinear sampling is linear, so sampling the pixel embeddings and then taking dot products equals sampling the
+    logits, without the `(Q, H, W)` map.
+    """
+    return mask_embeddings.float() @ _grid_sample(pixel_embeddings.permute(2, 0, 1)[None], points)[0]
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor, pairwise: bool = False) -> torch.Tensor:
@@ -33,8 +60,9 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor, pairwise: bool = Fals
 
 def bce_cost(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Pairwise mean binary cross-entropy `(Q, T)` between logits `(Q, P)` and targets `(T, P)`."""
-    # BCE(x, t) = softplus(-x)·t + softplus(x)·(1 − t), expanded so every pair costs one matmul.
-    return (F.softplus(-logits) @ targets.T + F.softplus(logits) @ (1 - targets).T) / logits.shape[-1]
+    # BCE(x, t) = softplus(-x)·t + softplus(x)·(1 − t) = softplus(-x) + x·(1 − t), as softplus(x) = softplus(-x) + x:
+    # one softplus and one matmul for every pair.
+    return (F.softplus(-logits).sum(-1, keepdim=True) + logits @ (1 - targets).T) / logits.shape[-1]
 
 
 class EomtLoss(nn.Module):
@@ -56,18 +84,18 @@ class EomtLoss(nn.Module):
 
     def forward(
         self,
-        masks_per_prediction: tuple[torch.Tensor, ...],
-        classes_per_prediction: tuple[torch.Tensor, ...],
+        predictions: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
         mask_labels: list[torch.Tensor],
         class_labels: list[torch.Tensor],
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        num_masks = self.num_masks(class_labels, masks_per_prediction[0].device)
+        """Loss of `predictions`, each `(mask embeddings (B, Q, D), pixel embeddings (B, H, W, D), class logits)`."""
+        num_masks = self.num_masks(class_labels, predictions[0][0].device)
         mask_labels = [masks if masks.dtype == torch.float32 else masks.float() for masks in mask_labels]
         terms = {"loss_cross_entropy": 0.0, "loss_mask": 0.0, "loss_dice": 0.0}
-        for mask_logits, class_logits in zip(masks_per_prediction, classes_per_prediction):
-            indices = self.match(mask_logits, class_logits, mask_labels, class_labels)
+        for mask_embeddings, pixel_embeddings, class_logits in predictions:
+            indices = self.match(mask_embeddings, pixel_embeddings, class_logits, mask_labels, class_labels)
             ce = self.class_loss(class_logits, class_labels, indices)
-            bce, dice = self.mask_losses(mask_logits, mask_labels, indices, num_masks)
+            bce, dice = self.mask_losses(mask_embeddings, pixel_embeddings, mask_labels, indices, num_masks)
             terms["loss_cross_entropy"] = terms["loss_cross_entropy"] + self.config.class_weight * ce
             terms["loss_mask"] = terms["loss_mask"] + self.config.mask_weight * bce
             terms["loss_dice"] = terms["loss_dice"] + self.config.dice_weight * dice
@@ -76,20 +104,23 @@ class EomtLoss(nn.Module):
     @torch.no_grad()
     def match(
         self,
-        mask_logits: torch.Tensor,
+        mask_embeddings: torch.Tensor,
+        pixel_embeddings: torch.Tensor,
         class_logits: torch.Tensor,
         mask_labels: list[torch.Tensor],
         class_labels: list[torch.Tensor],
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Hungarian matching per image: (query indices, target indices), costs on shared random points."""
         indices = []
-        for masks, logits, targets, classes in zip(mask_logits, class_logits, mask_labels, class_labels):
+        for queries, pixels, logits, targets, classes in zip(
+            mask_embeddings, pixel_embeddings, class_logits, mask_labels, class_labels
+        ):
             if len(classes) == 0:
                 empty = torch.empty(0, dtype=torch.long)
                 indices.append((empty, empty))
                 continue
-            points = torch.rand(1, self.config.train_num_points, 2, device=masks.device)
-            pred_points = point_sample(masks, points)
+            points = torch.rand(1, self.config.train_num_points, 2, device=pixels.device)
+            pred_points = point_sample_logits(queries, pixels, points)
             target_points = point_sample(targets, points)
             class_cost = -logits.float().softmax(-1)[:, classes]
             cost = (
@@ -117,19 +148,23 @@ class EomtLoss(nn.Module):
 
     def mask_losses(
         self,
-        mask_logits: torch.Tensor,
+        mask_embeddings: torch.Tensor,
+        pixel_embeddings: torch.Tensor,
         mask_labels: list[torch.Tensor],
         indices: list[tuple[torch.Tensor, ...]],
         num_masks: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """BCE and dice of matched masks on points chosen mostly where the prediction is uncertain."""
-        device = mask_logits.device
+        device = pixel_embeddings.device
         batch_index = torch.cat([torch.full_like(rows, image) for image, (rows, _) in enumerate(indices)]).to(device)
-        query_index = torch.cat([rows for rows, _ in indices]).to(device)
-        predicted = mask_logits[batch_index, query_index]
-        if predicted.shape[0] == 0:
-            zero = mask_logits.sum() * 0.0
+        if batch_index.shape[0] == 0:
+            zero = (mask_embeddings.sum() + pixel_embeddings.sum()) * 0.0
             return zero, zero
+        # Full-resolution logits for matched queries only: a few dozen maps instead of B × Q.
+        predicted = torch.cat([
+            mask_logits(queries[rows.to(device)], pixels)
+            for queries, pixels, (rows, _) in zip(mask_embeddings, pixel_embeddings, indices)
+        ])
         points = self.importance_points(predicted)
         target_points = torch.cat(
             [sample_rows(mask_labels[image], cols.to(mask_labels[image].device), points[batch_index == image])
@@ -141,16 +176,16 @@ class EomtLoss(nn.Module):
         return bce, dice
 
     @torch.no_grad()
-    def importance_points(self, mask_logits: torch.Tensor) -> torch.Tensor:
+    def importance_points(self, logits: torch.Tensor) -> torch.Tensor:
         """Per mask, `train_num_points` points: the most uncertain of an oversampled random set, plus random ones."""
-        num_masks = mask_logits.shape[0]
+        num_masks = logits.shape[0]
         num_points = self.config.train_num_points
-        candidates = torch.rand(num_masks, int(num_points * self.config.oversample_ratio), 2, device=mask_logits.device)
-        uncertainty = -point_sample(mask_logits, candidates).abs()
+        candidates = torch.rand(num_masks, int(num_points * self.config.oversample_ratio), 2, device=logits.device)
+        uncertainty = -point_sample(logits, candidates).abs()
         num_uncertain = int(self.config.importance_sample_ratio * num_points)
         chosen = uncertainty.topk(num_uncertain, dim=1).indices
         uncertain = candidates.gather(1, chosen[..., None].expand(-1, -1, 2))
-        random = torch.rand(num_masks, num_points - num_uncertain, 2, device=mask_logits.device)
+        random = torch.rand(num_masks, num_points - num_uncertain, 2, device=logits.device)
         return torch.cat([uncertain, random], dim=1)
 
     def num_masks(self, class_labels: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -161,7 +196,6 @@ class EomtLoss(nn.Module):
             torch.distributed.all_reduce(total)
             world_size = torch.distributed.get_world_size()
         return (total / world_size).clamp(min=1)
-
 
 
 def sample_rows(maps: torch.Tensor, rows: torch.Tensor, points: torch.Tensor) -> torch.Tensor:

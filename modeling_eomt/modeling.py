@@ -1,6 +1,6 @@
 """EoMT: a plain ViT whose last blocks also process learned queries, followed by a light mask/class head.
 
-Reading order: embeddings → ViT blocks (queries join before block L − num_blocks) → head (`predict`).
+Reading order: embeddings → ViT blocks (queries join before block L − num_blocks) → head (`head`).
 In training, each of the last `num_blocks` blocks restricts every query's attention to the patches of its
 current mask prediction; the restriction is annealed away per block (`attn_mask_probs`), so inference is a plain
 ViT forward followed by one head call.
@@ -22,7 +22,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
 from .configuration import EomtConfig
-from .loss import EomtLoss
+from .loss import EomtLoss, mask_logits
 
 logger = logging.get_logger(__name__)
 
@@ -49,9 +49,11 @@ class EomtForUniversalSegmentationOutput(ModelOutput):
         patch_offsets (`list[torch.Tensor]`, *optional*):
             Passed through from the processor's sliding windows, for semantic post-processing.
         intermediate_class_queries_logits (`tuple(torch.Tensor)`, *optional*):
-            Class logits predicted before each of the last `num_blocks` blocks (training, or on request).
+            Class logits predicted before each of the last `num_blocks` blocks, when
+            `output_intermediate_predictions=True`.
         intermediate_masks_queries_logits (`tuple(torch.Tensor)`, *optional*):
-            Mask logits predicted before each of the last `num_blocks` blocks (training, or on request).
+            Mask logits predicted before each of the last `num_blocks` blocks, when
+            `output_intermediate_predictions=True`.
         loss_dict (`dict[str, torch.Tensor]`, *optional*):
             The weighted loss terms, summed over predictions, when a loss is computed.
     """
@@ -246,9 +248,11 @@ class EomtScaleLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_size, height, width, dim = hidden_states.shape
-        # conv1.weight is (in, out, 2, 2): a (in → out·2·2) linear map per input pixel, bias repeated per sub-pixel.
-        upsampled = F.linear(hidden_states, self.conv1.weight.flatten(1).T, self.conv1.bias.repeat_interleave(4))
-        upsampled = upsampled.view(batch_size, height, width, dim, 2, 2).permute(0, 1, 4, 2, 5, 3)
+        # conv1.weight is (in, out, 2, 2): a linear map per input pixel into its 2×2 sub-pixels. Ordered
+        # (row, column, channel), the interleaving into the 2× map moves whole channel vectors, not single floats.
+        weight = self.conv1.weight.permute(0, 2, 3, 1).flatten(1)
+        upsampled = F.linear(hidden_states, weight.T, self.conv1.bias.repeat(4))
+        upsampled = upsampled.view(batch_size, height, width, 2, 2, dim).transpose(2, 3)
         upsampled = self.activation(upsampled.reshape(batch_size, 2 * height, 2 * width, dim))
         return self.layernorm2d(self.conv2(upsampled.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
@@ -358,17 +362,19 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
             patch_offsets (`list[torch.Tensor]`, *optional*):
                 Sliding-window offsets from the processor, returned unchanged for post-processing.
             output_intermediate_predictions (`bool`, defaults to `False`):
-                Also return the predictions made before each query block (always made in training).
+                Also return the predictions made before each query block.
         """
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         return_dict = self.config.return_dict if return_dict is None else return_dict
         self._check_inputs(pixel_values, mask_labels, class_labels)
+        compute_loss = mask_labels is not None
 
         hidden_states, grid = self.embeddings(pixel_values)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
-        intermediate_masks, intermediate_classes = (), ()
+        # Predictions before query blocks: `supervised` ones (masked attention, or the loss in training) enter the loss.
+        supervised, intermediate = [], []
 
         for index, layer in enumerate(self.layers):
             attention_mask = None
@@ -378,12 +384,15 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
             if index >= self.first_query_layer:
                 prob = self.attn_mask_probs[index - self.first_query_layer]
                 masking = bool(prob > 0)
-                if masking or self.training or output_intermediate_predictions:
-                    mask_logits, class_logits = self.predict(self.layernorm(hidden_states), grid)
-                    intermediate_masks += (mask_logits,)
-                    intermediate_classes += (class_logits,)
+                is_supervised = masking or (self.training and compute_loss)
+                if is_supervised or output_intermediate_predictions:
+                    prediction = self.head(self.layernorm(hidden_states), grid)
+                    if is_supervised:
+                        supervised.append(prediction)
+                    if output_intermediate_predictions:
+                        intermediate.append(prediction)
                     if masking:
-                        attention_mask = self._query_attention_mask(mask_logits, grid, prob, hidden_states.shape[1])
+                        attention_mask = self._query_attention_mask(*prediction[:2], grid, prob, hidden_states.shape[1])
             hidden_states, attn_weights = layer(hidden_states, attention_mask, output_attentions)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
@@ -391,33 +400,29 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
                 all_attentions += (attn_weights,)
 
         sequence_output = self.layernorm(hidden_states)
-        masks_queries_logits, class_queries_logits = self.predict(sequence_output, grid)
-
+        final = self.head(sequence_output, grid)
         loss = loss_dict = None
-        if mask_labels is not None and class_labels is not None:
-            loss, loss_dict = self.criterion(
-                intermediate_masks + (masks_queries_logits,),
-                intermediate_classes + (class_queries_logits,),
-                mask_labels,
-                class_labels,
-            )
+        if compute_loss:
+            loss, loss_dict = self.criterion(supervised + [final], mask_labels, class_labels)
 
         output = EomtForUniversalSegmentationOutput(
             loss=loss,
-            class_queries_logits=class_queries_logits,
-            masks_queries_logits=masks_queries_logits,
+            class_queries_logits=final[2],
+            masks_queries_logits=mask_logits(*final[:2]),
             last_hidden_state=sequence_output,
             hidden_states=all_hidden_states,
             attentions=all_attentions,
             patch_offsets=patch_offsets,
-            intermediate_class_queries_logits=intermediate_classes or None,
-            intermediate_masks_queries_logits=intermediate_masks or None,
+            intermediate_class_queries_logits=tuple(classes for *_, classes in intermediate) or None,
+            intermediate_masks_queries_logits=tuple(mask_logits(*factors) for *factors, _ in intermediate) or None,
             loss_dict=loss_dict,
         )
         return output if return_dict else output.to_tuple()
 
-    def predict(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mask logits `(B, Q, 4h, 4w)` and class logits `(B, Q, C+1)` from normalised tokens."""
+    def head(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mask embeddings `(B, Q, D)`, pixel embeddings `(B, 4h, 4w, D)` and class logits `(B, Q, C+1)` from
+        normalised tokens. A query's mask logits are its mask embedding dotted with every pixel embedding
+        (`mask_logits`); the loss and the attention masks work on the two factors and never need all of them."""
         num_queries = self.config.num_queries
         queries = tokens[:, :num_queries]
         patches = tokens[:, num_queries + self.embeddings.num_prefix_tokens :]
@@ -427,23 +432,29 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
             pixel_embeddings = checkpoint(self.upscale_block, feature_map, use_reentrant=False)
         else:
             pixel_embeddings = self.upscale_block(feature_map)
-        mask_embeddings = self.mask_head(queries)
-        height, width = pixel_embeddings.shape[1:3]
-        mask_logits = torch.bmm(mask_embeddings, pixel_embeddings.flatten(1, 2).transpose(1, 2))
-        return mask_logits.view(*mask_logits.shape[:2], height, width), self.class_predictor(queries)
+        return self.mask_head(queries), pixel_embeddings, self.class_predictor(queries)
 
+    @torch.no_grad()
     def _query_attention_mask(
-        self, mask_logits: torch.Tensor, grid: tuple[int, int], prob: torch.Tensor, seq_len: int
+        self,
+        mask_embeddings: torch.Tensor,
+        pixel_embeddings: torch.Tensor,
+        grid: tuple[int, int],
+        prob: torch.Tensor,
+        seq_len: int,
     ) -> torch.Tensor:
         """Boolean `(B, 1, T, T)` mask (True = attend): each query sees only the patches its mask covers.
 
         Queries, CLS and registers stay visible to everyone; each query keeps its restriction with probability
         `prob`, so annealing `prob` to 0 turns masked attention into plain attention.
         """
-        batch_size, num_queries = mask_logits.shape[:2]
-        sees_patch = F.interpolate(mask_logits.detach(), size=grid, mode="bilinear").flatten(2) > 0
-        released = torch.rand(batch_size, num_queries, 1, device=mask_logits.device) > prob
-        attention_mask = torch.ones(batch_size, 1, seq_len, seq_len, dtype=torch.bool, device=mask_logits.device)
+        batch_size, num_queries = mask_embeddings.shape[:2]
+        # The mask logits resized to the patch grid; resizing is linear, so resizing the pixel embeddings first gives
+        # the same logits without computing them at full resolution.
+        patch_embeddings = F.interpolate(pixel_embeddings.permute(0, 3, 1, 2), size=grid, mode="bilinear")
+        sees_patch = torch.bmm(mask_embeddings, patch_embeddings.flatten(2)) > 0
+        released = torch.rand(batch_size, num_queries, 1, device=mask_embeddings.device) > prob
+        attention_mask = torch.ones(batch_size, 1, seq_len, seq_len, dtype=torch.bool, device=mask_embeddings.device)
         patch_start = num_queries + self.embeddings.num_prefix_tokens
         attention_mask[:, 0, :num_queries, patch_start:] = sees_patch | released
         return attention_mask

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from modeling_eomt import EomtConfig, EomtForUniversalSegmentation
-from modeling_eomt.loss import EomtLoss, dice_loss, point_sample, sample_rows
+from modeling_eomt.loss import EomtLoss, dice_loss, mask_logits, point_sample, point_sample_logits, sample_rows
 
 
 def make_loss(**overrides) -> EomtLoss:
@@ -24,9 +24,12 @@ def test_matcher_recovers_the_permutation_of_confident_predictions():
     targets = quadrant_masks()
     classes = torch.tensor([0, 1, 2, 3])
     permutation = torch.tensor([3, 0, 2, 1])  # query i predicts target permutation[i]
-    mask_logits = (targets[permutation] * 2 - 1)[None] * 10
+    # Pixel embeddings: one-hot quadrant of each pixel; query i scores +10 on its quadrant and -10 elsewhere.
+    pixel_embeddings = targets.permute(1, 2, 0)[None]
+    mask_embeddings = (F.one_hot(permutation, 4).float() * 2 - 1)[None] * 10
+    torch.testing.assert_close(mask_logits(mask_embeddings, pixel_embeddings)[0], (targets[permutation] * 2 - 1) * 10)
     class_logits = F.one_hot(classes[permutation], 5)[None].float() * 10
-    (rows, cols), = make_loss().match(mask_logits, class_logits, [targets], [classes])
+    (rows, cols), = make_loss().match(mask_embeddings, pixel_embeddings, class_logits, [targets], [classes])
     assert torch.equal(cols[rows.argsort()], permutation)
 
 
@@ -34,14 +37,16 @@ def test_matching_is_optimal_against_brute_force():
     torch.manual_seed(1)
     loss = make_loss(class_weight=2.0)
     targets, classes = quadrant_masks()[:3], torch.tensor([1, 1, 2])
-    mask_logits, class_logits = torch.randn(1, 4, 8, 8) * 3, torch.randn(1, 4, 5)
+    mask_embeddings, pixel_embeddings, class_logits = torch.randn(1, 4, 6), torch.randn(1, 8, 8, 6), torch.randn(1, 4, 5)
     # The matcher's first draw is its point set: reproduce it to compute the same costs independently.
     torch.manual_seed(2)
     points = torch.rand(1, 2048, 2)
     torch.manual_seed(2)
-    (rows, cols), = loss.match(mask_logits, class_logits, [targets], [classes])
+    (rows, cols), = loss.match(mask_embeddings, pixel_embeddings, class_logits, [targets], [classes])
 
-    pred, tgt = point_sample(mask_logits[0], points), point_sample(targets, points)
+    # Independently: full-resolution logits, sampled, and the BCE cost pair by pair.
+    full_logits = torch.einsum("qd,hwd->qhw", mask_embeddings[0], pixel_embeddings[0])
+    pred, tgt = point_sample(full_logits, points), point_sample(targets, points)
     bce = torch.stack([F.binary_cross_entropy_with_logits(pred, t.expand_as(pred), reduction="none").mean(1)
                        for t in tgt], dim=1)
     cost = 5 * bce - 2 * class_logits[0].softmax(-1)[:, classes] + 5 * dice_loss(pred, tgt, pairwise=True)
@@ -61,6 +66,16 @@ def test_point_sample_matches_grid_sample_and_sample_rows_selects_maps():
     # Exact at pixel centres.
     centre = torch.tensor([[[(6 + 0.5) / 13, (2 + 0.5) / 9]]])
     torch.testing.assert_close(point_sample(maps[:1], centre)[0, 0], maps[0, 2, 6])
+
+
+def test_point_sampled_logits_equal_sampled_full_logits():
+    mask_embeddings, pixel_embeddings = torch.randn(7, 16), torch.randn(10, 12, 16)
+    points = torch.rand(1, 300, 2)
+    full = torch.einsum("qd,hwd->qhw", mask_embeddings, pixel_embeddings)
+    torch.testing.assert_close(mask_logits(mask_embeddings, pixel_embeddings), full, atol=1e-5, rtol=1e-5)
+    expected = point_sample(full, points)
+    torch.testing.assert_close(point_sample_logits(mask_embeddings, pixel_embeddings, points), expected,
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_class_loss_weights_no_object_queries():

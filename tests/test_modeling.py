@@ -70,6 +70,19 @@ def test_masked_attention_logits_match_builtin(attn):
     assert not torch.allclose(unmasked.masks_queries_logits, a.masks_queries_logits, atol=1e-3)
 
 
+def test_loss_value_matches_builtin():
+    # Same weights and targets, masked attention on (probabilities 1: no random release). The loss reads masks at
+    # random points, drawn differently by the two implementations, so agreement is up to sampling noise (~0.3 %).
+    torch.manual_seed(0)
+    ours, builtin = make_pair(train_num_points=12544)
+    ours.train(), builtin.train()
+    pixels = torch.randn(2, 3, 64, 64)
+    masks = [(torch.rand(3, 4, 4) > 0.5).repeat_interleave(16, 1).repeat_interleave(16, 2) for _ in range(2)]
+    labels = dict(mask_labels=[m.float() for m in masks], class_labels=[torch.tensor([0, 3, 4]), torch.tensor([1, 1, 2])])
+    ours_loss, builtin_loss = ours(pixels, **labels).loss, builtin(pixels, **labels).loss
+    assert abs(ours_loss.item() - builtin_loss.item()) < 0.01 * builtin_loss.item()
+
+
 def test_eager_and_sdpa_agree_with_masking():
     eager, _ = make_pair("eager")
     sdpa = EomtForUniversalSegmentation(EomtConfig(**TINY, attn_implementation="sdpa"))
@@ -226,11 +239,13 @@ def test_loss_sums_over_every_block_prediction():
     model.train()
     labels = dict(mask_labels=[torch.rand(2, 64, 64) > 0.5], class_labels=[torch.tensor([1, 4])])
     out = model(torch.randn(1, 3, 64, 64), **labels)
+    assert out.intermediate_masks_queries_logits is None  # only on request
+    out = model(torch.randn(1, 3, 64, 64), **labels, output_intermediate_predictions=True)
     assert len(out.intermediate_masks_queries_logits) == TINY["num_blocks"]
     # With no targets, only the no-object CE remains: num_blocks + 1 times the final block's share.
     empty = dict(mask_labels=[torch.zeros(0, 64, 64)], class_labels=[torch.zeros(0, dtype=torch.long)])
     model.attn_mask_probs.zero_()
-    out = model(torch.randn(1, 3, 64, 64), **empty)
+    out = model(torch.randn(1, 3, 64, 64), **empty, output_intermediate_predictions=True)
     per_prediction = [
         2.0 * torch.nn.functional.cross_entropy(logits[0], torch.full((6,), 5))
         for logits in (*out.intermediate_class_queries_logits, out.class_queries_logits)
