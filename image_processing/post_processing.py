@@ -7,7 +7,7 @@ costs a few hundred MB instead of `num_queries` full-size maps.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +16,12 @@ from transformers.image_processing_outputs import SemanticSegmentationPostProces
 
 # Elements of a float32 chunk of upsampled maps (64 MB); a few temporaries of this size exist at once.
 CHUNK_ELEMENTS = 2**24
+# Elements (pixels × queries) of a band of sigmoid masks in semantic segmentation: small enough to stay in the CPU
+# cache from the interpolation through the sigmoid to the class contraction.
+BAND_ELEMENTS = 2**21
+# `_pruned_argmax` contracts everywhere the classes whose probability norm over the queries reaches this fraction of
+# the largest, the others only where they might win. It sets the speed only, never the labels.
+CANDIDATE_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -46,50 +52,184 @@ def semantic_segmentation(
     target_sizes: Sequence[tuple[int, int]],
     return_segmentation_scores: bool = False,
 ) -> list:
-    """Per-pixel class maps; see `EomtImageProcessor.post_process_semantic_segmentation`."""
+    """Per-pixel class maps; see `EomtImageProcessor.post_process_semantic_segmentation`.
+
+    Scores are built at the resized image's size a band of rows at a time: the band's sigmoid mask maps are laid out
+    pixel-major (pixels × queries), so the class contraction is one float32 matrix product on data still in the
+    cache. When only labels at that same size are asked for, most classes are proven unable to win and skipped.
+    """
     class_probs = class_logits.float().softmax(-1)[..., :-1]
-    num_classes = class_probs.shape[-1]
-    device = mask_logits.device
-    inputs_of_image = [[n for n, p in enumerate(placements) if p.image_index == i] for i in range(len(resized_sizes))]
     results = []
-    for (height, width), size, inputs in zip(resized_sizes, target_sizes, inputs_of_image):
-        if len(inputs) == 1:  # a padded image: its canvas without the padding
-            (index,) = inputs
-            averaged = _class_scores(class_probs[index], mask_logits[index], placements[index].canvas)
-            averaged = averaged[:, :height, :width]
-        else:  # windows: average where they overlap
-            total = torch.zeros(num_classes, height, width, device=device)
-            count = torch.zeros(height, width, device=device)
-            for index in inputs:
-                placement = placements[index]
-                scores = _class_scores(class_probs[index], mask_logits[index], placement.canvas)
-                rows = slice(placement.top, placement.top + placement.height)
-                cols = slice(placement.left, placement.left + placement.width)
-                total[:, rows, cols] += scores[:, : placement.height, : placement.width]
-                count[rows, cols] += 1
-            averaged = total / count.clamp(min=1)
+    for image_index, ((height, width), size) in enumerate(zip(resized_sizes, target_sizes)):
+        windows = [
+            _Window.build(placement, class_probs[n], mask_logits[n])
+            for n, placement in enumerate(placements)
+            if placement.image_index == image_index
+        ]
+        if not return_segmentation_scores and tuple(size) == (height, width):
+            results.append(_pruned_argmax(windows, height, width))
+            continue
+        scores = _stitched_scores(windows, height, width)
         if return_segmentation_scores:
-            scores = F.interpolate(averaged[None], size=size, mode="bilinear", align_corners=False)[0]
+            scores = F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
             results.append(
                 SemanticSegmentationPostProcessorOutput(
                     data={"segmentation": scores.argmax(0), "segmentation_scores": scores}
                 )
             )
         else:
-            results.append(_resized_argmax(averaged, size))
+            results.append(_resized_argmax(scores, size))
     return results
 
 
-def _class_scores(class_probs: torch.Tensor, mask_logits: torch.Tensor, canvas: tuple[int, int]) -> torch.Tensor:
-    """`einsum(softmax classes, sigmoid masks)` at the canvas size, `(num_classes, *canvas)`; queries in chunks,
-    accumulated inside the matrix product."""
-    num_queries, num_classes = class_probs.shape
-    total = torch.zeros(num_classes, canvas[0] * canvas[1], device=mask_logits.device)
-    step = _chunk(num_queries, canvas[0] * canvas[1])
-    for start in range(0, num_queries, step):
-        masks = F.interpolate(mask_logits[None, start : start + step].float(), size=canvas, mode="bilinear")[0]
-        total.addmm_(class_probs[start : start + step].T, masks.flatten(1).sigmoid_())
-    return total.view(num_classes, *canvas)
+@dataclass(frozen=True)
+class _Window:
+    """One model input of an image: its placement, class probabilities `(queries, classes)`, mask logits as a
+    channels-last `(1, queries, h, w)` float tensor, and the bilinear weights `(placement.height, h)` from mask rows
+    to the canvas rows that show image content."""
+
+    placement: Placement
+    class_probs: torch.Tensor
+    mask_logits: torch.Tensor
+    row_weights: torch.Tensor
+
+    @classmethod
+    def build(cls, placement: Placement, class_probs: torch.Tensor, mask_logits: torch.Tensor) -> _Window:
+        logits = mask_logits[None].float().contiguous(memory_format=torch.channels_last)
+        rows = _interpolation_weights(logits.shape[2], placement.canvas[0], placement.height).to(logits.device)
+        return cls(placement, class_probs, logits, rows)
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """The part of a window inside a band: its band rows, image columns and sigmoid masks `(pixels, queries)`."""
+
+    window: _Window
+    rows: slice
+    cols: slice
+    sigmoid: torch.Tensor
+
+
+def _interpolation_weights(size_in: int, size_out: int, stop: int) -> torch.Tensor:
+    """`(stop, size_in)` weights of `F.interpolate(mode="bilinear", align_corners=False)` along one axis for its first
+    `stop` outputs, from the same float32 source coordinates `(i + 0.5) · in / out - 0.5`, clamped at 0."""
+    scale = torch.tensor(size_in / size_out, dtype=torch.float32)
+    source = ((torch.arange(stop, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0)
+    low = source.long().clamp(max=size_in - 1)
+    high = (low + 1).clamp(max=size_in - 1)
+    weights = torch.zeros(stop, size_in)
+    rows = torch.arange(stop)
+    weights.index_put_((rows, low), 1 - (source - low), accumulate=True)
+    weights.index_put_((rows, high), source - low, accumulate=True)
+    return weights
+
+
+def _sigmoid_bands(windows: Sequence[_Window], height: int, width: int) -> Iterator[tuple[slice, list[_Piece]]]:
+    """Bands of rows of the `(height, width)` resized image, each with the sigmoid masks of the windows covering it.
+
+    Bilinear interpolation is separable: columns by `F.interpolate` (rows kept as they are, which is exact), then
+    rows by a product with `_Window.row_weights`, which lays the band out pixel-major and skips padding rows."""
+    num_queries = windows[0].class_probs.shape[0]
+    band = max(1, BAND_ELEMENTS // (width * num_queries))
+    for start in range(0, height, band):
+        stop = min(height, start + band)
+        pieces = []
+        for window in windows:
+            placement = window.placement
+            first, last = max(start, placement.top), min(stop, placement.top + placement.height)
+            if first >= last:
+                continue
+            weights = window.row_weights[first - placement.top : last - placement.top]
+            used = weights.sum(0).nonzero()[:, 0]  # the mask rows these canvas rows lie between
+            low, high = int(used[0]), int(used[-1]) + 1
+            columns = F.interpolate(
+                window.mask_logits[:, :, low:high], size=(high - low, placement.canvas[1]), mode="bilinear"
+            )
+            columns = columns.permute(0, 2, 3, 1)[0, :, : placement.width]  # (mask rows, content columns, queries)
+            maps = (weights[:, low:high] @ columns.reshape(high - low, -1)).view(-1, num_queries).sigmoid_()
+            cols = slice(placement.left, placement.left + placement.width)
+            pieces.append(_Piece(window, slice(first - start, last - start), cols, maps))
+        yield slice(start, stop), pieces
+
+
+def _average(
+    pieces: Sequence[_Piece],
+    band_shape: tuple[int, int],
+    per_piece: Callable[[torch.Tensor, _Window], torch.Tensor],
+    pixels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`per_piece(sigmoid masks, window)` `(pixels of the piece, k)` averaged over the windows covering each pixel:
+    `(band pixels, k)` in row-major order, or `(len(pixels), k)` for the given band pixels only."""
+    if len(pieces) == 1 and pixels is None:  # one window covers the whole band: nothing to average
+        return per_piece(pieces[0].sigmoid, pieces[0].window)
+    device = pieces[0].sigmoid.device
+    band_pixels = torch.arange(band_shape[0] * band_shape[1], device=device).view(band_shape)
+    rows = band_pixels.numel() if pixels is None else pixels.numel()
+    if pixels is not None:  # band pixel → row of the result, -1 when not asked for
+        position = torch.full((band_pixels.numel(),), -1, device=device)
+        position[pixels] = torch.arange(rows, device=device)
+    total = count = None
+    for piece in pieces:
+        index, maps = band_pixels[piece.rows, piece.cols].flatten(), piece.sigmoid
+        if pixels is not None:
+            index = position[index]
+            inside = index >= 0
+            index, maps = index[inside], maps[inside]
+        values = per_piece(maps, piece.window)
+        if total is None:
+            total, count = values.new_zeros(rows, values.shape[1]), values.new_zeros(rows, 1)
+        total.index_add_(0, index, values)
+        count.index_add_(0, index, values.new_ones(index.numel(), 1))
+    return total / count.clamp(min=1)
+
+
+def _stitched_scores(windows: Sequence[_Window], height: int, width: int) -> torch.Tensor:
+    """`einsum(softmax classes, sigmoid masks)` of every window, averaged where windows overlap: `(classes, height,
+    width)` at the resized image's size."""
+    scores = torch.empty(windows[0].class_probs.shape[1], height, width, device=windows[0].class_probs.device)
+    for rows, pieces in _sigmoid_bands(windows, height, width):
+        band = _average(pieces, (rows.stop - rows.start, width), lambda maps, window: maps @ window.class_probs)
+        scores[:, rows] = band.T.view(-1, rows.stop - rows.start, width)
+    return scores
+
+
+def _pruned_argmax(windows: Sequence[_Window], height: int, width: int) -> torch.Tensor:
+    """`_stitched_scores(...).argmax(0)`, contracting everywhere only the candidate classes (those some query gives
+    a large probability) and the other classes only at the pixels where they might win.
+
+    By Cauchy–Schwarz a class `c` scores `mean_w <p_wc, s_w> <= max_w |p_wc| · mean_w |s_w|` at a pixel (`p_wc` its
+    probabilities over the queries of window `w`, `s_w` the sigmoid masks of `w` there). Where that bound for the
+    largest non-candidate `max_w |p_wc|`, with a margin for float32 rounding, is below the best candidate score, no
+    other class can win or tie; elsewhere every class is contracted, so the labels equal the full argmax."""
+    class_probs = torch.stack([window.class_probs for window in windows])  # (windows, queries, classes)
+    norms = torch.linalg.vector_norm(class_probs, dim=1).amax(0)
+    is_candidate = norms >= CANDIDATE_FRACTION * norms.max()
+    candidates, others = is_candidate.nonzero()[:, 0], (~is_candidate).nonzero()[:, 0]
+    # float32 sums of n non-negative terms are within n·eps (relative) of the exact sum; a few such sums are compared.
+    margin = 1 + 4 * class_probs.shape[1] * torch.finfo(torch.float32).eps
+    bound_factor = float(norms[others].max()) * margin if others.numel() else 0.0
+
+    def candidate_scores(maps: torch.Tensor, window: _Window) -> torch.Tensor:
+        norm = torch.linalg.vector_norm(maps, dim=1, keepdim=True)
+        return torch.cat([maps @ window.class_probs[:, candidates], norm], 1)
+
+    def other_scores(maps: torch.Tensor, window: _Window) -> torch.Tensor:
+        return maps @ window.class_probs[:, others]
+
+    labels = torch.empty(height, width, dtype=torch.long, device=class_probs.device)
+    for rows, pieces in _sigmoid_bands(windows, height, width):
+        band_shape = (rows.stop - rows.start, width)
+        scores = _average(pieces, band_shape, candidate_scores)
+        best, index = _first_max(scores[:, :-1], dim=1)
+        band_labels = candidates[index]
+        unsure = (bound_factor * scores[:, -1] >= best).nonzero()[:, 0] if others.numel() else index[:0]
+        if unsure.numel():
+            full = scores.new_empty(unsure.numel(), class_probs.shape[2])
+            full[:, candidates] = scores[unsure, :-1]
+            full[:, others] = _average(pieces, band_shape, other_scores, unsure)
+            band_labels[unsure] = full.argmax(1)
+        labels[rows] = band_labels.view(band_shape)
+    return labels
 
 
 def _resized_argmax(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -254,10 +394,9 @@ def segments_from_semantic(
     return {"segmentation": segment_ids, "segments_info": segments}
 
 
-def _first_max(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Max over dim 0 and the first index reaching it (`argmax` semantics)."""
-    index = values.argmax(0)
-    return values.gather(0, index[None])[0], index
+def _first_max(values: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max over `dim` and the first index reaching it (`argmax` semantics)."""
+    return values.max(dim)  # documented to return the first index of a repeated maximum
 
 
 def _chunk(count: int, pixels: int) -> int:
