@@ -8,13 +8,14 @@ ViT forward followed by one head call.
 
 from __future__ import annotations
 
-import math
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -25,6 +26,24 @@ from .configuration import EomtConfig
 from .loss import EomtLoss, mask_logits
 
 logger = logging.get_logger(__name__)
+
+_KEEP_MATMUL_OUTPUTS = functools.partial(
+    create_selective_checkpoint_contexts, [torch.ops.aten.addmm.default, torch.ops.aten.mm.default]
+)
+
+
+def recompute_elementwise(function: Callable[[torch.Tensor], torch.Tensor], hidden_states: torch.Tensor) -> torch.Tensor:
+    """`function(hidden_states)`, keeping for backward only the outputs of its matrix multiplications.
+
+    Everything else in it (activations, depthwise convolution, LayerNorm) is memory-bound work that is cheaper to
+    redo in backward than to store: this drops a hidden-width tensor per MLP and two upscaled maps per upscale
+    layer (the largest tensors of a training step) for a few percent more compute.
+    """
+    if not torch.is_grad_enabled():
+        return function(hidden_states)
+    return checkpoint(
+        function, hidden_states, use_reentrant=False, preserve_rng_state=False, context_fn=_KEEP_MATMUL_OUTPUTS
+    )
 
 
 @dataclass
@@ -220,7 +239,8 @@ class EomtLayer(GradientCheckpointingLayer):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attn_output, attn_weights = self.attention(self.norm1(hidden_states), attention_mask, output_attentions)
         hidden_states = self.add_branch(hidden_states, attn_output, self.layer_scale1)
-        hidden_states = self.add_branch(hidden_states, self.mlp(self.norm2(hidden_states)), self.layer_scale2)
+        mlp_output = recompute_elementwise(self.mlp, self.norm2(hidden_states))
+        hidden_states = self.add_branch(hidden_states, mlp_output, self.layer_scale2)
         return hidden_states, attn_weights
 
     def add_branch(self, hidden_states: torch.Tensor, branch: torch.Tensor, layer_scale: EomtLayerScale) -> torch.Tensor:
@@ -247,14 +267,21 @@ class EomtScaleLayer(nn.Module):
         self.layernorm2d = nn.LayerNorm(dim, eps=1e-6)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # Backward keeps only the transposed conv's matmul output; the rest is recomputed (see recompute_elementwise).
+        return recompute_elementwise(self.upscale, hidden_states)
+
+    def upscale(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_size, height, width, dim = hidden_states.shape
         # conv1.weight is (in, out, 2, 2): a linear map per input pixel into its 2×2 sub-pixels. Ordered
         # (row, column, channel), the interleaving into the 2× map moves whole channel vectors, not single floats.
         weight = self.conv1.weight.permute(0, 2, 3, 1).flatten(1)
+        # One name for every full-size map: rebinding frees the previous one, so at most two exist at once.
         upsampled = F.linear(hidden_states, weight.T, self.conv1.bias.repeat(4))
         upsampled = upsampled.view(batch_size, height, width, 2, 2, dim).transpose(2, 3)
-        upsampled = self.activation(upsampled.reshape(batch_size, 2 * height, 2 * width, dim))
-        return self.layernorm2d(self.conv2(upsampled.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        upsampled = upsampled.reshape(batch_size, 2 * height, 2 * width, dim)
+        upsampled = self.activation(upsampled)
+        upsampled = self.conv2(upsampled.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.layernorm2d(upsampled)
 
 
 class EomtScaleBlock(nn.Module):

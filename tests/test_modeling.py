@@ -70,6 +70,27 @@ def test_masked_attention_logits_match_builtin(attn):
     assert not torch.allclose(unmasked.masks_queries_logits, a.masks_queries_logits, atol=1e-3)
 
 
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_masked_attention_gradients_match_builtin(swiglu):
+    # Backward through masked attention, the head and the activations recomputed in backward: every parameter's
+    # gradient of a fixed function of the outputs equals the built-in's.
+    ours, builtin = make_pair(use_swiglu_ffn=swiglu)
+    ours.train(), builtin.train()
+    pixels = torch.randn(2, 3, 64, 64)
+    generator = torch.Generator().manual_seed(1)
+    grads = []
+    for model in (ours, builtin):
+        out = model(pixels)
+        mask_weights = torch.randn(out.masks_queries_logits.shape, generator=generator)
+        class_weights = torch.randn(out.class_queries_logits.shape, generator=generator)
+        ((out.masks_queries_logits * mask_weights).sum() + (out.class_queries_logits * class_weights).sum()).backward()
+        grads.append({name: param.grad for name, param in model.named_parameters() if param.grad is not None})
+        generator.manual_seed(1)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 30
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-4, rtol=1e-4, msg=name)
+
+
 def test_loss_value_matches_builtin():
     # Same weights and targets, masked attention on (probabilities 1: no random release). The loss reads masks at
     # random points, drawn differently by the two implementations, so agreement is up to sampling noise (~0.3 %).
