@@ -146,9 +146,13 @@ def run_all(args: argparse.Namespace) -> dict:
 
     def forward(name: str, kwargs: dict, batch: int) -> None:
         extra = {"mask2former": mask2former(kwargs["image_size"], args.quick)} if batch == 1 else None
-        seconds = bench_forward(kwargs, batch, repeats, extra)
+        seconds, flops = bench_forward(kwargs, batch, repeats, extra)
         setting = f"{name} {size_640}, batch {batch}"
         absolute[f"forward ms, {setting}"] = {kind: s * 1e3 for kind, s in seconds.items()}
+        absolute[f"arithmetic GFLOP, {setting}"] = {kind: f / 1e9 for kind, f in flops.items()}
+        if batch == 1:  # the arithmetic scales with the batch: one row per backbone size
+            rows.append(Row("arithmetic vs bare ViT (FLOPs)", setting, flops["ours"] / 1e9, flops["bare_vit"] / 1e9,
+                            "bare ViT", "GFLOP"))  # fmt: skip
         rows.append(
             Row(
                 "forward vs bare ViT",
@@ -247,8 +251,9 @@ def markdown(results: dict) -> str:
             f"Times are process CPU time (all threads), median of {results['repeats']} interleaved repeats after a "
             "warm-up. Memory is measured in a fresh subprocess per model: the ratio compares the peak resident memory "
             "added by the model and its work (peak RSS minus the RSS after imports, about the same for every model); "
-            "the absolute table also gives whole-process peaks. Ratio = ours / baseline; lower is better. Reproduce "
-            "with `make bench`."
+            "the absolute table also gives whole-process peaks. Arithmetic counts the FLOPs of matmuls, convolutions "
+            "and attention (torch's FlopCounterMode): at equal efficiency it is the floor of the forward time ratio. "
+            "Ratio = ours / baseline; lower is better. Reproduce with `make bench`."
         ),
         "",
         "| Benchmark | Setting | Ratio | Target | Met | Ours | Baseline |",
