@@ -71,10 +71,11 @@ def semantic_segmentation(
             continue
         scores = _stitched_scores(windows, height, width)
         if return_segmentation_scores:
-            scores = F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
+            if tuple(size) != (height, width):  # resizing to the same size is an exact copy
+                scores = F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
             results.append(
                 SemanticSegmentationPostProcessorOutput(
-                    data={"segmentation": scores.argmax(0), "segmentation_scores": scores}
+                    data={"segmentation": _first_max(scores)[1], "segmentation_scores": scores}
                 )
             )
         else:
@@ -187,8 +188,13 @@ def _stitched_scores(windows: Sequence[_Window], height: int, width: int) -> tor
     """`einsum(softmax classes, sigmoid masks)` of every window, averaged where windows overlap: `(classes, height,
     width)` at the resized image's size."""
     scores = torch.empty(windows[0].class_probs.shape[1], height, width, device=windows[0].class_probs.device)
+
+    def class_scores(maps: torch.Tensor, window: _Window) -> torch.Tensor:
+        # computed class-major (MKL's faster layout for many classes), so `band.T` below is a contiguous copy
+        return (window.class_probs.T @ maps.T).T
+
     for rows, pieces in _sigmoid_bands(windows, height, width):
-        band = _average(pieces, (rows.stop - rows.start, width), lambda maps, window: maps @ window.class_probs)
+        band = _average(pieces, (rows.stop - rows.start, width), class_scores)
         scores[:, rows] = band.T.view(-1, rows.stop - rows.start, width)
     return scores
 
@@ -205,8 +211,9 @@ def _pruned_argmax(windows: Sequence[_Window], height: int, width: int) -> torch
     norms = torch.linalg.vector_norm(class_probs, dim=1).amax(0)
     is_candidate = norms >= CANDIDATE_FRACTION * norms.max()
     candidates, others = is_candidate.nonzero()[:, 0], (~is_candidate).nonzero()[:, 0]
-    # float32 sums of n non-negative terms are within n·eps (relative) of the exact sum; a few such sums are compared.
-    margin = 1 + 4 * class_probs.shape[1] * torch.finfo(torch.float32).eps
+    # float32 sums of n non-negative terms (over queries, then windows) are within n·eps/2 of the exact sum, relative;
+    # the bound and the scores compared to it take a few such sums.
+    margin = 1 + 4 * (class_probs.shape[1] + class_probs.shape[0]) * torch.finfo(torch.float32).eps
     bound_factor = float(norms[others].max()) * margin if others.numel() else 0.0
 
     def candidate_scores(maps: torch.Tensor, window: _Window) -> torch.Tensor:
@@ -374,9 +381,7 @@ def instance_segmentation(
     return results
 
 
-def segments_from_semantic(
-    segmentation: torch.Tensor, scores: torch.Tensor, return_binary_maps: bool = False
-) -> dict:
+def segments_from_semantic(segmentation: torch.Tensor, scores: torch.Tensor, return_binary_maps: bool = False) -> dict:
     """One segment per class of a semantic map; its score is the class's mean share of the per-pixel scores."""
     labels = torch.unique(segmentation)
     segment_of_class = torch.full((scores.shape[0],), -1, dtype=torch.long, device=segmentation.device)

@@ -6,10 +6,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from modeling_eomt.image_processing import post_processing
 from transformers.models.eomt.image_processing_pil_eomt import EomtImageProcessorPil as BuiltinProcessor
 
 from modeling_eomt import EomtImageProcessor
-from modeling_eomt.image_processing import post_processing
 
 PANOPTIC_SIZE = {"shortest_edge": 64, "longest_edge": 64}
 SEMANTIC_SIZE = {"shortest_edge": 32, "longest_edge": None}
@@ -85,7 +85,9 @@ def test_instance_matches_builtin(processors, threshold):
     ours, builtin = processors
     outputs = fake_outputs(2, seed=1)
     result = ours.post_process_instance_segmentation(outputs, TARGET_SIZES, threshold=threshold, mask_threshold=0.5)
-    assert_same_segments(result, builtin.post_process_instance_segmentation(outputs, TARGET_SIZES, threshold=threshold))
+    assert_same_segments(
+        result, builtin.post_process_instance_segmentation(outputs, TARGET_SIZES, threshold=threshold)
+    )
     assert sum(len(r["segments_info"]) for r in result) >= 2
 
 
@@ -105,7 +107,10 @@ def test_semantic_matches_builtin_on_square_images(processors):
 def test_semantic_sliding_windows_match_builtin():
     ours = EomtImageProcessor(size=SEMANTIC_SIZE, do_split_image=True, do_pad=False)
     builtin = BuiltinProcessor(size=SEMANTIC_SIZE, do_split_image=True)
-    images = [torch.randint(0, 256, (3, 40, 90), dtype=torch.uint8), torch.randint(0, 256, (3, 70, 33), dtype=torch.uint8)]
+    images = [
+        torch.randint(0, 256, (3, 40, 90), dtype=torch.uint8),
+        torch.randint(0, 256, (3, 70, 33), dtype=torch.uint8),
+    ]
     offsets = builtin(images=images, return_tensors="pt")["patch_offsets"]
     assert [o.tolist() for o in ours(images)["patch_offsets"]] == [o.tolist() for o in offsets]
     outputs = fake_outputs(len(offsets), grid=8, seed=4)
@@ -140,7 +145,10 @@ def test_semantic_labels_match_builtin_with_windows(monkeypatch, fraction, band_
     ours = EomtImageProcessor(size=SEMANTIC_SIZE, do_split_image=True, do_pad=False)
     builtin = BuiltinProcessor(size=SEMANTIC_SIZE, do_split_image=True)
     # short side at the crop size: resized = original size, windows of 32 overlap along the long side
-    images = [torch.randint(0, 256, (3, 32, 90), dtype=torch.uint8), torch.randint(0, 256, (3, 75, 32), dtype=torch.uint8)]
+    images = [
+        torch.randint(0, 256, (3, 32, 90), dtype=torch.uint8),
+        torch.randint(0, 256, (3, 75, 32), dtype=torch.uint8),
+    ]
     offsets = builtin(images=images, return_tensors="pt")["patch_offsets"]
     assert len(offsets) == 6
     outputs = fake_outputs(len(offsets), classes=12, grid=8, seed=8)
@@ -172,6 +180,21 @@ def test_interpolation_weights_match_interpolate():
         weights = post_processing._interpolation_weights(size_in, size_out, stop)
         torch.testing.assert_close(values @ weights.T, expected, rtol=1e-6, atol=1e-6)
         assert bool((weights >= 0).all()) and torch.allclose(weights.sum(1), torch.ones(stop))
+
+
+def test_semantic_padding_matches_builtin_canvas():
+    """A padded non-square image: scores and labels equal the oracle's on the padded canvas, padding cropped (the
+    built-in resizes the padded canvas to the image size instead, see `test_semantic_crops_padding`)."""
+    ours = EomtImageProcessor(size=PANOPTIC_SIZE)
+    outputs = fake_outputs(1, classes=12, seed=10)
+    canvas = BuiltinProcessor(size=PANOPTIC_SIZE, do_pad=True).post_process_semantic_segmentation(
+        outputs, [(64, 64)], return_segmentation_scores=True
+    )[0]
+    expected = canvas.segmentation_scores[:, :32]  # a 32×64 image fills the top half of the 64×64 canvas
+    result = ours.post_process_semantic_segmentation(outputs, [(32, 64)], return_segmentation_scores=True)[0]
+    torch.testing.assert_close(result.segmentation_scores, expected, rtol=1e-5, atol=1e-6)
+    assert_labels_match(result.segmentation, expected)
+    assert_labels_match(ours.post_process_semantic_segmentation(outputs, [(32, 64)])[0], expected)
 
 
 def test_semantic_crops_padding():
@@ -221,7 +244,7 @@ def test_instance_top_k_pairs(processors):
     per_query = ours.post_process_instance_segmentation(outputs, TARGET_SIZES[:1], threshold=0.5)[0]
     pairs = ours.post_process_instance_segmentation(outputs, TARGET_SIZES[:1], threshold=0.5, top_k=1000)[0]
     # above 0.5 a query has at most one class, so both rules find the same instances
-    key = lambda r: sorted((s["label_id"], s["score"]) for s in r["segments_info"])  # noqa: E731
+    key = lambda r: sorted((s["label_id"], s["score"]) for s in r["segments_info"])
     assert key(per_query) == key(pairs)
 
     top = ours.post_process_instance_segmentation(
