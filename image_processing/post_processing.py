@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +57,7 @@ def semantic_segmentation(
 
     Scores are built at the resized image's size a band of rows at a time: the band's sigmoid mask maps are laid out
     pixel-major (pixels × queries), so the class contraction is one float32 matrix product on data still in the
-    cache. When only labels at that same size are asked for, most classes are proven unable to win and skipped.
+    cache. When only labels are asked for, most classes are proven unable to win and skipped (`_pruned_argmax`).
     """
     class_probs = class_logits.float().softmax(-1)[..., :-1]
     results = []
@@ -66,20 +67,17 @@ def semantic_segmentation(
             for n, placement in enumerate(placements)
             if placement.image_index == image_index
         ]
-        if not return_segmentation_scores and tuple(size) == (height, width):
-            results.append(_pruned_argmax(windows, height, width))
+        if not return_segmentation_scores:
+            results.append(_pruned_argmax(windows, height, width, size))
             continue
         scores = _stitched_scores(windows, height, width)
-        if return_segmentation_scores:
-            if tuple(size) != (height, width):  # resizing to the same size is an exact copy
-                scores = F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
-            results.append(
-                SemanticSegmentationPostProcessorOutput(
-                    data={"segmentation": _first_max(scores)[1], "segmentation_scores": scores}
-                )
+        if tuple(size) != (height, width):  # resizing to the same size is an exact copy
+            scores = F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
+        results.append(
+            SemanticSegmentationPostProcessorOutput(
+                data={"segmentation": _first_max(scores)[1], "segmentation_scores": scores}
             )
-        else:
-            results.append(_resized_argmax(scores, size))
+        )
     return results
 
 
@@ -111,22 +109,30 @@ class _Piece:
     sigmoid: torch.Tensor
 
 
-def _interpolation_weights(size_in: int, size_out: int, stop: int) -> torch.Tensor:
-    """`(stop, size_in)` weights of `F.interpolate(mode="bilinear", align_corners=False)` along one axis for its first
-    `stop` outputs, from the same float32 source coordinates `(i + 0.5) · in / out - 0.5`, clamped at 0."""
-    scale = torch.tensor(size_in / size_out, dtype=torch.float32)
-    source = ((torch.arange(stop, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0)
+def _interpolation_taps(size_in: int, size_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`F.interpolate(mode="bilinear", align_corners=False)` along one axis: output `i` is `(1 - frac[i]) · x[low[i]] +
+    frac[i] · x[high[i]]`, from the same float32 source coordinates `(i + 0.5) · in / out - 0.5`, clamped at 0."""
+    scale = torch.tensor(size_in, dtype=torch.float32) / size_out
+    source = ((torch.arange(size_out, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0)
     low = source.long().clamp(max=size_in - 1)
-    high = (low + 1).clamp(max=size_in - 1)
+    return low, (low + 1).clamp(max=size_in - 1), source - low
+
+
+def _interpolation_weights(size_in: int, size_out: int, stop: int) -> torch.Tensor:
+    """`(stop, size_in)` matrix of `_interpolation_taps` for the first `stop` outputs."""
+    low, high, frac = (t[:stop] for t in _interpolation_taps(size_in, size_out))
     weights = torch.zeros(stop, size_in)
     rows = torch.arange(stop)
-    weights.index_put_((rows, low), 1 - (source - low), accumulate=True)
-    weights.index_put_((rows, high), source - low, accumulate=True)
+    weights.index_put_((rows, low), 1 - frac, accumulate=True)
+    weights.index_put_((rows, high), frac, accumulate=True)
     return weights
 
 
-def _sigmoid_bands(windows: Sequence[_Window], height: int, width: int) -> Iterator[tuple[slice, list[_Piece]]]:
-    """Bands of rows of the `(height, width)` resized image, each with the sigmoid masks of the windows covering it.
+def _sigmoid_bands(
+    windows: Sequence[_Window], height: int, width: int, needed_rows: torch.Tensor | None = None
+) -> Iterator[tuple[slice, list[_Piece]]]:
+    """Bands of rows of the `(height, width)` resized image, each with the sigmoid masks of the windows covering it;
+    only the bands with a row in `needed_rows` (a boolean mask), if given.
 
     Bilinear interpolation is separable: columns by `F.interpolate` (rows kept as they are, which is exact), then
     rows by a product with `_Window.row_weights`, which lays the band out pixel-major and skips padding rows."""
@@ -134,6 +140,8 @@ def _sigmoid_bands(windows: Sequence[_Window], height: int, width: int) -> Itera
     band = max(1, BAND_ELEMENTS // (width * num_queries))
     for start in range(0, height, band):
         stop = min(height, start + band)
+        if needed_rows is not None and not bool(needed_rows[start:stop].any()):
+            continue
         pieces = []
         for window in windows:
             placement = window.placement
@@ -188,25 +196,39 @@ def _stitched_scores(windows: Sequence[_Window], height: int, width: int) -> tor
     """`einsum(softmax classes, sigmoid masks)` of every window, averaged where windows overlap: `(classes, height,
     width)` at the resized image's size."""
     scores = torch.empty(windows[0].class_probs.shape[1], height, width, device=windows[0].class_probs.device)
-
-    def class_scores(maps: torch.Tensor, window: _Window) -> torch.Tensor:
-        # computed class-major (MKL's faster layout for many classes), so `band.T` below is a contiguous copy
-        return (window.class_probs.T @ maps.T).T
-
     for rows, pieces in _sigmoid_bands(windows, height, width):
-        band = _average(pieces, (rows.stop - rows.start, width), class_scores)
-        scores[:, rows] = band.T.view(-1, rows.stop - rows.start, width)
+        band = _average(pieces, (rows.stop - rows.start, width), _class_scores)
+        scores[:, rows] = band.T.view(-1, rows.stop - rows.start, width)  # a contiguous copy, see `_class_scores`
     return scores
 
 
-def _pruned_argmax(windows: Sequence[_Window], height: int, width: int) -> torch.Tensor:
-    """`_stitched_scores(...).argmax(0)`, contracting everywhere only the candidate classes (those some query gives
-    a large probability) and the other classes only at the pixels where they might win.
+def _scores_at(windows: Sequence[_Window], height: int, width: int, pixels: torch.Tensor) -> torch.Tensor:
+    """`_stitched_scores` at some flat pixels of the resized image only: `(len(pixels), classes)`."""
+    needed_rows = torch.zeros(height, dtype=torch.bool, device=pixels.device)
+    needed_rows[pixels // width] = True
+    scores = windows[0].class_probs.new_empty(pixels.numel(), windows[0].class_probs.shape[1])
+    for rows, pieces in _sigmoid_bands(windows, height, width, needed_rows):
+        inside = (pixels >= rows.start * width) & (pixels < rows.stop * width)
+        band_pixels = pixels[inside] - rows.start * width
+        scores[inside] = _average(pieces, (rows.stop - rows.start, width), _class_scores, band_pixels)
+    return scores
+
+
+def _class_scores(maps: torch.Tensor, window: _Window) -> torch.Tensor:
+    """Scores of all classes `(pixels, classes)` from sigmoid masks `(pixels, queries)`, computed class-major: MKL's
+    faster layout for many classes, and its transpose is contiguous."""
+    return (window.class_probs.T @ maps.T).T
+
+
+def _pruned_argmax(windows: Sequence[_Window], height: int, width: int, size: tuple[int, int]) -> torch.Tensor:
+    """`_stitched_scores(...)` resized to `size`, `argmax(0)`: contracting everywhere only the candidate classes
+    (those some query gives a large probability) and the other classes only at the pixels where they might win.
 
     By Cauchy–Schwarz a class `c` scores `mean_w <p_wc, s_w> <= max_w |p_wc| · mean_w |s_w|` at a pixel (`p_wc` its
     probabilities over the queries of window `w`, `s_w` the sigmoid masks of `w` there). Where that bound for the
     largest non-candidate `max_w |p_wc|`, with a margin for float32 rounding, is below the best candidate score, no
-    other class can win or tie; elsewhere every class is contracted, so the labels equal the full argmax."""
+    other class can win or tie; elsewhere the other classes are contracted too. Bilinear resizing takes weighted means
+    with non-negative weights, so resized bounds still bound the resized scores (`_resized_pruned_argmax`)."""
     class_probs = torch.stack([window.class_probs for window in windows])  # (windows, queries, classes)
     norms = torch.linalg.vector_norm(class_probs, dim=1).amax(0)
     is_candidate = norms >= CANDIDATE_FRACTION * norms.max()
@@ -223,36 +245,97 @@ def _pruned_argmax(windows: Sequence[_Window], height: int, width: int) -> torch
     def other_scores(maps: torch.Tensor, window: _Window) -> torch.Tensor:
         return maps @ window.class_probs[:, others]
 
-    labels = torch.empty(height, width, dtype=torch.long, device=class_probs.device)
+    resize = tuple(size) != (height, width)
+    # Labels here, or to resize: the candidates' scores and, last, an upper bound of the other classes' scores (their
+    # exact maximum where they were contracted).
+    labels = None if resize else torch.empty(height, width, dtype=torch.long, device=class_probs.device)
+    maps = class_probs.new_empty(candidates.numel() + 1, height, width) if resize else None
     for rows, pieces in _sigmoid_bands(windows, height, width):
         band_shape = (rows.stop - rows.start, width)
         scores = _average(pieces, band_shape, candidate_scores)
         best, index = _first_max(scores[:, :-1], dim=1)
         band_labels = candidates[index]
-        unsure = (bound_factor * scores[:, -1] >= best).nonzero()[:, 0] if others.numel() else index[:0]
+        others_bound = scores[:, -1].mul_(bound_factor)
+        unsure = (others_bound >= best).nonzero()[:, 0] if others.numel() else index[:0]
         if unsure.numel():
+            rest = _average(pieces, band_shape, other_scores, unsure)
             full = scores.new_empty(unsure.numel(), class_probs.shape[2])
-            full[:, candidates] = scores[unsure, :-1]
-            full[:, others] = _average(pieces, band_shape, other_scores, unsure)
+            full[:, candidates], full[:, others] = scores[unsure, :-1], rest
             band_labels[unsure] = full.argmax(1)
-        labels[rows] = band_labels.view(band_shape)
+            others_bound[unsure] = rest.amax(1) * margin
+        if resize:
+            maps[:, rows] = scores.T.view(-1, *band_shape)
+        else:
+            labels[rows] = band_labels.view(band_shape)
+    if not resize:
+        return labels
+    return _resized_pruned_argmax(maps, candidates, size, partial(_scores_at, windows, height, width))
+
+
+def _resized_pruned_argmax(
+    maps: torch.Tensor,
+    candidates: torch.Tensor,
+    size: tuple[int, int],
+    scores_at: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Labels at `size` from `maps` at the resized image's size (the candidates' scores, then an upper bound of the
+    other classes' scores), resized a band of rows at a time. Where the resized bound reaches the best resized
+    candidate, all classes are resized from their scores at the source pixels (`scores_at(flat pixels)`)."""
+    row_weights = _interpolation_weights(maps.shape[1], size[0], size[0]).to(maps.device)
+    labels = torch.empty(size, dtype=torch.long, device=maps.device)
+    unsure = torch.empty(size, dtype=torch.bool, device=maps.device)
+    band = _chunk(maps.shape[0], size[1])
+    for start in range(0, size[0], band):
+        rows = slice(start, min(size[0], start + band))
+        resized = _resize_rows(maps, row_weights[rows], size[1])
+        best, index = _first_max(resized[:-1])
+        labels[rows], unsure[rows] = candidates[index], resized[-1] >= best
+    points = unsure.nonzero()
+    if points.numel():
+        labels[points[:, 0], points[:, 1]] = _resized_argmax_at(points, maps.shape[1:], size, scores_at)
     return labels
 
 
-def _resized_argmax(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """`argmax` over classes of `scores` resized to `size`, without holding all resized classes at once."""
-    best_value = best_class = None
-    step = _chunk(scores.shape[0], size[0] * size[1])
-    for start in range(0, scores.shape[0], step):
-        resized = F.interpolate(scores[None, start : start + step], size=size, mode="bilinear", align_corners=False)[0]
-        value, index = _first_max(resized)
-        if best_value is None:
-            best_value, best_class = value, index + start
-        else:
-            better = value > best_value
-            best_value = torch.where(better, value, best_value)
-            best_class = torch.where(better, index + start, best_class)
-    return best_class
+def _resized_argmax_at(
+    points: torch.Tensor,
+    source_size: tuple[int, int],
+    size: tuple[int, int],
+    scores_at: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Best class at `points` `(n, 2)` of `size`, all classes' scores resized bilinearly from `source_size`: each point
+    from the scores at its (at most four) source pixels, weighted as `F.interpolate` weighs them."""
+    height, width = source_size
+    row_low, row_high, row_frac = (t.to(points.device)[points[:, 0]] for t in _interpolation_taps(height, size[0]))
+    col_low, col_high, col_frac = (t.to(points.device)[points[:, 1]] for t in _interpolation_taps(width, size[1]))
+    corners = torch.stack(
+        [
+            row_low * width + col_low,
+            row_low * width + col_high,
+            row_high * width + col_low,
+            row_high * width + col_high,
+        ]
+    )
+    pixels, corner_index = corners.unique(return_inverse=True)
+    scores = scores_at(pixels)
+    labels = []
+    step = _chunk(points.shape[0], 4 * scores.shape[1])
+    for start in range(0, points.shape[0], step):
+        chunk = slice(start, start + step)
+        corner_scores = scores[corner_index[:, chunk]]  # (4, points, classes)
+        col, row = col_frac[chunk, None], row_frac[chunk, None]
+        top = corner_scores[0] * (1 - col) + corner_scores[1] * col
+        bottom = corner_scores[2] * (1 - col) + corner_scores[3] * col
+        labels.append(_first_max(top * (1 - row) + bottom * row, dim=1)[1])
+    return torch.cat(labels)
+
+
+def _resize_rows(maps: torch.Tensor, row_weights: torch.Tensor, width: int) -> torch.Tensor:
+    """Bilinear resize of `maps` `(k, h, w)` to the rows whose weights `(rows, h)` are given and to `width` columns:
+    rows by a matrix product, then columns by `F.interpolate` (rows kept as they are, which is exact)."""
+    used = row_weights.sum(0).nonzero()[:, 0]
+    low, high = int(used[0]), int(used[-1]) + 1
+    rows = torch.matmul(row_weights[:, low:high], maps[:, low:high])
+    return F.interpolate(rows[None], size=(rows.shape[1], width), mode="bilinear", align_corners=False)[0]
 
 
 def panoptic_segmentation(

@@ -128,13 +128,13 @@ def test_semantic_sliding_windows_match_builtin():
 @pytest.mark.parametrize("fraction", [0.0, 0.1, 1.0])
 @pytest.mark.parametrize("band_elements", [1, 2**21])
 def test_semantic_labels_match_builtin_with_windows(monkeypatch, fraction, band_elements):
-    """Labels only, at the resized size (the class-pruning path): overlapping windows along either side and a padded
-    square image. Candidate fractions from all classes (nothing pruned) to only the best (most pixels re-checked)
-    and one-row bands must not change a label."""
+    """Labels only (the class-pruning path): overlapping windows along either side, padded square images, at the
+    resized size and resized up or down. Candidate fractions from all classes (nothing pruned) to only the best (most
+    pixels re-checked) and one-row bands must not change a label."""
     monkeypatch.setattr(post_processing, "CANDIDATE_FRACTION", fraction)
     monkeypatch.setattr(post_processing, "BAND_ELEMENTS", band_elements)
-    widths = []  # (pixels re-checked or None, classes contracted)
-    average = post_processing._average
+    widths, resized_rechecks = [], []  # (pixels re-checked or None, classes contracted); pixels re-checked at `size`
+    average, scores_at = post_processing._average, post_processing._scores_at
 
     def spy(*args):
         result = average(*args)
@@ -142,35 +142,35 @@ def test_semantic_labels_match_builtin_with_windows(monkeypatch, fraction, band_
         return result
 
     monkeypatch.setattr(post_processing, "_average", spy)
+    monkeypatch.setattr(post_processing, "_scores_at", lambda *a: resized_rechecks.append(len(a[3])) or scores_at(*a))
     ours = EomtImageProcessor(size=SEMANTIC_SIZE, do_split_image=True, do_pad=False)
     builtin = BuiltinProcessor(size=SEMANTIC_SIZE, do_split_image=True)
-    # short side at the crop size: resized = original size, windows of 32 overlap along the long side
-    images = [
-        torch.randint(0, 256, (3, 32, 90), dtype=torch.uint8),
-        torch.randint(0, 256, (3, 75, 32), dtype=torch.uint8),
-    ]
+    # windows of 32 overlap along the long side; short side 32: resized = original size, else resized up or down
+    sizes = [(32, 90), (75, 32), (40, 90), (24, 50)]
+    images = [torch.randint(0, 256, (3, *size), dtype=torch.uint8) for size in sizes]
     offsets = builtin(images=images, return_tensors="pt")["patch_offsets"]
-    assert len(offsets) == 6
+    assert len(offsets) == 12
     outputs = fake_outputs(len(offsets), classes=12, grid=8, seed=8)
     outputs.patch_offsets = offsets
-    sizes = [tuple(i.shape[-2:]) for i in images]
     reference = builtin.post_process_semantic_segmentation(outputs, sizes, return_segmentation_scores=True)
     for mine, theirs in zip(ours.post_process_semantic_segmentation(outputs, sizes), reference):
         assert_labels_match(mine, theirs.segmentation_scores)
 
-    square = fake_outputs(1, classes=12, seed=9)
-    padded = EomtImageProcessor(size=PANOPTIC_SIZE)
+    square = fake_outputs(2, classes=12, seed=9)
+    squares = [(64, 64), (100, 100)]
     theirs = BuiltinProcessor(size=PANOPTIC_SIZE, do_pad=True).post_process_semantic_segmentation(
-        square, [(64, 64)], return_segmentation_scores=True
-    )[0]
-    assert_labels_match(padded.post_process_semantic_segmentation(square, [(64, 64)])[0], theirs.segmentation_scores)
+        square, squares, return_segmentation_scores=True
+    )
+    mine = EomtImageProcessor(size=PANOPTIC_SIZE).post_process_semantic_segmentation(square, squares)
+    for labels, reference_output in zip(mine, theirs):
+        assert_labels_match(labels, reference_output.segmentation_scores)
 
     rechecked = sum(pixels for pixels, _ in widths if pixels is not None)
     candidates = max(classes for pixels, classes in widths if pixels is None) - 1  # the last column is a norm
     if fraction == 0.0:
-        assert candidates == 12 and rechecked == 0
+        assert candidates == 12 and rechecked == 0 and not resized_rechecks
     elif fraction == 1.0:  # only each window's best class everywhere: the others re-checked where they might win
-        assert candidates < 12 and rechecked > 0
+        assert candidates < 12 and rechecked > 0 and sum(resized_rechecks) > 0
 
 
 def test_interpolation_weights_match_interpolate():
