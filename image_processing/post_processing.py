@@ -2,7 +2,8 @@
 
 Masks are upsampled the way the model input was built (to the canvas, padding cropped, then to the original size),
 but only for the queries that can still produce a segment, and a bounded number at a time, so a 3000×1500 image
-costs a few hundred MB instead of `num_queries` full-size maps.
+costs a few hundred MB instead of `num_queries` full-size maps. Semantic scores are contracted a band of rows at a
+time, and for labels only the classes that can win are (see `semantic_segmentation`).
 """
 
 from __future__ import annotations
@@ -149,13 +150,11 @@ def _sigmoid_bands(
             if first >= last:
                 continue
             weights = window.row_weights[first - placement.top : last - placement.top]
-            used = weights.sum(0).nonzero()[:, 0]  # the mask rows these canvas rows lie between
-            low, high = int(used[0]), int(used[-1]) + 1
-            columns = F.interpolate(
-                window.mask_logits[:, :, low:high], size=(high - low, placement.canvas[1]), mode="bilinear"
-            )
+            used = _used_rows(weights)
+            logits = window.mask_logits[:, :, used]
+            columns = F.interpolate(logits, size=(logits.shape[2], placement.canvas[1]), mode="bilinear")
             columns = columns.permute(0, 2, 3, 1)[0, :, : placement.width]  # (mask rows, content columns, queries)
-            maps = (weights[:, low:high] @ columns.reshape(high - low, -1)).view(-1, num_queries).sigmoid_()
+            maps = (weights[:, used] @ columns.reshape(logits.shape[2], -1)).view(-1, num_queries).sigmoid_()
             cols = slice(placement.left, placement.left + placement.width)
             pieces.append(_Piece(window, slice(first - start, last - start), cols, maps))
         yield slice(start, stop), pieces
@@ -332,10 +331,15 @@ def _resized_argmax_at(
 def _resize_rows(maps: torch.Tensor, row_weights: torch.Tensor, width: int) -> torch.Tensor:
     """Bilinear resize of `maps` `(k, h, w)` to the rows whose weights `(rows, h)` are given and to `width` columns:
     rows by a matrix product, then columns by `F.interpolate` (rows kept as they are, which is exact)."""
-    used = row_weights.sum(0).nonzero()[:, 0]
-    low, high = int(used[0]), int(used[-1]) + 1
-    rows = torch.matmul(row_weights[:, low:high], maps[:, low:high])
+    used = _used_rows(row_weights)
+    rows = torch.matmul(row_weights[:, used], maps[:, used])
     return F.interpolate(rows[None], size=(rows.shape[1], width), mode="bilinear", align_corners=False)[0]
+
+
+def _used_rows(weights: torch.Tensor) -> slice:
+    """The input rows that interpolation `weights` `(outputs, inputs)` read: bilinear taps are adjacent."""
+    used = weights.sum(0).nonzero()[:, 0]
+    return slice(int(used[0]), int(used[-1]) + 1)
 
 
 def panoptic_segmentation(
