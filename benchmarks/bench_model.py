@@ -22,7 +22,7 @@ import time
 
 import torch
 import transformers
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from modeling_eomt import EomtConfig, EomtForUniversalSegmentation
 
@@ -62,6 +62,14 @@ def build(kind: str, kwargs: dict) -> torch.nn.Module:
     return model.eval()
 
 
+def _cpu_flash_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+# torch counts the CUDA attention kernels but not the CPU one that SDPA dispatches to here.
+_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flops}
+
+
 def bench_forward(
     kwargs: dict, batch: int, repeats: int, extra: dict[str, torch.nn.Module] | None = None
 ) -> tuple[dict[str, float], dict[str, float]]:
@@ -78,7 +86,7 @@ def bench_forward(
     flops = {}
     with torch.inference_mode():
         for kind, model in models.items():
-            with FlopCounterMode(display=False) as counter:
+            with FlopCounterMode(display=False, custom_mapping=_ATTENTION_FLOPS) as counter:
                 model(pixels)  # warm-up
             flops[kind] = float(counter.get_total_flops())
         for _ in range(repeats):
