@@ -24,6 +24,8 @@ BAND_ELEMENTS = 2**21
 # `_pruned_argmax` contracts everywhere the classes whose probability norm over the queries reaches this fraction of
 # the largest, the others only where they might win. It sets the speed only, never the labels.
 CANDIDATE_FRACTION = 0.1
+# Below this best score a pixel is always checked against every class (see `_unsure`).
+TINY_SCORE = 1e-12
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ def semantic_segmentation(
             scores = F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
         results.append(
             SemanticSegmentationPostProcessorOutput(
-                data={"segmentation": _first_max(scores)[1], "segmentation_scores": scores}
+                data={"segmentation": scores.argmax(0), "segmentation_scores": scores}
             )
         )
     return results
@@ -152,7 +154,9 @@ def _sigmoid_bands(
             weights = window.row_weights[first - placement.top : last - placement.top]
             used = _used_rows(weights)
             logits = window.mask_logits[:, :, used]
-            columns = F.interpolate(logits, size=(logits.shape[2], placement.canvas[1]), mode="bilinear")
+            columns = F.interpolate(
+                logits, size=(logits.shape[2], placement.canvas[1]), mode="bilinear", align_corners=False
+            )
             columns = columns.permute(0, 2, 3, 1)[0, :, : placement.width]  # (mask rows, content columns, queries)
             maps = (weights[:, used] @ columns.reshape(logits.shape[2], -1)).view(-1, num_queries).sigmoid_()
             cols = slice(placement.left, placement.left + placement.width)
@@ -229,7 +233,8 @@ def _pruned_argmax(windows: Sequence[_Window], height: int, width: int, size: tu
     other class can win or tie; elsewhere the other classes are contracted too. Bilinear resizing takes weighted means
     with non-negative weights, so resized bounds still bound the resized scores (`_resized_pruned_argmax`)."""
     class_probs = torch.stack([window.class_probs for window in windows])  # (windows, queries, classes)
-    norms = torch.linalg.vector_norm(class_probs, dim=1).amax(0)
+    # float64: squares of probabilities below ~1e-19 vanish in float32, which would bound such a class by 0.
+    norms = torch.linalg.vector_norm(class_probs.double(), dim=1).amax(0)
     is_candidate = norms >= CANDIDATE_FRACTION * norms.max()
     candidates, others = is_candidate.nonzero()[:, 0], (~is_candidate).nonzero()[:, 0]
     # float32 sums of n non-negative terms (over queries, then windows) are within n·eps/2 of the exact sum, relative;
@@ -252,10 +257,10 @@ def _pruned_argmax(windows: Sequence[_Window], height: int, width: int, size: tu
     for rows, pieces in _sigmoid_bands(windows, height, width):
         band_shape = (rows.stop - rows.start, width)
         scores = _average(pieces, band_shape, candidate_scores)
-        best, index = _first_max(scores[:, :-1], dim=1)
+        best, index = scores[:, :-1].max(1)
         band_labels = candidates[index]
         others_bound = scores[:, -1].mul_(bound_factor)
-        unsure = (others_bound >= best).nonzero()[:, 0] if others.numel() else index[:0]
+        unsure = _unsure(others_bound, best).nonzero()[:, 0] if others.numel() else index[:0]
         if unsure.numel():
             rest = _average(pieces, band_shape, other_scores, unsure)
             full = scores.new_empty(unsure.numel(), class_probs.shape[2])
@@ -269,6 +274,12 @@ def _pruned_argmax(windows: Sequence[_Window], height: int, width: int, size: tu
     if not resize:
         return labels
     return _resized_pruned_argmax(maps, candidates, size, partial(_scores_at, windows, height, width))
+
+
+def _unsure(others_bound: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    """Pixels where another class might win: its bound reaches the best candidate, or the scores are so small that
+    float32 squares and products underflow, where the rounding margin no longer holds."""
+    return (others_bound >= best) | (best < TINY_SCORE)
 
 
 def _resized_pruned_argmax(
@@ -287,8 +298,8 @@ def _resized_pruned_argmax(
     for start in range(0, size[0], band):
         rows = slice(start, min(size[0], start + band))
         resized = _resize_rows(maps, row_weights[rows], size[1])
-        best, index = _first_max(resized[:-1])
-        labels[rows], unsure[rows] = candidates[index], resized[-1] >= best
+        best, index = resized[:-1].max(0)
+        labels[rows], unsure[rows] = candidates[index], _unsure(resized[-1], best)
     points = unsure.nonzero()
     if points.numel():
         labels[points[:, 0], points[:, 1]] = _resized_argmax_at(points, maps.shape[1:], size, scores_at)
@@ -324,7 +335,7 @@ def _resized_argmax_at(
         col, row = col_frac[chunk, None], row_frac[chunk, None]
         top = corner_scores[0] * (1 - col) + corner_scores[1] * col
         bottom = corner_scores[2] * (1 - col) + corner_scores[3] * col
-        labels.append(_first_max(top * (1 - row) + bottom * row, dim=1)[1])
+        labels.append((top * (1 - row) + bottom * row).argmax(1))
     return torch.cat(labels)
 
 
@@ -375,7 +386,7 @@ def panoptic_segmentation(
         for start in range(0, kept.numel(), step):
             mask_probs = upsample_masks(mask_logits[index, kept[start : start + step]], placement, size).sigmoid_()
             mask_areas.append(torch.count_nonzero(mask_probs >= mask_threshold, dim=(1, 2)))
-            value, query = _first_max(kept_scores[start : start + step, None, None] * mask_probs)
+            value, query = (kept_scores[start : start + step, None, None] * mask_probs).max(0)
             prob = mask_probs.gather(0, query[None])[0]
             if best_value is None:
                 best_value, best_query, best_prob = value, query + start, prob
@@ -484,11 +495,6 @@ def segments_from_semantic(segmentation: torch.Tensor, scores: torch.Tensor, ret
     if return_binary_maps:
         segment_ids = segment_ids[None] == torch.arange(labels.numel(), device=segment_ids.device)[:, None, None]
     return {"segmentation": segment_ids, "segments_info": segments}
-
-
-def _first_max(values: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Max over `dim` and the first index reaching it (`argmax` semantics)."""
-    return values.max(dim)  # documented to return the first index of a repeated maximum
 
 
 def _chunk(count: int, pixels: int) -> int:

@@ -1,7 +1,7 @@
 """Mask2Former-style set loss used by EoMT: Hungarian matching, then class CE and point-sampled mask BCE + dice.
 
 A prediction arrives factored: mask logits are the dot products of per-query mask embeddings with per-pixel
-embeddings (`mask_logits`). The loss never forms the full `(B, Q, H, W)` logits: matching reads the pixel embeddings
+embeddings (`compute_mask_logits`). The loss never forms the full `(B, Q, H, W)` logits: matching reads the pixel embeddings
 at its sampled points, and only matched queries get full-resolution logits (with gradients) for the mask terms.
 Target masks stay at input resolution and are only read at sampled points. They are cast to float at most once per
 forward (shared by every block's prediction), never padded into a batch tensor nor copied per matched query.
@@ -10,6 +10,7 @@ forward (shared by every block's prediction), never padded into a batch tensor n
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,16 +20,28 @@ from torch import nn
 from .configuration import EomtConfig
 
 
-def mask_logits(mask_embeddings: torch.Tensor, pixel_embeddings: torch.Tensor) -> torch.Tensor:
+def compute_mask_logits(mask_embeddings: torch.Tensor, pixel_embeddings: torch.Tensor) -> torch.Tensor:
     """Mask logits `(..., Q, H, W)`: mask embeddings `(..., Q, D)` dotted with pixel embeddings `(..., H, W, D)`."""
     pixels = pixel_embeddings.flatten(-3, -2).transpose(-1, -2)
     return torch.matmul(mask_embeddings, pixels).unflatten(-1, pixel_embeddings.shape[-3:-1])
 
 
+class MaskPrediction(NamedTuple):
+    """One prediction of the head, with its mask logits left factored (`mask_logits()` multiplies them out)."""
+
+    mask_embeddings: torch.Tensor  # (B, Q, D)
+    pixel_embeddings: torch.Tensor  # (B, H, W, D)
+    class_logits: torch.Tensor  # (B, Q, num_labels + 1)
+
+    def mask_logits(self) -> torch.Tensor:
+        return compute_mask_logits(self.mask_embeddings, self.pixel_embeddings)
+
+
 def _grid_sample(maps: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Bilinearly sample `maps` `(N, C, H, W)` at `points` `(N or 1, P, 2)`, given as (x, y) in [0, 1]; `(N, C, P)`."""
-    grid = (2 * points - 1).expand(maps.shape[0], -1, -1)[:, :, None]
-    return F.grid_sample(maps.float(), grid.float(), align_corners=False)[..., 0]
+    """Bilinearly sample `maps` `(N, C, H, W)` at `points` `(N or 1, P, 2)`, given as (x, y) in [0, 1]; float32
+    `(N, C, P)`. Sampled in the maps' own dtype, so half-precision maps are not copied whole to float32."""
+    grid = (2 * points - 1).expand(maps.shape[0], -1, -1)[:, :, None].to(maps.dtype)
+    return F.grid_sample(maps, grid, align_corners=False)[..., 0].float()
 
 
 def point_sample(maps: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -83,12 +96,8 @@ class EomtLoss(nn.Module):
         return weight
 
     def forward(
-        self,
-        predictions: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-        mask_labels: list[torch.Tensor],
-        class_labels: list[torch.Tensor],
+        self, predictions: Sequence[MaskPrediction], mask_labels: list[torch.Tensor], class_labels: list[torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss of `predictions`, each `(mask embeddings (B, Q, D), pixel embeddings (B, H, W, D), class logits)`."""
         num_masks = self.num_masks(class_labels, predictions[0][0].device)
         mask_labels = [masks if masks.dtype == torch.float32 else masks.float() for masks in mask_labels]
         terms = {"loss_cross_entropy": 0.0, "loss_mask": 0.0, "loss_dice": 0.0}
@@ -120,14 +129,17 @@ class EomtLoss(nn.Module):
                 indices.append((empty, empty))
                 continue
             points = torch.rand(1, self.config.train_num_points, 2, device=pixels.device)
-            pred_points = point_sample_logits(queries, pixels, points)
-            target_points = point_sample(targets, points)
-            class_cost = -logits.float().softmax(-1)[:, classes]
-            cost = (
-                self.config.mask_weight * bce_cost(pred_points, target_points)
-                + self.config.class_weight * class_cost
-                + self.config.dice_weight * dice_loss(pred_points, target_points, pairwise=True)
-            )
+            # In float32 even under autocast: the costs sum thousands of terms of both signs (half precision
+            # overflows or loses the differences that decide the matching).
+            with torch.autocast(pixels.device.type, enabled=False):
+                pred_points = point_sample_logits(queries, pixels, points)
+                target_points = point_sample(targets, points)
+                class_cost = -logits.float().softmax(-1)[:, classes]
+                cost = (
+                    self.config.mask_weight * bce_cost(pred_points, target_points)
+                    + self.config.class_weight * class_cost
+                    + self.config.dice_weight * dice_loss(pred_points, target_points, pairwise=True)
+                )
             # Diverged logits give inf/nan costs, which the solver rejects; keep them finite instead.
             cost = torch.nan_to_num(cost, nan=1e10, posinf=1e10, neginf=-1e10).clamp(-1e10, 1e10)
             rows, cols = linear_sum_assignment(cost.cpu().numpy())
@@ -161,14 +173,18 @@ class EomtLoss(nn.Module):
             zero = (mask_embeddings.sum() + pixel_embeddings.sum()) * 0.0
             return zero, zero
         # Full-resolution logits for matched queries only: a few dozen maps instead of B × Q.
-        predicted = torch.cat([
-            mask_logits(queries[rows.to(device)], pixels)
-            for queries, pixels, (rows, _) in zip(mask_embeddings, pixel_embeddings, indices)
-        ])
+        predicted = torch.cat(
+            [
+                compute_mask_logits(queries[rows.to(device)], pixels)
+                for queries, pixels, (rows, _) in zip(mask_embeddings, pixel_embeddings, indices)
+            ]
+        )
         points = self.importance_points(predicted)
         target_points = torch.cat(
-            [sample_rows(mask_labels[image], cols.to(mask_labels[image].device), points[batch_index == image])
-             for image, (_, cols) in enumerate(indices)]
+            [
+                sample_rows(mask_labels[image], cols.to(mask_labels[image].device), points[batch_index == image])
+                for image, (_, cols) in enumerate(indices)
+            ]
         ).to(device)
         logits = point_sample(predicted, points)
         bce = F.binary_cross_entropy_with_logits(logits, target_points, reduction="none").mean(1).sum() / num_masks

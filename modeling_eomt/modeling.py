@@ -23,7 +23,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
 from .configuration import EomtConfig
-from .loss import EomtLoss, mask_logits
+from .loss import EomtLoss, MaskPrediction
 
 logger = logging.get_logger(__name__)
 
@@ -32,18 +32,30 @@ _KEEP_MATMUL_OUTPUTS = functools.partial(
 )
 
 
-def recompute_elementwise(function: Callable[[torch.Tensor], torch.Tensor], hidden_states: torch.Tensor) -> torch.Tensor:
+def recompute_all_but_matmuls(
+    function: Callable[[torch.Tensor], torch.Tensor], hidden_states: torch.Tensor
+) -> torch.Tensor:
     """`function(hidden_states)`, keeping for backward only the outputs of its matrix multiplications.
 
-    Everything else in it (activations, depthwise convolution, LayerNorm) is memory-bound work that is cheaper to
-    redo in backward than to store: this drops a hidden-width tensor per MLP and two upscaled maps per upscale
-    layer (the largest tensors of a training step) for a few percent more compute.
+    The rest (activations, depthwise convolution, LayerNorm, layout copies) is memory-bound work that is cheaper to
+    redo in backward than to store: this drops a hidden-width tensor per MLP and two upscaled maps per upscale layer
+    (the largest tensors of a training step) for a few percent more compute.
     """
     if not torch.is_grad_enabled():
         return function(hidden_states)
-    return checkpoint(
-        function, hidden_states, use_reentrant=False, preserve_rng_state=False, context_fn=_KEEP_MATMUL_OUTPUTS
-    )
+    device = hidden_states.device.type
+    if torch.is_autocast_enabled(device):
+        # Autocast caches weight casts across calls (the upscale block runs once per prediction), so the recompute
+        # would cast where the forward reused the cache; without the cache both make the same calls.
+        function = functools.partial(_without_autocast_cache, function, device)
+    return checkpoint(function, hidden_states, use_reentrant=False, context_fn=_KEEP_MATMUL_OUTPUTS)
+
+
+def _without_autocast_cache(
+    function: Callable[[torch.Tensor], torch.Tensor], device: str, hidden_states: torch.Tensor
+) -> torch.Tensor:
+    with torch.autocast(device, dtype=torch.get_autocast_dtype(device), cache_enabled=False):
+        return function(hidden_states)
 
 
 @dataclass
@@ -239,11 +251,16 @@ class EomtLayer(GradientCheckpointingLayer):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attn_output, attn_weights = self.attention(self.norm1(hidden_states), attention_mask, output_attentions)
         hidden_states = self.add_branch(hidden_states, attn_output, self.layer_scale1)
-        mlp_output = recompute_elementwise(self.mlp, self.norm2(hidden_states))
+        # Under activation checkpointing the whole layer is recomputed anyway.
+        checkpointed = self.gradient_checkpointing and self.training
+        mlp_input = self.norm2(hidden_states)
+        mlp_output = self.mlp(mlp_input) if checkpointed else recompute_all_but_matmuls(self.mlp, mlp_input)
         hidden_states = self.add_branch(hidden_states, mlp_output, self.layer_scale2)
         return hidden_states, attn_weights
 
-    def add_branch(self, hidden_states: torch.Tensor, branch: torch.Tensor, layer_scale: EomtLayerScale) -> torch.Tensor:
+    def add_branch(
+        self, hidden_states: torch.Tensor, branch: torch.Tensor, layer_scale: EomtLayerScale
+    ) -> torch.Tensor:
         """`x + drop_path(γ · branch)`, in one pass over memory (addcmul) when no path can be dropped."""
         if self.training and self.drop_path.drop_prob > 0:
             return hidden_states + self.drop_path(layer_scale(branch))
@@ -267,10 +284,6 @@ class EomtScaleLayer(nn.Module):
         self.layernorm2d = nn.LayerNorm(dim, eps=1e-6)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # Backward keeps only the transposed conv's matmul output; the rest is recomputed (see recompute_elementwise).
-        return recompute_elementwise(self.upscale, hidden_states)
-
-    def upscale(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_size, height, width, dim = hidden_states.shape
         # conv1.weight is (in, out, 2, 2): a linear map per input pixel into its 2×2 sub-pixels. Ordered
         # (row, column, channel), the interleaving into the 2× map moves whole channel vectors, not single floats.
@@ -289,9 +302,10 @@ class EomtScaleBlock(nn.Module):
         super().__init__()
         self.block = nn.ModuleList(EomtScaleLayer(config) for _ in range(config.num_upscale_blocks))
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, recompute: bool = True) -> torch.Tensor:
+        """`recompute`: keep only each layer's transposed-conv output for backward (`recompute_all_but_matmuls`)."""
         for layer in self.block:
-            hidden_states = layer(hidden_states)
+            hidden_states = recompute_all_but_matmuls(layer, hidden_states) if recompute else layer(hidden_states)
         return hidden_states
 
 
@@ -391,7 +405,9 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
             output_intermediate_predictions (`bool`, defaults to `False`):
                 Also return the predictions made before each query block.
         """
-        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         return_dict = self.config.return_dict if return_dict is None else return_dict
         self._check_inputs(pixel_values, mask_labels, class_labels)
@@ -400,7 +416,7 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
         hidden_states, grid = self.embeddings(pixel_values)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
-        # Predictions before query blocks: `supervised` ones (masked attention, or the loss in training) enter the loss.
+        # Predictions made before query blocks that enter the loss: all of them in training, the masking ones in eval.
         supervised, intermediate = [], []
 
         for index, layer in enumerate(self.layers):
@@ -411,15 +427,15 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
             if index >= self.first_query_layer:
                 prob = self.attn_mask_probs[index - self.first_query_layer]
                 masking = bool(prob > 0)
-                is_supervised = masking or (self.training and compute_loss)
-                if is_supervised or output_intermediate_predictions:
+                enters_loss = compute_loss and (masking or self.training)
+                if masking or enters_loss or output_intermediate_predictions:
                     prediction = self.head(self.layernorm(hidden_states), grid)
-                    if is_supervised:
+                    if enters_loss:
                         supervised.append(prediction)
                     if output_intermediate_predictions:
                         intermediate.append(prediction)
                     if masking:
-                        attention_mask = self._query_attention_mask(*prediction[:2], grid, prob, hidden_states.shape[1])
+                        attention_mask = self._query_attention_mask(prediction, grid, prob, hidden_states.shape[1])
             hidden_states, attn_weights = layer(hidden_states, attention_mask, output_attentions)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
@@ -434,54 +450,51 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
 
         output = EomtForUniversalSegmentationOutput(
             loss=loss,
-            class_queries_logits=final[2],
-            masks_queries_logits=mask_logits(*final[:2]),
+            class_queries_logits=final.class_logits,
+            masks_queries_logits=final.mask_logits(),
             last_hidden_state=sequence_output,
             hidden_states=all_hidden_states,
             attentions=all_attentions,
             patch_offsets=patch_offsets,
-            intermediate_class_queries_logits=tuple(classes for *_, classes in intermediate) or None,
-            intermediate_masks_queries_logits=tuple(mask_logits(*factors) for *factors, _ in intermediate) or None,
+            intermediate_class_queries_logits=tuple(p.class_logits for p in intermediate) or None,
+            intermediate_masks_queries_logits=tuple(p.mask_logits() for p in intermediate) or None,
             loss_dict=loss_dict,
         )
         return output if return_dict else output.to_tuple()
 
-    def head(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mask embeddings `(B, Q, D)`, pixel embeddings `(B, 4h, 4w, D)` and class logits `(B, Q, C+1)` from
-        normalised tokens. A query's mask logits are its mask embedding dotted with every pixel embedding
-        (`mask_logits`); the loss and the attention masks work on the two factors and never need all of them."""
+    def head(self, tokens: torch.Tensor, grid: tuple[int, int]) -> MaskPrediction:
+        """Mask embeddings `(B, Q, D)`, pixel embeddings `(B, s·h, s·w, D)` (`s = 2**num_upscale_blocks`) and class
+        logits `(B, Q, C+1)` from normalised tokens. A query's mask logits are its mask embedding dotted with every
+        pixel embedding; the loss and the attention masks work on the two factors and never need all of them."""
         num_queries = self.config.num_queries
         queries = tokens[:, :num_queries]
         patches = tokens[:, num_queries + self.embeddings.num_prefix_tokens :]
         feature_map = patches.reshape(patches.shape[0], *grid, -1)
         if self.is_activation_checkpointing and torch.is_grad_enabled():
             # The upscaled maps dominate training memory (one set per prediction): recompute them in backward.
-            pixel_embeddings = checkpoint(self.upscale_block, feature_map, use_reentrant=False)
+            pixel_embeddings = checkpoint(self.upscale_block, feature_map, False, use_reentrant=False)
         else:
             pixel_embeddings = self.upscale_block(feature_map)
-        return self.mask_head(queries), pixel_embeddings, self.class_predictor(queries)
+        return MaskPrediction(self.mask_head(queries), pixel_embeddings, self.class_predictor(queries))
 
     @torch.no_grad()
     def _query_attention_mask(
-        self,
-        mask_embeddings: torch.Tensor,
-        pixel_embeddings: torch.Tensor,
-        grid: tuple[int, int],
-        prob: torch.Tensor,
-        seq_len: int,
+        self, prediction: MaskPrediction, grid: tuple[int, int], prob: torch.Tensor, seq_len: int
     ) -> torch.Tensor:
         """Boolean `(B, 1, T, T)` mask (True = attend): each query sees only the patches its mask covers.
 
         Queries, CLS and registers stay visible to everyone; each query keeps its restriction with probability
         `prob`, so annealing `prob` to 0 turns masked attention into plain attention.
         """
-        batch_size, num_queries = mask_embeddings.shape[:2]
+        batch_size, num_queries, _ = prediction.mask_embeddings.shape
+        device = prediction.mask_embeddings.device
         # The mask logits resized to the patch grid; resizing is linear, so resizing the pixel embeddings first gives
         # the same logits without computing them at full resolution.
-        patch_embeddings = F.interpolate(pixel_embeddings.permute(0, 3, 1, 2), size=grid, mode="bilinear")
-        sees_patch = torch.bmm(mask_embeddings, patch_embeddings.flatten(2)) > 0
-        released = torch.rand(batch_size, num_queries, 1, device=mask_embeddings.device) > prob
-        attention_mask = torch.ones(batch_size, 1, seq_len, seq_len, dtype=torch.bool, device=mask_embeddings.device)
+        pixel_embeddings = prediction.pixel_embeddings.permute(0, 3, 1, 2)
+        patch_embeddings = F.interpolate(pixel_embeddings, size=grid, mode="bilinear", align_corners=False)
+        sees_patch = torch.bmm(prediction.mask_embeddings, patch_embeddings.flatten(2)) > 0
+        released = torch.rand(batch_size, num_queries, 1, device=device) > prob
+        attention_mask = torch.ones(batch_size, 1, seq_len, seq_len, dtype=torch.bool, device=device)
         patch_start = num_queries + self.embeddings.num_prefix_tokens
         attention_mask[:, 0, :num_queries, patch_start:] = sees_patch | released
         return attention_mask

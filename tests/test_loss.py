@@ -1,12 +1,24 @@
 """The set loss: matching, point sampling, class and mask terms, checked against hand-built cases."""
 
+import contextlib
 import itertools
 
+import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
 from modeling_eomt import EomtConfig, EomtForUniversalSegmentation
-from modeling_eomt.loss import EomtLoss, dice_loss, mask_logits, point_sample, point_sample_logits, sample_rows
+from modeling_eomt import loss as loss_module
+from modeling_eomt.loss import (
+    EomtLoss,
+    bce_cost,
+    compute_mask_logits,
+    dice_loss,
+    point_sample,
+    point_sample_logits,
+    sample_rows,
+)
 
 
 def make_loss(**overrides) -> EomtLoss:
@@ -27,7 +39,7 @@ def test_matcher_recovers_the_permutation_of_confident_predictions():
     # Pixel embeddings: one-hot quadrant of each pixel; query i scores +10 on its quadrant and -10 elsewhere.
     pixel_embeddings = targets.permute(1, 2, 0)[None]
     mask_embeddings = (F.one_hot(permutation, 4).float() * 2 - 1)[None] * 10
-    torch.testing.assert_close(mask_logits(mask_embeddings, pixel_embeddings)[0], (targets[permutation] * 2 - 1) * 10)
+    torch.testing.assert_close(compute_mask_logits(mask_embeddings, pixel_embeddings)[0], (targets[permutation] * 2 - 1) * 10)
     class_logits = F.one_hot(classes[permutation], 5)[None].float() * 10
     (rows, cols), = make_loss().match(mask_embeddings, pixel_embeddings, class_logits, [targets], [classes])
     assert torch.equal(cols[rows.argsort()], permutation)
@@ -72,10 +84,36 @@ def test_point_sampled_logits_equal_sampled_full_logits():
     mask_embeddings, pixel_embeddings = torch.randn(7, 16), torch.randn(10, 12, 16)
     points = torch.rand(1, 300, 2)
     full = torch.einsum("qd,hwd->qhw", mask_embeddings, pixel_embeddings)
-    torch.testing.assert_close(mask_logits(mask_embeddings, pixel_embeddings), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compute_mask_logits(mask_embeddings, pixel_embeddings), full, atol=1e-5, rtol=1e-5)
     expected = point_sample(full, points)
     torch.testing.assert_close(point_sample_logits(mask_embeddings, pixel_embeddings, points), expected,
                                atol=1e-4, rtol=1e-4)
+
+
+def test_bce_cost_equals_pairwise_bce_even_for_large_logits():
+    logits = torch.cat([torch.randn(3, 500) * 3, torch.full((1, 500), -60.0), torch.full((1, 500), 60.0)])
+    targets = (torch.rand(4, 500) > 0.5).float()
+    expected = torch.stack([
+        F.binary_cross_entropy_with_logits(logits, t.expand_as(logits), reduction="none").mean(1) for t in targets
+    ], dim=1)
+    torch.testing.assert_close(bce_cost(logits, targets), expected, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_matching_under_autocast_uses_float32_costs(dtype, monkeypatch):
+    # Half-precision costs overflow (float16 sums of thousands of points) or lose the differences that decide the
+    # matching (bfloat16): the matcher must compute them in float32 whatever the autocast context.
+    costs = []
+    solve = loss_module.linear_sum_assignment
+    monkeypatch.setattr(loss_module, "linear_sum_assignment", lambda cost: costs.append(cost) or solve(cost))
+    targets, classes = quadrant_masks(), torch.tensor([0, 1, 2, 3])
+    mask_embeddings, pixel_embeddings = torch.randn(1, 10, 16), torch.randn(1, 32, 32, 16)
+    class_logits = torch.randn(1, 10, 5)
+    for context in (contextlib.nullcontext(), torch.autocast("cpu", dtype=dtype)):
+        torch.manual_seed(0)
+        with context:
+            make_loss().match(mask_embeddings, pixel_embeddings, class_logits, [targets], [classes])
+    np.testing.assert_allclose(costs[1], costs[0], rtol=1e-5, atol=1e-5)
 
 
 def test_class_loss_weights_no_object_queries():

@@ -209,7 +209,7 @@ def test_gradient_checkpointing_gives_same_gradients(monkeypatch):
     upscale_calls = []
     upscale = EomtScaleBlock.forward
     # Counted in forward itself: module hooks do not fire when checkpointing recomputes in backward.
-    monkeypatch.setattr(EomtScaleBlock, "forward", lambda self, x: upscale_calls.append(1) or upscale(self, x))
+    monkeypatch.setattr(EomtScaleBlock, "forward", lambda self, *args: upscale_calls.append(1) or upscale(self, *args))
     plain = grads()
     predictions = TINY["num_blocks"] + 1
     assert len(upscale_calls) == predictions
@@ -219,6 +219,50 @@ def test_gradient_checkpointing_gives_same_gradients(monkeypatch):
     assert plain.keys() == checkpointed.keys() and len(plain) > 20
     for name in plain:
         torch.testing.assert_close(plain[name], checkpointed[name], atol=1e-5, rtol=1e-4)
+
+
+def test_activation_checkpointing_replaces_the_selective_recompute(monkeypatch):
+    # Inside a checkpointed layer / upscale block a second, selective checkpoint would keep its matmul outputs
+    # alive until backward — exactly what activation checkpointing is there to drop.
+    from modeling_eomt import modeling
+
+    ours, _ = make_pair()
+    ours.train()
+    contexts = []
+    keep = modeling._KEEP_MATMUL_OUTPUTS
+    monkeypatch.setattr(modeling, "_KEEP_MATMUL_OUTPUTS", lambda: contexts.append(1) or keep())
+    labels = dict(mask_labels=[torch.rand(2, 64, 64) > 0.5], class_labels=[torch.tensor([0, 3])])
+    ours(torch.randn(1, 3, 64, 64), **labels).loss.backward()
+    # One selective checkpoint per MLP and per upscale layer of each prediction.
+    assert len(contexts) == TINY["num_hidden_layers"] + ours.config.num_upscale_blocks * (TINY["num_blocks"] + 1)
+    contexts.clear()
+    ours.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    ours(torch.randn(1, 3, 64, 64), **labels).loss.backward()
+    assert contexts == []
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_training_step_under_autocast(dtype):
+    # Autocast caches weight casts across the head's repeated calls; the selective recompute must not trip on it.
+    ours, _ = make_pair()
+    ours.train()
+    labels = dict(mask_labels=[torch.rand(2, 64, 64) > 0.5] * 2, class_labels=[torch.tensor([0, 3])] * 2)
+    with torch.autocast("cpu", dtype=dtype):
+        loss = ours(torch.randn(2, 3, 64, 64), **labels).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in ours.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_every_parameter_gets_a_gradient_without_targets():
+    # DDP without `find_unused_parameters` needs a gradient for every parameter, even on a batch with no segments.
+    ours, _ = make_pair()
+    ours.train()
+    empty = dict(mask_labels=[torch.zeros(0, 64, 64)] * 2, class_labels=[torch.zeros(0, dtype=torch.long)] * 2)
+    ours(torch.randn(2, 3, 64, 64), **empty).loss.backward()
+    missing = [name for name, p in ours.named_parameters() if p.grad is None]
+    assert missing == []
 
 
 def test_inference_makes_no_intermediate_predictions():

@@ -173,6 +173,20 @@ def test_semantic_labels_match_builtin_with_windows(monkeypatch, fraction, band_
         assert candidates < 12 and rechecked > 0 and sum(resized_rechecks) > 0
 
 
+@pytest.mark.parametrize("target", [(8, 8), (12, 10)])
+def test_semantic_label_pruning_survives_float32_underflow(target):
+    # Query 0 gives class 0 probability ~1 but its mask is -80 everywhere (sigmoid 2e-35); query 1 covers everything
+    # but gives class 2 only 1e-24, whose square underflows in float32. Class 2 scores 1e-24 vs 2e-35: it must win,
+    # though a float32 bound would have ruled it out.
+    class_logits = torch.full((1, 2, 4), -100.0)
+    class_logits[0, 0, 0] = class_logits[0, 1, 3] = 0.0
+    class_logits[0, 1, 2] = -55.0
+    mask_logits = torch.stack([torch.full((2, 2), -80.0), torch.full((2, 2), 10.0)])[None]
+    placement = [post_processing.Placement(0, 0, 0, 8, 8, (8, 8))]
+    (labels,) = post_processing.semantic_segmentation(class_logits, mask_logits, placement, [(8, 8)], [target])
+    assert labels.shape == target and (labels == 2).all()
+
+
 def test_interpolation_weights_match_interpolate():
     for size_in, size_out, stop in [(16, 64, 64), (16, 64, 40), (10, 25, 25), (7, 3, 3), (5, 5, 5)]:
         values = torch.randn(2, size_in)
