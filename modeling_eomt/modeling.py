@@ -23,9 +23,12 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
 from .configuration import EomtConfig
-from .loss import EomtLoss, MaskPrediction
+from .loss import EomtLoss, MaskPrediction, compute_mask_logits
 
 logger = logging.get_logger(__name__)
+
+# Elements of one band of full-resolution pixel embeddings in `predict_in_bands` (8 MB in float32).
+_BAND_ELEMENTS = 2**21
 
 _KEEP_MATMUL_OUTPUTS = functools.partial(
     create_selective_checkpoint_contexts, [torch.ops.aten.addmm.default, torch.ops.aten.mm.default]
@@ -284,6 +287,10 @@ class EomtScaleLayer(nn.Module):
         self.layernorm2d = nn.LayerNorm(dim, eps=1e-6)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.refine(self.expand(hidden_states))
+
+    def expand(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Transposed conv and activation: `(B, H, W, D)` → `(B, 2H, 2W, D)`."""
         batch_size, height, width, dim = hidden_states.shape
         # conv1.weight is (in, out, 2, 2): a linear map per input pixel into its 2×2 sub-pixels. Ordered
         # (row, column, channel), the interleaving into the 2× map moves whole channel vectors, not single floats.
@@ -292,9 +299,17 @@ class EomtScaleLayer(nn.Module):
         upsampled = F.linear(hidden_states, weight.T, self.conv1.bias.repeat(4))
         upsampled = upsampled.view(batch_size, height, width, 2, 2, dim).transpose(2, 3)
         upsampled = upsampled.reshape(batch_size, 2 * height, 2 * width, dim)
-        upsampled = self.activation(upsampled)
-        upsampled = self.conv2(upsampled.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return self.layernorm2d(upsampled)
+        return self.activation(upsampled)
+
+    def refine(self, upsampled: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """Depthwise 3×3 conv and LayerNorm of an expanded map; with `rows`, of those output rows only."""
+        if rows is None:
+            rows = slice(0, upsampled.shape[1])
+        # The conv reads one row above and below: give it those, then drop its (zero-padded) first and last rows
+        # unless they are the map's own borders.
+        first, last = max(rows.start - 1, 0), min(rows.stop + 1, upsampled.shape[1])
+        refined = self.conv2(upsampled[:, first:last].permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.layernorm2d(refined[:, rows.start - first : rows.stop - first])
 
 
 class EomtScaleBlock(nn.Module):
@@ -443,15 +458,19 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
                 all_attentions += (attn_weights,)
 
         sequence_output = self.layernorm(hidden_states)
-        final = self.head(sequence_output, grid)
         loss = loss_dict = None
-        if compute_loss:
-            loss, loss_dict = self.criterion(supervised + [final], mask_labels, class_labels)
+        if compute_loss or torch.is_grad_enabled():
+            final = self.head(sequence_output, grid)
+            class_queries_logits, masks_queries_logits = final.class_logits, final.mask_logits()
+            if compute_loss:
+                loss, loss_dict = self.criterion(supervised + [final], mask_labels, class_labels)
+        else:
+            class_queries_logits, masks_queries_logits = self.predict_in_bands(sequence_output, grid)
 
         output = EomtForUniversalSegmentationOutput(
             loss=loss,
-            class_queries_logits=final.class_logits,
-            masks_queries_logits=final.mask_logits(),
+            class_queries_logits=class_queries_logits,
+            masks_queries_logits=masks_queries_logits,
             last_hidden_state=sequence_output,
             hidden_states=all_hidden_states,
             attentions=all_attentions,
@@ -466,16 +485,41 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
         """Mask embeddings `(B, Q, D)`, pixel embeddings `(B, s·h, s·w, D)` (`s = 2**num_upscale_blocks`) and class
         logits `(B, Q, C+1)` from normalised tokens. A query's mask logits are its mask embedding dotted with every
         pixel embedding; the loss and the attention masks work on the two factors and never need all of them."""
-        num_queries = self.config.num_queries
-        queries = tokens[:, :num_queries]
-        patches = tokens[:, num_queries + self.embeddings.num_prefix_tokens :]
-        feature_map = patches.reshape(patches.shape[0], *grid, -1)
+        queries, feature_map = self._split_tokens(tokens, grid)
         if self.is_activation_checkpointing and torch.is_grad_enabled():
             # The upscaled maps dominate training memory (one set per prediction): recompute them in backward.
             pixel_embeddings = checkpoint(self.upscale_block, feature_map, False, use_reentrant=False)
         else:
             pixel_embeddings = self.upscale_block(feature_map)
         return MaskPrediction(self.mask_head(queries), pixel_embeddings, self.class_predictor(queries))
+
+    @torch.no_grad()
+    def predict_in_bands(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class and mask logits as `head(...)` gives them, for inference: the last upscale layer's conv, LayerNorm
+        and query product run a band of rows at a time, so no full-resolution pixel embeddings exist (the upscale
+        maps set the peak memory of a forward)."""
+        queries, feature_map = self._split_tokens(tokens, grid)
+        *coarser, last = self.upscale_block.block
+        for layer in coarser:
+            feature_map = layer(feature_map)
+        expanded = last.expand(feature_map)
+        mask_embeddings = self.mask_head(queries)
+        batch_size, height, width, dim = expanded.shape
+        band = max(1, _BAND_ELEMENTS // (batch_size * width * dim))
+        masks = None
+        for start in range(0, height, band):
+            rows = slice(start, min(start + band, height))
+            band_masks = compute_mask_logits(mask_embeddings, last.refine(expanded, rows))
+            if masks is None:  # allocated from the first band: the dtype autocast gives the product
+                masks = band_masks.new_empty(*band_masks.shape[:2], height, width)
+            masks[:, :, rows] = band_masks
+        return self.class_predictor(queries), masks
+
+    def _split_tokens(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query tokens `(B, Q, D)` and patch tokens as a channels-last map `(B, h, w, D)`."""
+        num_queries = self.config.num_queries
+        patches = tokens[:, num_queries + self.embeddings.num_prefix_tokens :]
+        return tokens[:, :num_queries], patches.reshape(patches.shape[0], *grid, -1)
 
     @torch.no_grad()
     def _query_attention_mask(

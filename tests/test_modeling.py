@@ -265,6 +265,23 @@ def test_every_parameter_gets_a_gradient_without_targets():
     assert missing == []
 
 
+@pytest.mark.parametrize("upscale_blocks", [1, 2])
+def test_banded_inference_equals_the_full_head(monkeypatch, upscale_blocks):
+    from modeling_eomt import modeling
+
+    ours, _ = make_pair(num_upscale_blocks=upscale_blocks)
+    ours.eval()
+    ours.attn_mask_probs.zero_()
+    pixels = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        tokens = ours(pixels).last_hidden_state
+        full = ours.head(tokens, (4, 5))
+        monkeypatch.setattr(modeling, "_BAND_ELEMENTS", 1)  # one row per band: every band border is exercised
+        classes, masks = ours.predict_in_bands(tokens, (4, 5))
+    torch.testing.assert_close(masks, full.mask_logits(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(classes, full.class_logits)
+
+
 def test_inference_makes_no_intermediate_predictions():
     ours, _ = make_pair()
     ours.eval()
