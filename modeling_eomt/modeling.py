@@ -27,8 +27,11 @@ from .loss import EomtLoss, MaskPrediction, compute_mask_logits
 
 logger = logging.get_logger(__name__)
 
-# Elements of one band of full-resolution pixel embeddings in `predict_in_bands` (8 MB in float32).
+# Elements of one band of full-resolution pixel embeddings in `predict_in_bands` (8 MB in float32: bands of 32 MB
+# measured a higher peak resident memory, an allocator effect); bands of at least `_MIN_BAND_ROWS` rows keep the
+# recomputed context rows (one or two per band) a modest share of the work.
 _BAND_ELEMENTS = 2**21
+_MIN_BAND_ROWS = 8
 
 _KEEP_MATMUL_OUTPUTS = functools.partial(
     create_selective_checkpoint_contexts, [torch.ops.aten.addmm.default, torch.ops.aten.mm.default]
@@ -495,21 +498,25 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
 
     @torch.no_grad()
     def predict_in_bands(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Class and mask logits as `head(...)` gives them, for inference: the last upscale layer's conv, LayerNorm
-        and query product run a band of rows at a time, so no full-resolution pixel embeddings exist (the upscale
-        maps set the peak memory of a forward)."""
+        """Class and mask logits as `head(...)` gives them, for inference: the last upscale layer and the query
+        product run a band of rows at a time, so no full-resolution map exists besides the logits (the upscale maps
+        set the peak memory of a forward)."""
         queries, feature_map = self._split_tokens(tokens, grid)
         *coarser, last = self.upscale_block.block
         for layer in coarser:
             feature_map = layer(feature_map)
-        expanded = last.expand(feature_map)
         mask_embeddings = self.mask_head(queries)
-        batch_size, height, width, dim = expanded.shape
-        band = max(1, _BAND_ELEMENTS // (batch_size * width * dim))
+        batch_size, height, width, dim = feature_map.shape
+        height, width = 2 * height, 2 * width
+        band = max(_MIN_BAND_ROWS, _BAND_ELEMENTS // (batch_size * width * dim))
         masks = None
         for start in range(0, height, band):
             rows = slice(start, min(start + band, height))
-            band_masks = compute_mask_logits(mask_embeddings, last.refine(expanded, rows))
+            # The conv needs expanded rows start - 1 ... stop; each coarse row expands into two.
+            first, stop = max(rows.start - 1, 0) // 2, min(rows.stop // 2 + 1, feature_map.shape[1])
+            expanded = last.expand(feature_map[:, first:stop])
+            refined = last.refine(expanded, slice(rows.start - 2 * first, rows.stop - 2 * first))
+            band_masks = compute_mask_logits(mask_embeddings, refined)
             if masks is None:  # allocated from the first band: the dtype autocast gives the product
                 masks = band_masks.new_empty(*band_masks.shape[:2], height, width)
             masks[:, :, rows] = band_masks

@@ -276,10 +276,14 @@ def test_banded_inference_equals_the_full_head(monkeypatch, upscale_blocks):
     with torch.no_grad():
         tokens = ours(pixels).last_hidden_state
         full = ours.head(tokens, (4, 5))
-        monkeypatch.setattr(modeling, "_BAND_ELEMENTS", 1)  # one row per band: every band border is exercised
-        classes, masks = ours.predict_in_bands(tokens, (4, 5))
-    torch.testing.assert_close(masks, full.mask_logits(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(classes, full.class_logits)
+        banded = {}
+        for rows in (1, 3, 16):  # odd, even and whole-map bands: every band border is exercised
+            monkeypatch.setattr(modeling, "_BAND_ELEMENTS", 1)
+            monkeypatch.setattr(modeling, "_MIN_BAND_ROWS", rows)
+            banded[rows] = ours.predict_in_bands(tokens, (4, 5))
+    for classes, masks in banded.values():
+        torch.testing.assert_close(masks, full.mask_logits(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(classes, full.class_logits)
 
 
 def test_inference_makes_no_intermediate_predictions():
