@@ -52,7 +52,8 @@ def point_sample(maps: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
 def point_sample_logits(
     mask_embeddings: torch.Tensor, pixel_embeddings: torch.Tensor, points: torch.Tensor
 ) -> torch.Tensor:
-    """Mask logits of queries `(Q, D)` at `points` `(1, P, 2)` of pixel embeddings `(H, W, D)`; float32 `(Q, P)`.
+    """Mask logits of queries `(Q, D)` at `points` `(1, P, 2)` of pixel embeddings `(H, W, D)`; `(Q, P)`, float32
+    outside autocast (where `match` calls it).
 
     Bilinear sampling is linear, so sampling the pixel embeddings and then taking dot products equals sampling the
     logits, without the `(Q, H, W)` map.

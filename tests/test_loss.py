@@ -4,7 +4,6 @@ import contextlib
 import itertools
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -99,17 +98,17 @@ def test_bce_cost_equals_pairwise_bce_even_for_large_logits():
     torch.testing.assert_close(bce_cost(logits, targets), expected, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_matching_under_autocast_uses_float32_costs(dtype, monkeypatch):
+def test_matching_under_autocast_uses_float32_costs(monkeypatch):
     # Half-precision costs overflow (float16 sums of thousands of points) or lose the differences that decide the
-    # matching (bfloat16): the matcher must compute them in float32 whatever the autocast context.
+    # matching: the matcher must compute them in float32 whatever the autocast context. (CPU bfloat16 autocast
+    # leaves these products in float32 here, so only float16 can show the difference on this machine.)
     costs = []
     solve = loss_module.linear_sum_assignment
     monkeypatch.setattr(loss_module, "linear_sum_assignment", lambda cost: costs.append(cost) or solve(cost))
     targets, classes = quadrant_masks(), torch.tensor([0, 1, 2, 3])
     mask_embeddings, pixel_embeddings = torch.randn(1, 10, 16), torch.randn(1, 32, 32, 16)
     class_logits = torch.randn(1, 10, 5)
-    for context in (contextlib.nullcontext(), torch.autocast("cpu", dtype=dtype)):
+    for context in (contextlib.nullcontext(), torch.autocast("cpu", dtype=torch.float16)):
         torch.manual_seed(0)
         with context:
             make_loss().match(mask_embeddings, pixel_embeddings, class_logits, [targets], [classes])
