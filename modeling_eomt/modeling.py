@@ -491,7 +491,7 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
         queries, feature_map = self._split_tokens(tokens, grid)
         if self.is_activation_checkpointing and torch.is_grad_enabled():
             # The upscaled maps dominate training memory (one set per prediction): recompute them in backward.
-            pixel_embeddings = checkpoint(self.upscale_block, feature_map, False, use_reentrant=False)
+            pixel_embeddings = checkpoint(self.upscale_block, feature_map, recompute=False, use_reentrant=False)
         else:
             pixel_embeddings = self.upscale_block(feature_map)
         return MaskPrediction(self.mask_head(queries), pixel_embeddings, self.class_predictor(queries))
