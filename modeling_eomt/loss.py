@@ -169,17 +169,23 @@ class EomtLoss(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """BCE and dice of matched masks on points chosen mostly where the prediction is uncertain."""
         device = pixel_embeddings.device
-        batch_index = torch.cat([torch.full_like(rows, image) for image, (rows, _) in enumerate(indices)]).to(device)
-        if batch_index.shape[0] == 0:
+        counts = [len(rows) for rows, _ in indices]
+        if sum(counts) == 0:
             zero = (mask_embeddings.sum() + pixel_embeddings.sum()) * 0.0
             return zero, zero
-        # Full-resolution logits for matched queries only: a few dozen maps instead of B × Q.
-        predicted = torch.cat(
-            [
-                compute_mask_logits(queries[rows.to(device)], pixels)
-                for queries, pixels, (rows, _) in zip(mask_embeddings, pixel_embeddings, indices)
-            ]
-        )
+        batch_index = torch.repeat_interleave(torch.arange(len(indices)), torch.tensor(counts)).to(device)
+        # Full-resolution logits for matched queries only: a few dozen maps instead of B × Q. One batched product
+        # over the matches padded per image (with query 0, dropped after), rather than a product per image: slicing
+        # the pixel embeddings per image would re-stack a full-size copy of their gradient in backward.
+        matched = torch.zeros(len(indices), max(counts), dtype=torch.long)
+        for image, (rows, _) in enumerate(indices):
+            matched[image, : len(rows)] = rows
+        is_match = (torch.arange(max(counts)) < torch.tensor(counts)[:, None]).to(device)
+        matched = matched.to(device)
+        queries = mask_embeddings.gather(1, matched[..., None].expand(-1, -1, mask_embeddings.shape[-1]))
+        # Pixel-major product, so that the gradient of the pixel embeddings comes out channels-last like them.
+        predicted = torch.matmul(pixel_embeddings.flatten(1, 2), queries.transpose(1, 2)).transpose(1, 2)
+        predicted = predicted[is_match].unflatten(-1, pixel_embeddings.shape[1:3])
         points = self.importance_points(predicted)
         target_points = torch.cat(
             [

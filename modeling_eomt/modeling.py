@@ -9,12 +9,13 @@ ViT forward followed by one head call.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -27,9 +28,9 @@ from .loss import EomtLoss, MaskPrediction, compute_mask_logits
 
 logger = logging.get_logger(__name__)
 
-# Elements of one band of full-resolution pixel embeddings in `predict_in_bands` (8 MB in float32: bands of 32 MB
-# measured a higher peak resident memory, an allocator effect); bands of at least `_MIN_BAND_ROWS` rows keep the
-# recomputed context rows (one or two per band) a modest share of the work.
+# Elements of one band of an upscaled map (`EomtScaleLayer.bands`): 8 MB in float32, small enough to be reused from
+# the heap and to stay in cache (bands of 32 MB measured a higher peak resident memory at inference). Bands of at
+# least `_MIN_BAND_ROWS` rows keep the context rows a band recomputes (one or two per side) a modest share.
 _BAND_ELEMENTS = 2**21
 _MIN_BAND_ROWS = 8
 
@@ -43,16 +44,15 @@ def recompute_all_but_matmuls(
 ) -> torch.Tensor:
     """`function(hidden_states)`, keeping for backward only the outputs of its matrix multiplications.
 
-    The rest (activations, depthwise convolution, LayerNorm, layout copies) is memory-bound work that is cheaper to
-    redo in backward than to store: this drops a hidden-width tensor per MLP and two upscaled maps per upscale layer
-    (the largest tensors of a training step) for a few percent more compute.
+    The rest (activations, layout copies) is memory-bound work that is cheaper to redo in backward than to store:
+    in an MLP this drops the activated hidden-width tensor for a few percent more compute.
     """
     if not torch.is_grad_enabled():
         return function(hidden_states)
     device = hidden_states.device.type
     if torch.is_autocast_enabled(device):
-        # Autocast caches weight casts across calls (the upscale block runs once per prediction), so the recompute
-        # would cast where the forward reused the cache; without the cache both make the same calls.
+        # Autocast caches weight casts within its region (a second forward reuses them), so the recompute would cast
+        # where the forward reused the cache; without the cache both make the same calls.
         function = functools.partial(_without_autocast_cache, function, device)
     return checkpoint(function, hidden_states, use_reentrant=False, context_fn=_KEEP_MATMUL_OUTPUTS)
 
@@ -278,7 +278,7 @@ class EomtScaleLayer(nn.Module):
 
     Runs on channels-last `(B, H, W, D)` maps: the transposed conv is one matmul into the four sub-pixel outputs
     (a k=2, s=2 transposed conv has no overlap), and the depthwise conv and the LayerNorm need no layout copies.
-    This is several times faster on CPU than `ConvTranspose2d` + NCHW LayerNorm, with the same weights.
+    The rest runs a band of rows at a time (`_RefineInBands`), so its intermediate maps stay small.
     """
 
     def __init__(self, config: EomtConfig):
@@ -290,29 +290,88 @@ class EomtScaleLayer(nn.Module):
         self.layernorm2d = nn.LayerNorm(dim, eps=1e-6)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.refine(self.expand(hidden_states))
+        params = (self.conv2.weight, self.layernorm2d.weight, self.layernorm2d.bias)
+        return _RefineInBands.apply(self.expand(hidden_states), self, *params)
 
     def expand(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Transposed conv and activation: `(B, H, W, D)` → `(B, 2H, 2W, D)`."""
-        batch_size, height, width, dim = hidden_states.shape
+        """Transposed conv: `(B, H, W, D)` → sub-pixel outputs `(B, H, W, 2, 2, D)` (row offset, column offset)."""
         # conv1.weight is (in, out, 2, 2): a linear map per input pixel into its 2×2 sub-pixels. Ordered
         # (row, column, channel), the interleaving into the 2× map moves whole channel vectors, not single floats.
         weight = self.conv1.weight.permute(0, 2, 3, 1).flatten(1)
-        # One name for every full-size map: rebinding frees the previous one, so at most two exist at once.
-        upsampled = F.linear(hidden_states, weight.T, self.conv1.bias.repeat(4))
-        upsampled = upsampled.view(batch_size, height, width, 2, 2, dim).transpose(2, 3)
-        upsampled = upsampled.reshape(batch_size, 2 * height, 2 * width, dim)
-        return self.activation(upsampled)
+        subpixels = F.linear(hidden_states, weight.T, self.conv1.bias.repeat(4))
+        return subpixels.unflatten(-1, (2, 2, hidden_states.shape[-1]))
 
-    def refine(self, upsampled: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
-        """Depthwise 3×3 conv and LayerNorm of an expanded map; with `rows`, of those output rows only."""
-        if rows is None:
-            rows = slice(0, upsampled.shape[1])
-        # The conv reads one row above and below: give it those, then drop its (zero-padded) first and last rows
-        # unless they are the map's own borders.
-        first, last = max(rows.start - 1, 0), min(rows.stop + 1, upsampled.shape[1])
-        refined = self.conv2(upsampled[:, first:last].permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    def refine(self, subpixels: torch.Tensor, rows: slice) -> torch.Tensor:
+        """Rows `rows` of the upsampled map, from the sub-pixel outputs `(B, n, W, 2, 2, D)` of consecutive coarse
+        rows: interleave, activation, depthwise conv, LayerNorm.
+
+        The conv reads one row above and below `rows`: the band must hold them wherever the map has them (`bands`
+        gives such bands); the band's own first and last rows count as the map's borders.
+        """
+        batch_size, num_rows, width, _, _, dim = subpixels.shape
+        upsampled = subpixels.transpose(2, 3).reshape(batch_size, 2 * num_rows, 2 * width, dim)
+        first, last = max(rows.start - 1, 0), min(rows.stop + 1, 2 * num_rows)
+        activated = self.activation(upsampled[:, first:last])
+        refined = self.conv2(activated.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.layernorm2d(refined[:, rows.start - first : rows.stop - first])
+
+    @staticmethod
+    def bands(height: int, band_rows: int) -> Iterator[tuple[slice, slice, slice]]:
+        """Bands of `band_rows` rows of the 2×`height`-row output: per band its rows, the coarse rows `refine` needs
+        for them, and its rows counted within those coarse rows' output."""
+        for start in range(0, 2 * height, band_rows):
+            rows = slice(start, min(start + band_rows, 2 * height))
+            # Output row r comes from coarse row r // 2; the conv needs rows start - 1 ... stop.
+            coarse = slice(max(rows.start - 1, 0) // 2, min(rows.stop // 2 + 1, height))
+            yield rows, coarse, slice(rows.start - 2 * coarse.start, rows.stop - 2 * coarse.start)
+
+
+def _band_rows(batch_size: int, width: int, dim: int) -> int:
+    return max(_MIN_BAND_ROWS, _BAND_ELEMENTS // (batch_size * width * dim))
+
+
+class _RefineInBands(torch.autograd.Function):
+    """`layer.refine` over the whole map, a band of rows at a time, in forward and in backward.
+
+    Only the input sub-pixel outputs (kept for backward, as the matmul's output), the output and their gradients
+    are full-size maps. Activation, conv and LayerNorm live one band at a time and are recomputed band by band in
+    backward: full-size intermediates would each be fresh allocations of tens of MB (page-faulted in on CPU), and
+    memory-bound passes over small bands run from cache.
+    """
+
+    @staticmethod
+    def forward(ctx, subpixels: torch.Tensor, layer: EomtScaleLayer, *params: torch.Tensor) -> torch.Tensor:
+        batch_size, height, width, _, _, dim = subpixels.shape
+        output = None
+        for rows, coarse, local in layer.bands(height, _band_rows(batch_size, 2 * width, dim)):
+            band = layer.refine(subpixels[:, coarse], local)
+            if output is None:  # allocated from the first band: the dtype autocast gives LayerNorm
+                output = band.new_empty(batch_size, 2 * height, 2 * width, dim)
+            output[:, rows] = band
+        ctx.save_for_backward(subpixels)
+        ctx.layer, ctx.params = layer, params
+        device = subpixels.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (subpixels,), params = ctx.saved_tensors, ctx.params
+        needs_grad = [ctx.needs_input_grad[0], *ctx.needs_input_grad[2:]]
+        grads = [torch.zeros_like(t) if need else None for t, need in zip([subpixels, *params], needs_grad)]
+        batch_size, height, width, _, _, dim = subpixels.shape
+        device, dtype, autocast = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=autocast):
+            for rows, coarse, local in ctx.layer.bands(height, _band_rows(batch_size, 2 * width, dim)):
+                band = subpixels[:, coarse].detach().requires_grad_(needs_grad[0])
+                inputs = [t for t, need in zip([band, *params], needs_grad) if need]
+                band_grads = iter(torch.autograd.grad(ctx.layer.refine(band, local), inputs, grad_output[:, rows]))
+                for index, need in enumerate(needs_grad):
+                    if need:
+                        target = grads[index][:, coarse] if index == 0 else grads[index]
+                        target += next(band_grads)
+        return grads[0], None, *grads[1:]
 
 
 class EomtScaleBlock(nn.Module):
@@ -320,10 +379,9 @@ class EomtScaleBlock(nn.Module):
         super().__init__()
         self.block = nn.ModuleList(EomtScaleLayer(config) for _ in range(config.num_upscale_blocks))
 
-    def forward(self, hidden_states: torch.Tensor, recompute: bool = True) -> torch.Tensor:
-        """`recompute`: keep only each layer's transposed-conv output for backward (`recompute_all_but_matmuls`)."""
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         for layer in self.block:
-            hidden_states = recompute_all_but_matmuls(layer, hidden_states) if recompute else layer(hidden_states)
+            hidden_states = layer(hidden_states)
         return hidden_states
 
 
@@ -491,7 +549,7 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
         queries, feature_map = self._split_tokens(tokens, grid)
         if self.is_activation_checkpointing and torch.is_grad_enabled():
             # The upscaled maps dominate training memory (one set per prediction): recompute them in backward.
-            pixel_embeddings = checkpoint(self.upscale_block, feature_map, recompute=False, use_reentrant=False)
+            pixel_embeddings = checkpoint(self.upscale_block, feature_map, use_reentrant=False)
         else:
             pixel_embeddings = self.upscale_block(feature_map)
         return MaskPrediction(self.mask_head(queries), pixel_embeddings, self.class_predictor(queries))
@@ -507,18 +565,14 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
             feature_map = layer(feature_map)
         mask_embeddings = self.mask_head(queries)
         batch_size, height, width, dim = feature_map.shape
-        height, width = 2 * height, 2 * width
-        band = max(_MIN_BAND_ROWS, _BAND_ELEMENTS // (batch_size * width * dim))
         masks = None
-        for start in range(0, height, band):
-            rows = slice(start, min(start + band, height))
-            # The conv needs expanded rows start - 1 ... stop; each coarse row expands into two.
-            first, stop = max(rows.start - 1, 0) // 2, min(rows.stop // 2 + 1, feature_map.shape[1])
-            expanded = last.expand(feature_map[:, first:stop])
-            refined = last.refine(expanded, slice(rows.start - 2 * first, rows.stop - 2 * first))
+        for rows, coarse, local in last.bands(height, _band_rows(batch_size, 2 * width, dim)):
+            # Each band expands its own coarse rows (a band's context rows are expanded twice): no full-size
+            # sub-pixel map, unlike training, which keeps it for backward.
+            refined = last.refine(last.expand(feature_map[:, coarse]), local)
             band_masks = compute_mask_logits(mask_embeddings, refined)
             if masks is None:  # allocated from the first band: the dtype autocast gives the product
-                masks = band_masks.new_empty(*band_masks.shape[:2], height, width)
+                masks = band_masks.new_empty(*band_masks.shape[:2], 2 * height, 2 * width)
             masks[:, :, rows] = band_masks
         return self.class_predictor(queries), masks
 

@@ -226,8 +226,8 @@ def test_gradient_checkpointing_gives_same_gradients(monkeypatch):
 
 
 def test_activation_checkpointing_replaces_the_selective_recompute(monkeypatch):
-    # Inside a checkpointed layer / upscale block a second, selective checkpoint would keep its matmul outputs
-    # alive until backward — exactly what activation checkpointing is there to drop.
+    # Inside a checkpointed layer a second, selective checkpoint would keep its matmul outputs alive until
+    # backward — exactly what activation checkpointing is there to drop.
     from modeling_eomt import modeling
 
     ours, _ = make_pair()
@@ -237,8 +237,7 @@ def test_activation_checkpointing_replaces_the_selective_recompute(monkeypatch):
     monkeypatch.setattr(modeling, "_KEEP_MATMUL_OUTPUTS", lambda: contexts.append(1) or keep())
     labels = dict(mask_labels=[torch.rand(2, 64, 64) > 0.5], class_labels=[torch.tensor([0, 3])])
     ours(torch.randn(1, 3, 64, 64), **labels).loss.backward()
-    # One selective checkpoint per MLP and per upscale layer of each prediction.
-    assert len(contexts) == TINY["num_hidden_layers"] + ours.config.num_upscale_blocks * (TINY["num_blocks"] + 1)
+    assert len(contexts) == TINY["num_hidden_layers"]  # one selective checkpoint per MLP
     contexts.clear()
     ours.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ours(torch.randn(1, 3, 64, 64), **labels).loss.backward()
@@ -269,25 +268,69 @@ def test_every_parameter_gets_a_gradient_without_targets():
     assert missing == []
 
 
+def reference_upscale(block: EomtScaleBlock, feature_map: torch.Tensor) -> torch.Tensor:
+    """The upscale block as stock NCHW modules compute it (ConvTranspose2d, activation, Conv2d, LayerNorm)."""
+    hidden = feature_map.permute(0, 3, 1, 2)
+    for layer in block.block:
+        hidden = layer.conv2(layer.activation(layer.conv1(hidden)))
+        hidden = layer.layernorm2d(hidden.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    return hidden.permute(0, 2, 3, 1)
+
+
 @pytest.mark.parametrize("upscale_blocks", [1, 2])
-def test_banded_inference_equals_the_full_head(monkeypatch, upscale_blocks):
+def test_banded_upscale_equals_the_stock_modules(monkeypatch, upscale_blocks):
+    # Forward and backward run a band of rows at a time; odd, even and whole-map bands exercise every border.
+    from modeling_eomt import modeling
+
+    ours, _ = make_pair(num_upscale_blocks=upscale_blocks)
+    block = ours.upscale_block
+    feature_map = torch.randn(2, 4, 5, TINY["hidden_size"], requires_grad=True)
+    inputs = [feature_map, *block.parameters()]
+    expected = reference_upscale(block, feature_map)
+    upstream = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, inputs, upstream)
+    monkeypatch.setattr(modeling, "_BAND_ELEMENTS", 1)
+    for rows in (1, 3, 64):
+        monkeypatch.setattr(modeling, "_MIN_BAND_ROWS", rows)
+        banded = block(feature_map)
+        torch.testing.assert_close(banded, expected, atol=1e-5, rtol=1e-5)
+        for got, want in zip(torch.autograd.grad(banded, inputs, upstream), expected_grads, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("upscale_blocks", [1, 2])
+def test_banded_inference_equals_the_stock_head(monkeypatch, upscale_blocks):
     from modeling_eomt import modeling
 
     ours, _ = make_pair(num_upscale_blocks=upscale_blocks)
     ours.eval()
     ours.attn_mask_probs.zero_()
-    pixels = torch.randn(2, 3, 64, 80)
     with torch.no_grad():
-        tokens = ours(pixels).last_hidden_state
-        full = ours.head(tokens, (4, 5))
-        banded = {}
-        for rows in (1, 3, 16):  # odd, even and whole-map bands: every band border is exercised
-            monkeypatch.setattr(modeling, "_BAND_ELEMENTS", 1)
+        tokens = ours(torch.randn(2, 3, 64, 80)).last_hidden_state
+        queries, feature_map = ours._split_tokens(tokens, (4, 5))
+        expected = torch.einsum("bqd,bhwd->bqhw", ours.mask_head(queries), reference_upscale(ours.upscale_block, feature_map))
+        monkeypatch.setattr(modeling, "_BAND_ELEMENTS", 1)
+        for rows in (1, 3, 64):
             monkeypatch.setattr(modeling, "_MIN_BAND_ROWS", rows)
-            banded[rows] = ours.predict_in_bands(tokens, (4, 5))
-    for classes, masks in banded.values():
-        torch.testing.assert_close(masks, full.mask_logits(), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(classes, full.class_logits)
+            classes, masks = ours.predict_in_bands(tokens, (4, 5))
+            torch.testing.assert_close(masks, expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(classes, ours.class_predictor(queries))
+
+
+def test_banded_upscale_under_autocast():
+    # Backward recomputes each band under the forward's autocast state, so it differentiates what forward computed.
+    ours, _ = make_pair()
+    block = ours.upscale_block
+    feature_map = torch.randn(2, 4, 5, TINY["hidden_size"], requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        banded = block(feature_map)
+        expected = reference_upscale(block, feature_map)
+    upstream = torch.randn_like(expected)
+    got = torch.autograd.grad(banded, [feature_map, *block.parameters()], upstream)
+    want = torch.autograd.grad(expected, [feature_map, *block.parameters()], upstream)
+    assert banded.dtype == expected.dtype
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
 
 
 def test_inference_makes_no_intermediate_predictions():
