@@ -206,7 +206,7 @@ class EomtLoss(nn.Module):
         candidates = torch.rand(num_masks, int(num_points * self.config.oversample_ratio), 2, device=logits.device)
         uncertainty = -point_sample(logits, candidates).abs()
         num_uncertain = int(self.config.importance_sample_ratio * num_points)
-        chosen = uncertainty.topk(num_uncertain, dim=1).indices
+        chosen = uncertainty.topk(num_uncertain, dim=1, sorted=False).indices  # the losses ignore point order
         uncertain = candidates.gather(1, chosen[..., None].expand(-1, -1, 2))
         random = torch.rand(num_masks, num_points - num_uncertain, 2, device=logits.device)
         return torch.cat([uncertain, random], dim=1)

@@ -566,14 +566,15 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
         mask_embeddings = self.mask_head(queries)
         batch_size, height, width, dim = feature_map.shape
         masks = None
-        for rows, coarse, local in last.bands(height, _band_rows(batch_size, 2 * width, dim)):
-            # Each band expands its own coarse rows (a band's context rows are expanded twice): no full-size
-            # sub-pixel map, unlike training, which keeps it for backward.
-            refined = last.refine(last.expand(feature_map[:, coarse]), local)
-            band_masks = compute_mask_logits(mask_embeddings, refined)
-            if masks is None:  # allocated from the first band: the dtype autocast gives the product
-                masks = band_masks.new_empty(*band_masks.shape[:2], 2 * height, 2 * width)
-            masks[:, :, rows] = band_masks
+        # Image by image, so that bands stay tall at any batch size: each band expands its own coarse rows, and its
+        # context rows are expanded twice (no full-size sub-pixel map, unlike training, which keeps it for backward).
+        for image in range(batch_size):
+            for rows, coarse, local in last.bands(height, _band_rows(1, 2 * width, dim)):
+                refined = last.refine(last.expand(feature_map[image : image + 1, coarse]), local)
+                band_masks = compute_mask_logits(mask_embeddings[image : image + 1], refined)
+                if masks is None:  # allocated from the first band: the dtype autocast gives the product
+                    masks = band_masks.new_empty(batch_size, band_masks.shape[1], 2 * height, 2 * width)
+                masks[image, :, rows] = band_masks[0]
         return self.class_predictor(queries), masks
 
     def _split_tokens(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
