@@ -9,7 +9,7 @@ time, and for labels only the classes that can win are (see `semantic_segmentati
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -134,19 +134,23 @@ def _interpolation_weights(size_in: int, size_out: int, stop: int) -> torch.Tens
 def _sigmoid_bands(
     windows: Sequence[_Window], height: int, width: int, needed_rows: torch.Tensor | None = None
 ) -> Iterator[tuple[slice, list[_Piece]]]:
-    """Bands of rows of the `(height, width)` resized image, each with the sigmoid masks of the windows covering it;
-    only the bands with a row in `needed_rows` (a boolean mask), if given.
+    """Bands of rows of the `(height, width)` resized image, each with the sigmoid masks of the windows covering it
+    (valid until the next band); only the bands with a row in `needed_rows` (a boolean mask), if given.
 
     Bilinear interpolation is separable: columns by `F.interpolate` (rows kept as they are, which is exact), then
     rows by a product with `_Window.row_weights`, which lays the band out pixel-major and skips padding rows."""
     num_queries = windows[0].class_probs.shape[0]
     band = max(1, BAND_ELEMENTS // (width * num_queries))
+    # One buffer per window for its band's masks, reused band after band (a band's masks are only read before the
+    # next band is made): a fresh multi-MB tensor per band costs page faults and makes the product several times
+    # slower.
+    buffers = [window.class_probs.new_empty(band * width * num_queries) for window in windows]
     for start in range(0, height, band):
         stop = min(height, start + band)
         if needed_rows is not None and not bool(needed_rows[start:stop].any()):
             continue
         pieces = []
-        for window in windows:
+        for window, buffer in zip(windows, buffers):
             placement = window.placement
             first, last = max(start, placement.top), min(stop, placement.top + placement.height)
             if first >= last:
@@ -158,7 +162,9 @@ def _sigmoid_bands(
                 logits, size=(logits.shape[2], placement.canvas[1]), mode="bilinear", align_corners=False
             )
             columns = columns.permute(0, 2, 3, 1)[0, :, : placement.width]  # (mask rows, content columns, queries)
-            maps = (weights[:, used] @ columns.reshape(logits.shape[2], -1)).view(-1, num_queries).sigmoid_()
+            maps = buffer[: weights.shape[0] * columns.shape[1] * num_queries].view(weights.shape[0], -1)
+            torch.mm(weights[:, used], columns.reshape(logits.shape[2], -1), out=maps)
+            maps = maps.view(-1, num_queries).sigmoid_()
             cols = slice(placement.left, placement.left + placement.width)
             pieces.append(_Piece(window, slice(first - start, last - start), cols, maps))
         yield slice(start, stop), pieces
@@ -241,20 +247,25 @@ def _pruned_argmax(windows: Sequence[_Window], height: int, width: int, size: tu
     # the bound and the scores compared to it take a few such sums.
     margin = 1 + 4 * (class_probs.shape[1] + class_probs.shape[0]) * torch.finfo(torch.float32).eps
     bound_factor = float(norms[others].max()) * margin if others.numel() else 0.0
+    # Class columns reordered once, candidates first, so that each band reads them as views.
+    order, num_candidates = torch.cat([candidates, others]), candidates.numel()
+    reordered = [replace(window, class_probs=window.class_probs[:, order]) for window in windows]
 
     def candidate_scores(maps: torch.Tensor, window: _Window) -> torch.Tensor:
-        norm = torch.linalg.vector_norm(maps, dim=1, keepdim=True)
-        return torch.cat([maps @ window.class_probs[:, candidates], norm], 1)
+        scores = maps.new_empty(maps.shape[0], num_candidates + 1)
+        torch.mm(maps, window.class_probs[:, :num_candidates], out=scores[:, :-1])
+        torch.linalg.vector_norm(maps, dim=1, out=scores[:, -1])
+        return scores
 
     def other_scores(maps: torch.Tensor, window: _Window) -> torch.Tensor:
-        return maps @ window.class_probs[:, others]
+        return maps @ window.class_probs[:, num_candidates:]
 
     resize = tuple(size) != (height, width)
     # Labels here, or to resize: the candidates' scores and, last, an upper bound of the other classes' scores (their
     # exact maximum where they were contracted).
     labels = None if resize else torch.empty(height, width, dtype=torch.long, device=class_probs.device)
     maps = class_probs.new_empty(candidates.numel() + 1, height, width) if resize else None
-    for rows, pieces in _sigmoid_bands(windows, height, width):
+    for rows, pieces in _sigmoid_bands(reordered, height, width):
         band_shape = (rows.stop - rows.start, width)
         scores = _average(pieces, band_shape, candidate_scores)
         best, index = scores[:, :-1].max(1)
