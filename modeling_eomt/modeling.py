@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -301,29 +302,44 @@ class EomtScaleLayer(nn.Module):
         subpixels = F.linear(hidden_states, weight.T, self.conv1.bias.repeat(4))
         return subpixels.unflatten(-1, (2, 2, hidden_states.shape[-1]))
 
-    def refine(self, subpixels: torch.Tensor, rows: slice) -> torch.Tensor:
-        """Rows `rows` of the upsampled map, from the sub-pixel outputs `(B, n, W, 2, 2, D)` of consecutive coarse
-        rows: interleave, activation, depthwise conv, LayerNorm.
+    def refine(self, subpixels: torch.Tensor, band: _Band) -> torch.Tensor:
+        """Output rows `band.rows` of the upsampled map from the sub-pixel outputs `(B, n, W, 2, 2, D)` of the coarse
+        rows `band.coarse`: interleave, activation, depthwise conv, LayerNorm.
 
-        The conv reads one row above and below `rows`: the band must hold them wherever the map has them (`bands`
-        gives such bands); the band's own first and last rows count as the map's borders.
+        Those coarse rows give the output rows plus the one above and below that the conv reads, where the map has
+        them (`bands`); the conv adds no padding rows but the map's own borders, so no slicing (and no zero-filled
+        slice gradients) is needed.
         """
         batch_size, num_rows, width, _, _, dim = subpixels.shape
         upsampled = subpixels.transpose(2, 3).reshape(batch_size, 2 * num_rows, 2 * width, dim)
-        first, last = max(rows.start - 1, 0), min(rows.stop + 1, 2 * num_rows)
-        activated = self.activation(upsampled[:, first:last])
-        refined = self.conv2(activated.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return self.layernorm2d(refined[:, rows.start - first : rows.stop - first])
+        activated = self.activation(upsampled)
+        if band.pad != (0, 0):
+            activated = F.pad(activated, (0, 0, 0, 0, *band.pad))
+        refined = F.conv2d(activated.permute(0, 3, 1, 2), self.conv2.weight, padding=(0, 1), groups=dim)
+        return self.layernorm2d(refined.permute(0, 2, 3, 1))
 
     @staticmethod
-    def bands(height: int, band_rows: int) -> Iterator[tuple[slice, slice, slice]]:
-        """Bands of `band_rows` rows of the 2×`height`-row output: per band its rows, the coarse rows `refine` needs
-        for them, and its rows counted within those coarse rows' output."""
-        for start in range(0, 2 * height, band_rows):
-            rows = slice(start, min(start + band_rows, 2 * height))
-            # Output row r comes from coarse row r // 2; the conv needs rows start - 1 ... stop.
-            coarse = slice(max(rows.start - 1, 0) // 2, min(rows.stop // 2 + 1, height))
-            yield rows, coarse, slice(rows.start - 2 * coarse.start, rows.stop - 2 * coarse.start)
+    def bands(height: int, band_rows: int) -> Iterator[_Band]:
+        """Bands of about `band_rows` rows of the 2×`height`-row output, for `refine`.
+
+        Output rows 2i and 2i + 1 come from coarse row i, and the conv reads a row above and below. Bands that start
+        and end at odd rows (but at the map's borders) therefore need whole coarse rows, one shared with each
+        neighbour band.
+        """
+        step = max(1, band_rows // 2)
+        for start in range(0, height, step):
+            stop = min(start + step, height)
+            first, last = start == 0, stop == height
+            rows = slice(0 if first else 2 * start - 1, 2 * height if last else 2 * stop - 1)
+            yield _Band(rows, slice(start if first else start - 1, stop), (int(first), int(last)))
+
+
+class _Band(NamedTuple):
+    """Rows of an upsampled map and the coarse rows that give them; `pad`: zero rows the conv adds (top, bottom)."""
+
+    rows: slice
+    coarse: slice
+    pad: tuple[int, int]
 
 
 def _band_rows(batch_size: int, width: int, dim: int) -> int:
@@ -343,11 +359,11 @@ class _RefineInBands(torch.autograd.Function):
     def forward(ctx, subpixels: torch.Tensor, layer: EomtScaleLayer, *params: torch.Tensor) -> torch.Tensor:
         batch_size, height, width, _, _, dim = subpixels.shape
         output = None
-        for rows, coarse, local in layer.bands(height, _band_rows(batch_size, 2 * width, dim)):
-            band = layer.refine(subpixels[:, coarse], local)
+        for band in layer.bands(height, _band_rows(batch_size, 2 * width, dim)):
+            refined = layer.refine(subpixels[:, band.coarse], band)
             if output is None:  # allocated from the first band: the dtype autocast gives LayerNorm
-                output = band.new_empty(batch_size, 2 * height, 2 * width, dim)
-            output[:, rows] = band
+                output = refined.new_empty(batch_size, 2 * height, 2 * width, dim)
+            output[:, band.rows] = refined
         ctx.save_for_backward(subpixels)
         ctx.layer, ctx.params = layer, params
         device = subpixels.device.type
@@ -363,13 +379,14 @@ class _RefineInBands(torch.autograd.Function):
         batch_size, height, width, _, _, dim = subpixels.shape
         device, dtype, autocast = ctx.autocast
         with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=autocast):
-            for rows, coarse, local in ctx.layer.bands(height, _band_rows(batch_size, 2 * width, dim)):
-                band = subpixels[:, coarse].detach().requires_grad_(needs_grad[0])
-                inputs = [t for t, need in zip([band, *params], needs_grad) if need]
-                band_grads = iter(torch.autograd.grad(ctx.layer.refine(band, local), inputs, grad_output[:, rows]))
+            for band in ctx.layer.bands(height, _band_rows(batch_size, 2 * width, dim)):
+                band_input = subpixels[:, band.coarse].detach().requires_grad_(needs_grad[0])
+                inputs = [t for t, need in zip([band_input, *params], needs_grad) if need]
+                refined = ctx.layer.refine(band_input, band)
+                band_grads = iter(torch.autograd.grad(refined, inputs, grad_output[:, band.rows]))
                 for index, need in enumerate(needs_grad):
                     if need:
-                        target = grads[index][:, coarse] if index == 0 else grads[index]
+                        target = grads[index][:, band.coarse] if index == 0 else grads[index]
                         target += next(band_grads)
         return grads[0], None, *grads[1:]
 
@@ -569,12 +586,12 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
         # Image by image, so that bands stay tall at any batch size: each band expands its own coarse rows, and its
         # context rows are expanded twice (no full-size sub-pixel map, unlike training, which keeps it for backward).
         for image in range(batch_size):
-            for rows, coarse, local in last.bands(height, _band_rows(1, 2 * width, dim)):
-                refined = last.refine(last.expand(feature_map[image : image + 1, coarse]), local)
+            for band in last.bands(height, _band_rows(1, 2 * width, dim)):
+                refined = last.refine(last.expand(feature_map[image : image + 1, band.coarse]), band)
                 band_masks = compute_mask_logits(mask_embeddings[image : image + 1], refined)
                 if masks is None:  # allocated from the first band: the dtype autocast gives the product
                     masks = band_masks.new_empty(batch_size, band_masks.shape[1], 2 * height, 2 * width)
-                masks[image, :, rows] = band_masks[0]
+                masks[image, :, band.rows] = band_masks[0]
         return self.class_predictor(queries), masks
 
     def _split_tokens(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
