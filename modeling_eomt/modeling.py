@@ -307,16 +307,17 @@ class EomtScaleLayer(nn.Module):
         rows `band.coarse`: interleave, activation, depthwise conv, LayerNorm.
 
         Those coarse rows give the output rows plus the one above and below that the conv reads, where the map has
-        them (`bands`); the conv adds no padding rows but the map's own borders, so no slicing (and no zero-filled
-        slice gradients) is needed.
+        them (`bands`), so bands inside the map need no padding and no slicing (whose gradient is zero-filled).
         """
         batch_size, num_rows, width, _, _, dim = subpixels.shape
-        upsampled = subpixels.transpose(2, 3).reshape(batch_size, 2 * num_rows, 2 * width, dim)
-        activated = self.activation(upsampled)
-        if band.pad != (0, 0):
-            activated = F.pad(activated, (0, 0, 0, 0, *band.pad))
-        refined = F.conv2d(activated.permute(0, 3, 1, 2), self.conv2.weight, padding=(0, 1), groups=dim)
-        return self.layernorm2d(refined.permute(0, 2, 3, 1))
+        # One name for the band's maps: rebinding frees each as soon as the next exists (outside autograd).
+        hidden = subpixels.transpose(2, 3).reshape(batch_size, 2 * num_rows, 2 * width, dim)
+        hidden = self.activation(hidden).permute(0, 3, 1, 2)
+        top, bottom = band.pad
+        hidden = F.conv2d(hidden, self.conv2.weight, padding=(int(top or bottom), 1), groups=dim)
+        if top != bottom:  # padded on both sides: drop the row computed against a zero row that is not a border
+            hidden = hidden[:, :, :-1] if top else hidden[:, :, 1:]
+        return self.layernorm2d(hidden.permute(0, 2, 3, 1))
 
     @staticmethod
     def bands(height: int, band_rows: int) -> Iterator[_Band]:
@@ -364,6 +365,7 @@ class _RefineInBands(torch.autograd.Function):
             if output is None:  # allocated from the first band: the dtype autocast gives LayerNorm
                 output = refined.new_empty(batch_size, 2 * height, 2 * width, dim)
             output[:, band.rows] = refined
+            del refined  # before the next band's maps exist
         ctx.save_for_backward(subpixels)
         ctx.layer, ctx.params = layer, params
         device = subpixels.device.type
@@ -589,9 +591,11 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
             for band in last.bands(height, _band_rows(1, 2 * width, dim)):
                 refined = last.refine(last.expand(feature_map[image : image + 1, band.coarse]), band)
                 band_masks = compute_mask_logits(mask_embeddings[image : image + 1], refined)
+                del refined
                 if masks is None:  # allocated from the first band: the dtype autocast gives the product
                     masks = band_masks.new_empty(batch_size, band_masks.shape[1], 2 * height, 2 * width)
                 masks[image, :, band.rows] = band_masks[0]
+                del band_masks  # before the next band's maps exist
         return self.class_predictor(queries), masks
 
     def _split_tokens(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
