@@ -176,7 +176,8 @@ class EomtLoss(nn.Module):
         batch_index = torch.repeat_interleave(torch.arange(len(indices)), torch.tensor(counts)).to(device)
         # Full-resolution logits for matched queries only: a few dozen maps instead of B × Q. One batched product
         # over the matches padded per image (with query 0, dropped after), rather than a product per image: slicing
-        # the pixel embeddings per image would re-stack a full-size copy of their gradient in backward.
+        # the pixel embeddings per image would re-stack a full-size copy of their gradient in backward. The padding
+        # costs B × max(matches) maps instead of their sum, small next to the upscaled maps when counts differ.
         matched = torch.zeros(len(indices), max(counts), dtype=torch.long)
         for image, (rows, _) in enumerate(indices):
             matched[image, : len(rows)] = rows

@@ -8,6 +8,7 @@ ViT forward followed by one head call.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,7 +17,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -291,8 +291,7 @@ class EomtScaleLayer(nn.Module):
         self.layernorm2d = nn.LayerNorm(dim, eps=1e-6)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        params = (self.conv2.weight, self.layernorm2d.weight, self.layernorm2d.bias)
-        return _RefineInBands.apply(self.expand(hidden_states), self, *params)
+        return _RefineInBands.apply(self.expand(hidden_states), self, *self.refine_parameters())
 
     def expand(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Transposed conv: `(B, H, W, D)` → sub-pixel outputs `(B, H, W, 2, 2, D)` (row offset, column offset)."""
@@ -302,22 +301,30 @@ class EomtScaleLayer(nn.Module):
         subpixels = F.linear(hidden_states, weight.T, self.conv1.bias.repeat(4))
         return subpixels.unflatten(-1, (2, 2, hidden_states.shape[-1]))
 
-    def refine(self, subpixels: torch.Tensor, band: _Band) -> torch.Tensor:
+    def refine_parameters(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What `refine` computes with: the depthwise conv's weight and the LayerNorm's weight and bias."""
+        return self.conv2.weight, self.layernorm2d.weight, self.layernorm2d.bias
+
+    def refine(
+        self, subpixels: torch.Tensor, band: _Band, conv_weight: torch.Tensor, norm_weight: torch.Tensor,
+        norm_bias: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
         """Output rows `band.rows` of the upsampled map from the sub-pixel outputs `(B, n, W, 2, 2, D)` of the coarse
-        rows `band.coarse`: interleave, activation, depthwise conv, LayerNorm.
+        rows `band.coarse`: interleave, activation, depthwise conv, LayerNorm (with `refine_parameters()`).
 
         Those coarse rows give the output rows plus the one above and below that the conv reads, where the map has
-        them (`bands`), so bands inside the map need no padding and no slicing (whose gradient is zero-filled).
+        them (`bands`), so bands inside the map need no padding and no slicing (whose gradient is zero-filled); a
+        band at a border pads both sides and drops one row.
         """
         batch_size, num_rows, width, _, _, dim = subpixels.shape
         # One name for the band's maps: rebinding frees each as soon as the next exists (outside autograd).
         hidden = subpixels.transpose(2, 3).reshape(batch_size, 2 * num_rows, 2 * width, dim)
         hidden = self.activation(hidden).permute(0, 3, 1, 2)
         top, bottom = band.pad
-        hidden = F.conv2d(hidden, self.conv2.weight, padding=(int(top or bottom), 1), groups=dim)
+        hidden = F.conv2d(hidden, conv_weight, padding=(int(top or bottom), 1), groups=dim)
         if top != bottom:  # padded on both sides: drop the row computed against a zero row that is not a border
             hidden = hidden[:, :, :-1] if top else hidden[:, :, 1:]
-        return self.layernorm2d(hidden.permute(0, 2, 3, 1))
+        return F.layer_norm(hidden.permute(0, 2, 3, 1), (dim,), norm_weight, norm_bias, self.layernorm2d.eps)
 
     @staticmethod
     def bands(height: int, band_rows: int) -> Iterator[_Band]:
@@ -353,7 +360,9 @@ class _RefineInBands(torch.autograd.Function):
     Only the input sub-pixel outputs (kept for backward, as the matmul's output), the output and their gradients
     are full-size maps. Activation, conv and LayerNorm live one band at a time and are recomputed band by band in
     backward: full-size intermediates would each be fresh allocations of tens of MB (page-faulted in on CPU), and
-    memory-bound passes over small bands run from cache.
+    memory-bound passes over small bands run from cache. Backward uses the parameters forward saw (saved, so that
+    changing them in between raises autograd's usual error). Double backward is not supported, and `torch.compile`
+    runs this layer eagerly (a graph break at the per-band gradients of backward).
     """
 
     @staticmethod
@@ -361,30 +370,40 @@ class _RefineInBands(torch.autograd.Function):
         batch_size, height, width, _, _, dim = subpixels.shape
         output = None
         for band in layer.bands(height, _band_rows(batch_size, 2 * width, dim)):
-            refined = layer.refine(subpixels[:, band.coarse], band)
+            refined = layer.refine(subpixels[:, band.coarse], band, *params)
             if output is None:  # allocated from the first band: the dtype autocast gives LayerNorm
                 output = refined.new_empty(batch_size, 2 * height, 2 * width, dim)
             output[:, band.rows] = refined
             del refined  # before the next band's maps exist
-        ctx.save_for_backward(subpixels)
-        ctx.layer, ctx.params = layer, params
+        ctx.save_for_backward(subpixels, *params)
+        ctx.layer = layer
         device = subpixels.device.type
-        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+        if torch.amp.is_autocast_available(device):  # not, e.g., on the meta device
+            enabled, dtype = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+            ctx.autocast = {"device_type": device, "dtype": dtype, "enabled": enabled}
+        else:
+            ctx.autocast = None
         return output
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        (subpixels,), params = ctx.saved_tensors, ctx.params
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "EomtScaleLayer does not support double backward (`create_graph=True`): its backward recomputes the "
+                "upscaled map band by band without a differentiable graph."
+            )
+        subpixels, *params = ctx.saved_tensors
         needs_grad = [ctx.needs_input_grad[0], *ctx.needs_input_grad[2:]]
+        params = [p.detach().requires_grad_(need) for p, need in zip(params, needs_grad[1:])]
         grads = [torch.zeros_like(t) if need else None for t, need in zip([subpixels, *params], needs_grad)]
         batch_size, height, width, _, _, dim = subpixels.shape
-        device, dtype, autocast = ctx.autocast
-        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=autocast):
+        # Each band is recomputed under the autocast state of forward, so backward differentiates what forward did.
+        recompute = torch.autocast(**ctx.autocast) if ctx.autocast else contextlib.nullcontext()
+        with torch.enable_grad(), recompute:
             for band in ctx.layer.bands(height, _band_rows(batch_size, 2 * width, dim)):
                 band_input = subpixels[:, band.coarse].detach().requires_grad_(needs_grad[0])
                 inputs = [t for t, need in zip([band_input, *params], needs_grad) if need]
-                refined = ctx.layer.refine(band_input, band)
+                refined = ctx.layer.refine(band_input, band, *params)
                 band_grads = iter(torch.autograd.grad(refined, inputs, grad_output[:, band.rows]))
                 for index, need in enumerate(needs_grad):
                     if need:
@@ -582,6 +601,7 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
         *coarser, last = self.upscale_block.block
         for layer in coarser:
             feature_map = layer(feature_map)
+        refine_parameters = last.refine_parameters()
         mask_embeddings = self.mask_head(queries)
         batch_size, height, width, dim = feature_map.shape
         masks = None
@@ -589,7 +609,9 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
         # context rows are expanded twice (no full-size sub-pixel map, unlike training, which keeps it for backward).
         for image in range(batch_size):
             for band in last.bands(height, _band_rows(1, 2 * width, dim)):
-                refined = last.refine(last.expand(feature_map[image : image + 1, band.coarse]), band)
+                refined = last.refine(
+                    last.expand(feature_map[image : image + 1, band.coarse]), band, *refine_parameters
+                )
                 band_masks = compute_mask_logits(mask_embeddings[image : image + 1], refined)
                 del refined
                 if masks is None:  # allocated from the first band: the dtype autocast gives the product

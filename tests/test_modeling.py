@@ -278,15 +278,20 @@ def reference_upscale(block: EomtScaleBlock, feature_map: torch.Tensor) -> torch
 
 
 @pytest.mark.parametrize("upscale_blocks", [1, 2])
-def test_banded_upscale_equals_the_stock_modules(monkeypatch, upscale_blocks):
-    # Forward and backward run a band of rows at a time; bands of one and two coarse rows and whole-map bands
-    # exercise every border.
+@pytest.mark.parametrize("height", [1, 3, 4, 5])
+@pytest.mark.parametrize("frozen", [(), ("conv2",), ("conv1", "layernorm2d")])
+def test_banded_upscale_equals_the_stock_modules(monkeypatch, upscale_blocks, height, frozen):
+    # Forward and backward run a band of rows at a time; bands of one and two coarse rows and whole-map bands, on
+    # maps of odd and even heights, exercise every border; frozen parameters get no gradient and change nothing else.
     from modeling_eomt import modeling
 
+    torch.manual_seed(0)
     ours, _ = make_pair(num_upscale_blocks=upscale_blocks)
     block = ours.upscale_block
-    feature_map = torch.randn(2, 4, 5, TINY["hidden_size"], requires_grad=True)
-    inputs = [feature_map, *block.parameters()]
+    for name, param in block.named_parameters():
+        param.requires_grad_(name.split(".")[2] not in frozen)
+    feature_map = torch.randn(2, height, 5, TINY["hidden_size"], requires_grad=True)
+    inputs = [feature_map] + [p for p in block.parameters() if p.requires_grad]
     expected = reference_upscale(block, feature_map)
     upstream = torch.randn_like(expected)
     expected_grads = torch.autograd.grad(expected, inputs, upstream)
@@ -297,6 +302,40 @@ def test_banded_upscale_equals_the_stock_modules(monkeypatch, upscale_blocks):
         torch.testing.assert_close(banded, expected, atol=1e-5, rtol=1e-5)
         for got, want in zip(torch.autograd.grad(banded, inputs, upstream), expected_grads, strict=True):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_banded_upscale_differentiates_the_weights_forward_used():
+    # Backward recomputes the bands: with the weights of forward (here swapped in by functional_call), and an
+    # in-place change of them before backward is caught, as for stock modules.
+    torch.manual_seed(0)
+    ours, _ = make_pair()
+    layer = ours.upscale_block.block[0]
+    feature_map = torch.randn(2, 4, 5, TINY["hidden_size"], requires_grad=True)
+    swapped = {name: 3 * param.detach() for name, param in layer.named_parameters()}
+    got = torch.func.functional_call(layer, swapped, (feature_map,))
+    (got_grad,) = torch.autograd.grad(got.square().sum(), feature_map)
+    reference = EomtScaleBlock(ours.config)
+    reference.block = torch.nn.ModuleList([type(layer)(ours.config)])
+    reference.block[0].load_state_dict(swapped)
+    expected = reference_upscale(reference, feature_map)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), feature_map)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_grad, expected_grad, atol=1e-4, rtol=1e-4)
+
+    output = layer(feature_map)
+    with torch.no_grad():
+        layer.conv2.weight.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        output.sum().backward()
+
+
+def test_banded_upscale_rejects_double_backward():
+    ours, _ = make_pair()
+    feature_map = torch.randn(1, 4, 5, TINY["hidden_size"], requires_grad=True)
+    (grad,) = torch.autograd.grad(ours.upscale_block(feature_map).square().sum(), feature_map, create_graph=False)
+    assert grad.shape == feature_map.shape
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(ours.upscale_block(feature_map).square().sum(), feature_map, create_graph=True)
 
 
 @pytest.mark.parametrize("upscale_blocks", [1, 2])
@@ -320,6 +359,7 @@ def test_banded_inference_equals_the_stock_head(monkeypatch, upscale_blocks):
 
 def test_banded_upscale_under_autocast():
     # Backward recomputes each band under the forward's autocast state, so it differentiates what forward computed.
+    torch.manual_seed(0)
     ours, _ = make_pair()
     block = ours.upscale_block
     feature_map = torch.randn(2, 4, 5, TINY["hidden_size"], requires_grad=True)
