@@ -331,7 +331,7 @@ class EomtScaleLayer(nn.Module):
         """Bands of about `band_rows` rows of the 2×`height`-row output, for `refine`.
 
         Output rows 2i and 2i + 1 come from coarse row i, and the conv reads a row above and below. Bands that start
-        and end at odd rows (but at the map's borders) therefore need whole coarse rows, one shared with each
+        and end at odd rows (except at the map's borders) therefore need whole coarse rows, and share one with each
         neighbour band.
         """
         step = max(1, band_rows // 2)
@@ -343,7 +343,8 @@ class EomtScaleLayer(nn.Module):
 
 
 class _Band(NamedTuple):
-    """Rows of an upsampled map and the coarse rows that give them; `pad`: zero rows the conv adds (top, bottom)."""
+    """Rows of an upsampled map and the coarse rows that give them; `pad`: whether the band reaches the map's top /
+    bottom border, beyond which the conv reads zeros."""
 
     rows: slice
     coarse: slice
