@@ -304,6 +304,45 @@ def test_banded_upscale_equals_the_stock_modules(monkeypatch, upscale_blocks, he
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
+def test_banded_upscale_allocates_few_full_size_maps(monkeypatch):
+    # The point of the bands: forward and backward of a layer create only the sub-pixel map, the output and the
+    # sub-pixel gradient at full size (stock modules create more than twice as many: activation, conv, norm, their
+    # gradients).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from modeling_eomt import modeling
+
+    class LargeOutputs(TorchDispatchMode):
+        def __init__(self, numel: int):
+            super().__init__()
+            self.numel, self.ops = numel, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+            storages = {t.untyped_storage().data_ptr() for t in inputs}
+            for tensor in out if isinstance(out, (tuple, list)) else [out]:
+                new = isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in storages
+                if new and tensor.numel() >= self.numel:  # views and in-place results are not new maps
+                    self.ops.append(str(func))
+            return out
+
+    monkeypatch.setattr(modeling, "_BAND_ELEMENTS", 1)
+    monkeypatch.setattr(modeling, "_MIN_BAND_ROWS", 4)  # bands of two coarse rows
+    ours, _ = make_pair()
+    layer = ours.upscale_block.block[0]
+    feature_map = torch.randn(2, 12, 5, TINY["hidden_size"], requires_grad=True)
+    upstream = torch.randn(2, 24, 10, TINY["hidden_size"])
+    with LargeOutputs(upstream.numel() // 3) as counted:
+        layer(feature_map).backward(upstream)
+    assert len(counted.ops) <= 3, counted.ops
+    single = ours.upscale_block
+    single.block = torch.nn.ModuleList([layer])
+    with LargeOutputs(upstream.numel() // 3) as plain:
+        reference_upscale(single, feature_map).backward(upstream)
+    assert len(plain.ops) >= 6, plain.ops  # the counter sees what the bands avoid
+
+
 def test_banded_upscale_differentiates_the_weights_forward_used():
     # Backward recomputes the bands: with the weights of forward (here swapped in by functional_call), and an
     # in-place change of them before backward is caught, as for stock modules.
