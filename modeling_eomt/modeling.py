@@ -31,7 +31,7 @@ logger = logging.get_logger(__name__)
 
 # Elements of one band of an upscaled map (`EomtScaleLayer.bands`): 8 MB in float32, small enough to be reused from
 # the heap and to stay in cache (bands of 32 MB measured a higher peak resident memory at inference). Bands of at
-# least `_MIN_BAND_ROWS` rows keep the context rows a band recomputes (one or two per side) a modest share.
+# least `_MIN_BAND_ROWS` rows keep the coarse row a band shares with each neighbour (computed by both) a modest share.
 _BAND_ELEMENTS = 2**21
 _MIN_BAND_ROWS = 8
 
