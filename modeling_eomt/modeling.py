@@ -29,10 +29,13 @@ from .loss import EomtLoss, MaskPrediction, compute_mask_logits
 
 logger = logging.get_logger(__name__)
 
-# Elements of one band of an upscaled map (`EomtScaleLayer.bands`): 8 MB in float32, small enough to be reused from
-# the heap and to stay in cache (bands of 32 MB measured a higher peak resident memory at inference). Bands of at
-# least `_MIN_BAND_ROWS` rows keep the coarse row a band shares with each neighbour (computed by both) a modest share.
+# Elements of one band of an upscaled map (`EomtScaleLayer.bands`). On CPU 8 MB in float32, small enough to be reused
+# from the heap and to stay in cache (bands of 32 MB measured a higher peak resident memory at inference). On
+# accelerators, whose caching allocators reuse memory anyway, bands only bound the intermediates' memory, and larger
+# ones launch fewer kernels. Bands of at least `_MIN_BAND_ROWS` rows keep the coarse row a band shares with each
+# neighbour (computed by both) a modest share.
 _BAND_ELEMENTS = 2**21
+_ACCELERATOR_BAND_ELEMENTS = 2**26
 _MIN_BAND_ROWS = 8
 
 _KEEP_MATMUL_OUTPUTS = functools.partial(
@@ -351,8 +354,10 @@ class _Band(NamedTuple):
     pad: tuple[int, int]
 
 
-def _band_rows(batch_size: int, width: int, dim: int) -> int:
-    return max(_MIN_BAND_ROWS, _BAND_ELEMENTS // (batch_size * width * dim))
+def _band_rows(batch_size: int, width: int, dim: int, device: torch.device) -> int:
+    """Rows per band of upscaled maps `(batch_size, rows, width, dim)` on `device`."""
+    elements = _BAND_ELEMENTS if device.type == "cpu" else _ACCELERATOR_BAND_ELEMENTS
+    return max(_MIN_BAND_ROWS, elements // (batch_size * width * dim))
 
 
 class _RefineInBands(torch.autograd.Function):
@@ -370,7 +375,7 @@ class _RefineInBands(torch.autograd.Function):
     def forward(ctx, subpixels: torch.Tensor, layer: EomtScaleLayer, *params: torch.Tensor) -> torch.Tensor:
         batch_size, height, width, _, _, dim = subpixels.shape
         output = None
-        for band in layer.bands(height, _band_rows(batch_size, 2 * width, dim)):
+        for band in layer.bands(height, _band_rows(batch_size, 2 * width, dim, subpixels.device)):
             refined = layer.refine(subpixels[:, band.coarse], band, *params)
             if output is None:  # allocated from the first band: the dtype autocast gives LayerNorm
                 output = refined.new_empty(batch_size, 2 * height, 2 * width, dim)
@@ -401,7 +406,7 @@ class _RefineInBands(torch.autograd.Function):
         # Each band is recomputed under the autocast state of forward, so backward differentiates what forward did.
         recompute = torch.autocast(**ctx.autocast) if ctx.autocast else contextlib.nullcontext()
         with torch.enable_grad(), recompute:
-            for band in ctx.layer.bands(height, _band_rows(batch_size, 2 * width, dim)):
+            for band in ctx.layer.bands(height, _band_rows(batch_size, 2 * width, dim, subpixels.device)):
                 band_input = subpixels[:, band.coarse].detach().requires_grad_(needs_grad[0])
                 inputs = [t for t, need in zip([band_input, *params], needs_grad) if need]
                 refined = ctx.layer.refine(band_input, band, *params)
@@ -609,7 +614,7 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
         # Image by image, so that bands stay tall at any batch size: each band expands its own coarse rows, and its
         # context rows are expanded twice (no full-size sub-pixel map, unlike training, which keeps it for backward).
         for image in range(batch_size):
-            for band in last.bands(height, _band_rows(1, 2 * width, dim)):
+            for band in last.bands(height, _band_rows(1, 2 * width, dim, feature_map.device)):
                 refined = last.refine(
                     last.expand(feature_map[image : image + 1, band.coarse]), band, *refine_parameters
                 )

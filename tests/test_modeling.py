@@ -304,6 +304,18 @@ def test_banded_upscale_equals_the_stock_modules(monkeypatch, upscale_blocks, he
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
+def test_band_sizes_follow_the_device():
+    # CPU: bands of a few MB, reused from the heap and cached; accelerators: a few large bands, fewer kernel launches.
+    from modeling_eomt import modeling
+
+    batch, width, dim = 16, 160, 384  # ViT-S at 640, a GPU-sized batch
+    cpu_rows = modeling._band_rows(batch, width, dim, torch.device("cpu"))
+    gpu_rows = modeling._band_rows(batch, width, dim, torch.device("cuda"))
+    assert cpu_rows == modeling._MIN_BAND_ROWS or cpu_rows * batch * width * dim * 4 <= 8 * 2**20
+    assert modeling._band_rows(1, width, dim, torch.device("cpu")) * width * dim * 4 <= 8 * 2**20
+    assert 2 * width / gpu_rows <= 8
+
+
 def test_banded_upscale_allocates_few_full_size_maps(monkeypatch):
     # The point of the bands: forward and backward of a layer create only the sub-pixel map, the output and the
     # sub-pixel gradient at full size (stock modules create more than twice as many: activation, conv, norm, their
