@@ -74,14 +74,14 @@ def main() -> None:
     args = parser.parse_args()
 
     size = SIZES[args.size]
-    arch = dict(
-        hidden_size=size["hidden_size"],
-        num_hidden_layers=size["num_hidden_layers"],
-        num_blocks=size["num_blocks"],
-        image_size=args.image_size,
-        num_queries=200,
-        num_labels=133,
-    )
+    arch = {
+        "hidden_size": size["hidden_size"],
+        "num_hidden_layers": size["num_hidden_layers"],
+        "num_blocks": size["num_blocks"],
+        "image_size": args.image_size,
+        "num_queries": 200,
+        "num_labels": 133,
+    }
     with tempfile.TemporaryDirectory(prefix="bench_convert_") as work:
         work = Path(work)
         start = time.perf_counter()

@@ -32,8 +32,12 @@ _ARCH_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_
 def config_for(size: str, image_size: int) -> dict:
     """Architecture of a backbone size with 200 queries and 133 classes (COCO panoptic)."""
     config = EomtConfig.from_size(size)
-    return {**{name: getattr(config, name) for name in _ARCH_FIELDS}, "image_size": image_size,
-            "num_queries": 200, "num_labels": 133}
+    return {
+        **{name: getattr(config, name) for name in _ARCH_FIELDS},
+        "image_size": image_size,
+        "num_queries": 200,
+        "num_labels": 133,
+    }
 
 
 def median_time(fn, repeats: int) -> float:
@@ -54,9 +58,13 @@ def build(kind: str, kwargs: dict) -> torch.nn.Module:
     else:  # the floor: a plain ViT with registers of the same size
         model = transformers.Dinov2WithRegistersModel(
             transformers.Dinov2WithRegistersConfig(
-                hidden_size=kwargs["hidden_size"], num_hidden_layers=kwargs["num_hidden_layers"],
-                num_attention_heads=kwargs["num_attention_heads"], image_size=kwargs["image_size"], patch_size=16,
-                num_register_tokens=4, use_swiglu_ffn=kwargs.get("use_swiglu_ffn", False),
+                hidden_size=kwargs["hidden_size"],
+                num_hidden_layers=kwargs["num_hidden_layers"],
+                num_attention_heads=kwargs["num_attention_heads"],
+                image_size=kwargs["image_size"],
+                patch_size=16,
+                num_register_tokens=4,
+                use_swiglu_ffn=kwargs.get("use_swiglu_ffn", False),
             )
         )
     return model.eval()
@@ -123,8 +131,10 @@ def train_step_child(kind: str, kwargs: dict, steps: int) -> None:
     model = build(kind, kwargs).train()
     size = kwargs["image_size"]
     pixels = torch.randn(2, 3, size, size)
-    mask_labels = [(torch.rand(20, size // 32, size // 32) > 0.5).repeat_interleave(32, 1).repeat_interleave(32, 2).float()
-                   for _ in range(2)]
+    mask_labels = [
+        (torch.rand(20, size // 32, size // 32) > 0.5).repeat_interleave(32, 1).repeat_interleave(32, 2).float()
+        for _ in range(2)
+    ]
     class_labels = [torch.randint(0, kwargs["num_labels"], (20,)) for _ in range(2)]
     # The fused kernel (the Trainer's default "adamw_torch_fused"): torch's per-tensor AdamW takes seconds per step on
     # CPU at ViT-S, an identical cost for both models that would hide their difference.
@@ -146,7 +156,9 @@ def bench_train(kwargs: dict, steps: int) -> dict[str, dict]:
     for kind in ("builtin", "ours"):
         out = subprocess.run(
             [sys.executable, __file__, "--child", kind, "--kwargs", json.dumps(kwargs), "--repeats", str(steps)],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         )
         results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
     return results
@@ -169,7 +181,9 @@ def main() -> None:
     forward, flops = bench_forward(kwargs, args.batch, args.repeats)
     print(f"forward, ViT-{args.size[0].upper()} {args.image_size}, batch {args.batch}, 200 queries, 133 classes")
     print(f"  ours / bare ViT : {forward['ours'] / forward['bare_vit']:.3f}  (target ≤ 1.10)")
-    print(f"  FLOPs ours / bare ViT: {flops['ours'] / flops['bare_vit']:.3f}  (the time ratio's floor at equal efficiency)")
+    print(
+        f"  FLOPs ours / bare ViT: {flops['ours'] / flops['bare_vit']:.3f}  (the time ratio's floor at equal efficiency)"
+    )
     print(f"  ours / built-in : {forward['ours'] / forward['builtin']:.3f}  (target ≤ 1.00)")
     print(f"  built-in / bare : {forward['builtin'] / forward['bare_vit']:.3f}")
     print("  CPU ms: " + ", ".join(f"{k} {v * 1e3:.0f}" for k, v in forward.items()))

@@ -140,7 +140,9 @@ def bench_end_to_end(repeats: int, model_size: str) -> None:
     results = time_end_to_end(repeats, config)
     print(f"\nimage → panoptic segments, EoMT-{model_size} structure (random weights), 480×640 image:")
     for label, times in results.items():
-        print(f"  {label:<9} preprocess {times['preprocess'] * 1e3:7.1f} ms   forward {times['forward'] * 1e3:8.1f} ms")
+        print(
+            f"  {label:<9} preprocess {times['preprocess'] * 1e3:7.1f} ms   forward {times['forward'] * 1e3:8.1f} ms"
+        )
     report("end to end", results["ours"]["end_to_end"], results["builtin"]["end_to_end"], 0.7)
 
 

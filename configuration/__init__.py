@@ -1,4 +1,4 @@
 from .configuration_eomt import EomtConfig
 from .presets import PRESETS, SIZES, Preset
 
-__all__ = ["EomtConfig", "PRESETS", "SIZES", "Preset"]
+__all__ = ["PRESETS", "SIZES", "EomtConfig", "Preset"]

@@ -116,8 +116,16 @@ class EomtConfig(PretrainedConfig):
 
     def check(self) -> None:
         """Raise a `ValueError` naming the first inconsistent field (called on construction)."""
-        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size",
-                     "num_channels", "num_queries", "train_num_points"):
+        for name in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "image_size",
+            "patch_size",
+            "num_channels",
+            "num_queries",
+            "train_num_points",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}.")
         if self.hidden_size % self.num_attention_heads:
@@ -151,7 +159,7 @@ class EomtConfig(PretrainedConfig):
         return side, side
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "EomtConfig":
+    def from_preset(cls, name: str, **overrides) -> EomtConfig:
         """Config of a released checkpoint (see [`list_presets`]); `overrides` replace any field."""
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}. Available presets: {', '.join(sorted(PRESETS))}.")
@@ -163,7 +171,7 @@ class EomtConfig(PretrainedConfig):
         return sorted(PRESETS)
 
     @classmethod
-    def from_size(cls, size: str, **overrides) -> "EomtConfig":
+    def from_size(cls, size: str, **overrides) -> EomtConfig:
         """Config of a backbone size: "small", "base", "large" or "giant"."""
         if size not in SIZES:
             raise ValueError(f"Unknown backbone size {size!r}; choose one of {', '.join(SIZES)}.")

@@ -6,21 +6,27 @@ from dataclasses import dataclass
 
 # Backbone sizes: width, depth, heads, and how many final blocks see the queries.
 SIZES: dict[str, dict] = {
-    "small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, num_blocks=3),
-    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_blocks=3),
-    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_blocks=4),
-    "giant": dict(hidden_size=1536, num_hidden_layers=40, num_attention_heads=24, num_blocks=5, use_swiglu_ffn=True),
+    "small": {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "num_blocks": 3},
+    "base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "num_blocks": 3},
+    "large": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "num_blocks": 4},
+    "giant": {
+        "hidden_size": 1536,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 24,
+        "num_blocks": 5,
+        "use_swiglu_ffn": True,
+    },
 }
 
 # Backbone names of the original release (timm), by size.
 TIMM_BACKBONES: dict[str, str] = {size: f"vit_{size}_patch14_reg4_dinov2" for size in SIZES}
 
 DATASETS: dict[str, dict] = {
-    "coco_panoptic": dict(num_labels=133, task="panoptic", dataset="coco", metric="pq"),
-    "coco_instance": dict(num_labels=80, task="instance", dataset="coco", metric="map"),
-    "ade20k_panoptic": dict(num_labels=150, task="panoptic", dataset="ade20k", metric="pq"),
-    "ade20k_semantic": dict(num_labels=150, task="semantic", dataset="ade20k", metric="miou"),
-    "cityscapes_semantic": dict(num_labels=19, task="semantic", dataset="cityscapes", metric="miou"),
+    "coco_panoptic": {"num_labels": 133, "task": "panoptic", "dataset": "coco", "metric": "pq"},
+    "coco_instance": {"num_labels": 80, "task": "instance", "dataset": "coco", "metric": "map"},
+    "ade20k_panoptic": {"num_labels": 150, "task": "panoptic", "dataset": "ade20k", "metric": "pq"},
+    "ade20k_semantic": {"num_labels": 150, "task": "semantic", "dataset": "ade20k", "metric": "miou"},
+    "cityscapes_semantic": {"num_labels": 19, "task": "semantic", "dataset": "cityscapes", "metric": "miou"},
 }
 
 

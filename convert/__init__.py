@@ -1,7 +1,7 @@
 """Conversion of the original EoMT release's checkpoints (`python -m modeling_eomt.convert`, `eomt-convert`)."""
 
-from .convert import ConversionError, ConversionResult, convert_checkpoint, map_state_dict, resolve_target
 from ..model_card import build_model_card
+from .convert import ConversionError, ConversionResult, convert_checkpoint, map_state_dict, resolve_target
 from .reference import reference_forward
 
 __all__ = [

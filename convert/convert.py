@@ -344,12 +344,12 @@ def resolve_target(
             raise ConversionError(f"Unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}.")
         spec = PRESETS[preset]
         layers.append(
-            dict(
-                size=spec.size,
-                image_size=spec.image_size,
-                num_queries=spec.num_queries,
-                num_labels=DATASETS[spec.labels]["num_labels"],
-            )
+            {
+                "size": spec.size,
+                "image_size": spec.image_size,
+                "num_queries": spec.num_queries,
+                "num_labels": DATASETS[spec.labels]["num_labels"],
+            }
         )
         dataset = spec.labels
     original_size = original_config.get("image_size")
@@ -358,23 +358,23 @@ def resolve_target(
             raise ConversionError(f"Only square image sizes are supported, the original config has {original_size}.")
         original_size = original_size[0]
     layers.append(
-        dict(
-            size=backbone_size(original_config["backbone"]) if "backbone" in original_config else None,
-            image_size=original_size,
-            patch_size=original_config.get("patch_size"),
-            num_queries=original_config.get("num_queries", original_config.get("num_q")),
-            num_labels=original_config.get("num_labels", original_config.get("num_classes")),
-            num_blocks=original_config.get("num_blocks"),
-        )
+        {
+            "size": backbone_size(original_config["backbone"]) if "backbone" in original_config else None,
+            "image_size": original_size,
+            "patch_size": original_config.get("patch_size"),
+            "num_queries": original_config.get("num_queries", original_config.get("num_q")),
+            "num_labels": original_config.get("num_labels", original_config.get("num_classes")),
+            "num_blocks": original_config.get("num_blocks"),
+        }
     )
     layers.append(
-        dict(
-            size=backbone_size(backbone) if backbone else None,
-            image_size=image_size,
-            num_queries=num_queries,
-            num_labels=num_labels,
-            num_blocks=num_blocks,
-        )
+        {
+            "size": backbone_size(backbone) if backbone else None,
+            "image_size": image_size,
+            "num_queries": num_queries,
+            "num_labels": num_labels,
+            "num_blocks": num_blocks,
+        }
     )
     merged: dict = {}
     for layer in layers:

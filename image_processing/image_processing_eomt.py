@@ -123,20 +123,28 @@ class EomtImageProcessor(BaseImageProcessor):
         image_mean: Sequence[float] = IMAGENET_MEAN,
         image_std: Sequence[float] = IMAGENET_STD,
         do_reduce_labels: bool = False,
-    ) -> "EomtImageProcessor":
+    ) -> EomtImageProcessor:
         """The settings EoMT uses for a task: panoptic/instance scale the long side to `image_size` and pad to a
         square; semantic scales the short side to `image_size` and slides square windows (ignore index 255;
         `do_reduce_labels` for label files where 0 means "other", like ADE20K's)."""
         if task == "semantic":
             return cls(
-                size={"shortest_edge": image_size, "longest_edge": None}, do_split_image=True, do_pad=False,
-                image_mean=image_mean, image_std=image_std, ignore_index=255, do_reduce_labels=do_reduce_labels,
+                size={"shortest_edge": image_size, "longest_edge": None},
+                do_split_image=True,
+                do_pad=False,
+                image_mean=image_mean,
+                image_std=image_std,
+                ignore_index=255,
+                do_reduce_labels=do_reduce_labels,
             )
         if task not in ("panoptic", "instance"):
             raise ValueError(f"Unknown task {task!r}; choose panoptic, instance or semantic.")
         return cls(
-            size={"shortest_edge": image_size, "longest_edge": image_size}, do_split_image=False, do_pad=True,
-            image_mean=image_mean, image_std=image_std,
+            size={"shortest_edge": image_size, "longest_edge": image_size},
+            do_split_image=False,
+            do_pad=True,
+            image_mean=image_mean,
+            image_std=image_std,
         )
 
     def resized_size(self, height: int, width: int, size: dict | None = None) -> tuple[int, int]:
@@ -215,9 +223,7 @@ class EomtImageProcessor(BaseImageProcessor):
         if device is not None:
             pixels = [p.to(device) for p in pixels]
         original_sizes = [tuple(p.shape[-2:]) for p in pixels]
-        resized = [
-            self.resized_size(h, w, opts["size"]) if opts["do_resize"] else (h, w) for h, w in original_sizes
-        ]
+        resized = [self.resized_size(h, w, opts["size"]) if opts["do_resize"] else (h, w) for h, w in original_sizes]
         mode = _resample_mode(opts["resample"])
         pixels = [_resize(p, hw, mode) for p, hw in zip(pixels, resized)]
         pixels = [self._normalize(p, opts) for p in pixels]
@@ -253,7 +259,9 @@ class EomtImageProcessor(BaseImageProcessor):
             data["mask_labels"], data["class_labels"] = mask_labels, class_labels
 
         if return_tensors in ("np", "numpy"):
-            data = {k: v.cpu().numpy() if torch.is_tensor(v) else [t.cpu().numpy() for t in v] for k, v in data.items()}
+            data = {
+                k: v.cpu().numpy() if torch.is_tensor(v) else [t.cpu().numpy() for t in v] for k, v in data.items()
+            }
         elif return_tensors not in (None, "pt"):
             raise ValueError(f"`return_tensors` must be 'pt' or 'np', got {return_tensors!r}.")
         return BatchFeature(data=data)
@@ -467,7 +475,7 @@ def _scaled_size(height: int, width: int, shortest: int, longest: int | None) ->
     exact = None
     if longest is not None and long / short * shortest > longest:
         exact = longest * short / long
-        shortest = int(round(exact))
+        shortest = round(exact)
     if min(height, width) == shortest:
         return height, width
     scale = exact if exact is not None else shortest

@@ -35,7 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     segment.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
     segment.add_argument("--model", required=True, help="folder saved by save_pretrained, or a Hub id")
-    segment.add_argument("--task", choices=TASKS, help="default: semantic for sliding-window checkpoints, else panoptic")
+    segment.add_argument(
+        "--task", choices=TASKS, help="default: semantic for sliding-window checkpoints, else panoptic"
+    )
     segment.add_argument("--output", default="eomt_output", help="output folder (default: %(default)s)")
     segment.add_argument("--threshold", type=float, default=0.8, help="minimum segment score (default: %(default)s)")
     segment.add_argument("--mask-threshold", type=float, default=0.5, help="mask probability cut (default: 0.5)")

@@ -72,8 +72,11 @@ def build_model_card(
         eval_results=eval_results,
     )
     size = next(
-        (name for name, s in SIZES.items()
-         if (s["hidden_size"], s["num_hidden_layers"]) == (config.hidden_size, config.num_hidden_layers)),
+        (
+            name
+            for name, s in SIZES.items()
+            if (s["hidden_size"], s["num_hidden_layers"]) == (config.hidden_size, config.num_hidden_layers)
+        ),
         None,
     )
     backbone = f"DINOv2 ViT-{size[0].upper()}" if size else "ViT"

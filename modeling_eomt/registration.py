@@ -17,7 +17,9 @@ from .modeling import EomtForUniversalSegmentation
 
 # Checkpoints written before transformers 5 pack the SwiGLU gate and up projections as `weights_in`.
 LEGACY_SWIGLU_NAMES = [
-    WeightConverter("mlp.weights_in.weight", ["mlp.gate_proj.weight", "mlp.up_proj.weight"], operations=[Chunk(dim=0)]),
+    WeightConverter(
+        "mlp.weights_in.weight", ["mlp.gate_proj.weight", "mlp.up_proj.weight"], operations=[Chunk(dim=0)]
+    ),
     WeightConverter("mlp.weights_in.bias", ["mlp.gate_proj.bias", "mlp.up_proj.bias"], operations=[Chunk(dim=0)]),
     WeightRenaming("mlp.weights_out", "mlp.down_proj"),
 ]

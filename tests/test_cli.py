@@ -107,7 +107,7 @@ def test_python_dash_m_entry_point(model_path, images, tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "modeling_eomt", "segment", str(images / "grey.png"), "--model", str(model_path),
                "--output", str(out)]  # fmt: skip
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     assert completed.returncode == 0, completed.stderr
     assert (out / "grey.png").is_file() and json.loads((out / "grey.json").read_text())["height"] == 50
 

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 import transformers
+from modeling_eomt.configuration import PRESETS
 
 from modeling_eomt import EomtConfig, EomtForUniversalSegmentation
-from modeling_eomt.configuration import PRESETS
 
 BuiltinConfig = transformers.models.eomt.EomtConfig  # oracle
 
@@ -40,8 +40,16 @@ def test_every_preset_builds_a_consistent_config(name):
     assert config.num_queries == (100 if preset.task == "semantic" else 200)
     assert config.image_size == preset.image_size
     assert config.num_blocks == {"small": 3, "base": 3, "large": 4, "giant": 5}[preset.size]
-    assert config.num_labels == {"coco_panoptic": 133, "coco_instance": 80, "ade20k_panoptic": 150,
-                                 "ade20k_semantic": 150, "cityscapes_semantic": 19}[preset.labels]
+    assert (
+        config.num_labels
+        == {
+            "coco_panoptic": 133,
+            "coco_instance": 80,
+            "ade20k_panoptic": 150,
+            "ade20k_semantic": 150,
+            "cityscapes_semantic": 19,
+        }[preset.labels]
+    )
     assert name in EomtConfig.list_presets()
 
 
@@ -69,13 +77,13 @@ def test_preset_overrides_and_unknown_preset():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(hidden_size=30, num_attention_heads=4), "divisible by `num_attention_heads`"),
-        (dict(num_blocks=0), "num_blocks"),
-        (dict(num_hidden_layers=2, num_blocks=3), "num_blocks"),
-        (dict(image_size=100, patch_size=16), "multiple of `patch_size`"),
-        (dict(num_queries=0), "num_queries"),
-        (dict(drop_path_rate=1.5), "drop_path_rate"),
-        (dict(image_size=(64, 32)), "square"),
+        ({"hidden_size": 30, "num_attention_heads": 4}, "divisible by `num_attention_heads`"),
+        ({"num_blocks": 0}, "num_blocks"),
+        ({"num_hidden_layers": 2, "num_blocks": 3}, "num_blocks"),
+        ({"image_size": 100, "patch_size": 16}, "multiple of `patch_size`"),
+        ({"num_queries": 0}, "num_queries"),
+        ({"drop_path_rate": 1.5}, "drop_path_rate"),
+        ({"image_size": (64, 32)}, "square"),
     ],
 )
 def test_validation_names_the_field(kwargs, message):

@@ -24,15 +24,15 @@ from transformers import AutoModelForUniversalSegmentation, pipeline
 
 import modeling_eomt  # noqa: F401  (registers the Auto classes)
 
-TINY = dict(
-    hidden_size=32,
-    num_hidden_layers=3,
-    num_attention_heads=2,
-    num_blocks=2,
-    image_size=32,
-    num_queries=5,
-    num_labels=7,
-)
+TINY = {
+    "hidden_size": 32,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 2,
+    "num_blocks": 2,
+    "image_size": 32,
+    "num_queries": 5,
+    "num_labels": 7,
+}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -132,25 +132,25 @@ def original_state_dict(
 def original_config(size: str = "small", **arch) -> dict:
     """The original `config.json` of a Hub folder, for the architecture of `original_state_dict(**arch)`."""
     arch = {**TINY, **arch}
-    return dict(
-        backbone=f"vit_{size}_patch14_reg4_dinov2",
-        image_size=[arch["image_size"]] * 2,
-        patch_size=16,
-        num_queries=arch["num_queries"],
-        num_blocks=arch["num_blocks"],
-        num_labels=arch["num_labels"],
-    )
+    return {
+        "backbone": f"vit_{size}_patch14_reg4_dinov2",
+        "image_size": [arch["image_size"]] * 2,
+        "patch_size": 16,
+        "num_queries": arch["num_queries"],
+        "num_blocks": arch["num_blocks"],
+        "num_labels": arch["num_labels"],
+    }
 
 
 def tiny_flags(**arch) -> dict:
     """Options of `convert_checkpoint` for a tiny architecture (the backbone size only gives the head count)."""
     arch = {**TINY, **arch}
-    return dict(
-        image_size=arch["image_size"],
-        num_queries=arch["num_queries"],
-        num_labels=arch["num_labels"],
-        num_blocks=arch["num_blocks"],
-    )
+    return {
+        "image_size": arch["image_size"],
+        "num_queries": arch["num_queries"],
+        "num_labels": arch["num_labels"],
+        "num_blocks": arch["num_blocks"],
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -158,7 +158,7 @@ def tiny_sizes(monkeypatch):
     """Make "small" a 32-wide, 3-block, 2-head ViT and "giant" its SwiGLU twin, so tests run in milliseconds."""
     from modeling_eomt.configuration import presets
 
-    tiny = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, num_blocks=2)
+    tiny = {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2, "num_blocks": 2}
     monkeypatch.setitem(presets.SIZES, "small", tiny)
     monkeypatch.setitem(presets.SIZES, "giant", {**tiny, "hidden_size": 48, "use_swiglu_ffn": True})
 
@@ -290,11 +290,11 @@ def test_reference_rejects_mid_annealing_checkpoint():
 
 # ------------------------------------------------------------------------------------------------- source forms
 def _folder(tmp_path, sd):
-    return save_folder(tmp_path / "ckpt", sd, original_config()), dict(task="panoptic")
+    return save_folder(tmp_path / "ckpt", sd, original_config()), {"task": "panoptic"}
 
 
 def _sharded(tmp_path, sd):
-    return save_folder(tmp_path / "ckpt", sd, original_config(), shards=3), dict(task="panoptic")
+    return save_folder(tmp_path / "ckpt", sd, original_config(), shards=3), {"task": "panoptic"}
 
 
 def _bin(tmp_path, sd):
@@ -349,12 +349,16 @@ def test_every_source_form_converts_to_reference_logits(tmp_path, make_source):
 @pytest.mark.parametrize(
     "arch",
     [
-        dict(),
-        dict(
-            num_blocks=1, image_size=48, num_queries=3, num_labels=4, mask_probs=1.0
-        ),  # masked attention at inference
-        dict(size="giant", hidden_size=48, swiglu=True),  # packed SwiGLU
-        dict(size="giant", hidden_size=48, swiglu=True, num_blocks=3, mask_probs=1.0),
+        {},
+        {
+            "num_blocks": 1,
+            "image_size": 48,
+            "num_queries": 3,
+            "num_labels": 4,
+            "mask_probs": 1.0,
+        },  # masked attention at inference
+        {"size": "giant", "hidden_size": 48, "swiglu": True},  # packed SwiGLU
+        {"size": "giant", "hidden_size": 48, "swiglu": True, "num_blocks": 3, "mask_probs": 1.0},
     ],
     ids=["small", "small-masked-attention", "giant-swiglu", "giant-swiglu-masked"],
 )

@@ -69,7 +69,9 @@ def test_padded_panoptic_inputs_match_builtin(rgb):
     assert ours.shape == builtin.shape == (1, 3, 32, 32)
     assert (ours - builtin).abs().max() <= ONE_GREY_LEVEL
     # the padding is zero in pixel space, i.e. -mean/std after normalisation
-    torch.testing.assert_close(ours[0, :, -1, -1], -torch.tensor([0.485, 0.456, 0.406]) / torch.tensor([0.229, 0.224, 0.225]))
+    torch.testing.assert_close(
+        ours[0, :, -1, -1], -torch.tensor([0.485, 0.456, 0.406]) / torch.tensor([0.229, 0.224, 0.225])
+    )
 
 
 @pytest.mark.parametrize("shape", [(45, 70), (70, 45), (32, 100), (40, 40)])
@@ -159,7 +161,9 @@ def test_hub_config_loads_unchanged_through_auto(tmp_path):
         processor = AutoImageProcessor.from_pretrained(tmp_path, backend=backend)
         assert type(processor) is EomtImageProcessor
         assert processor.size == {"shortest_edge": 640, "longest_edge": 640} and processor.do_pad
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**hub_config, "image_processor_type": "EomtImageProcessor"}))
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps({**hub_config, "image_processor_type": "EomtImageProcessor"})
+    )
     processor = AutoImageProcessor.from_pretrained(tmp_path, do_split_image=True)
     assert type(processor) is EomtImageProcessor and processor.do_split_image
 

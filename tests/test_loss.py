@@ -38,9 +38,11 @@ def test_matcher_recovers_the_permutation_of_confident_predictions():
     # Pixel embeddings: one-hot quadrant of each pixel; query i scores +10 on its quadrant and -10 elsewhere.
     pixel_embeddings = targets.permute(1, 2, 0)[None]
     mask_embeddings = (F.one_hot(permutation, 4).float() * 2 - 1)[None] * 10
-    torch.testing.assert_close(compute_mask_logits(mask_embeddings, pixel_embeddings)[0], (targets[permutation] * 2 - 1) * 10)
+    torch.testing.assert_close(
+        compute_mask_logits(mask_embeddings, pixel_embeddings)[0], (targets[permutation] * 2 - 1) * 10
+    )
     class_logits = F.one_hot(classes[permutation], 5)[None].float() * 10
-    (rows, cols), = make_loss().match(mask_embeddings, pixel_embeddings, class_logits, [targets], [classes])
+    ((rows, cols),) = make_loss().match(mask_embeddings, pixel_embeddings, class_logits, [targets], [classes])
     assert torch.equal(cols[rows.argsort()], permutation)
 
 
@@ -48,18 +50,23 @@ def test_matching_is_optimal_against_brute_force():
     torch.manual_seed(1)
     loss = make_loss(class_weight=2.0)
     targets, classes = quadrant_masks()[:3], torch.tensor([1, 1, 2])
-    mask_embeddings, pixel_embeddings, class_logits = torch.randn(1, 4, 6), torch.randn(1, 8, 8, 6), torch.randn(1, 4, 5)
+    mask_embeddings, pixel_embeddings, class_logits = (
+        torch.randn(1, 4, 6),
+        torch.randn(1, 8, 8, 6),
+        torch.randn(1, 4, 5),
+    )
     # The matcher's first draw is its point set: reproduce it to compute the same costs independently.
     torch.manual_seed(2)
     points = torch.rand(1, 2048, 2)
     torch.manual_seed(2)
-    (rows, cols), = loss.match(mask_embeddings, pixel_embeddings, class_logits, [targets], [classes])
+    ((rows, cols),) = loss.match(mask_embeddings, pixel_embeddings, class_logits, [targets], [classes])
 
     # Independently: full-resolution logits, sampled, and the BCE cost pair by pair.
     full_logits = torch.einsum("qd,hwd->qhw", mask_embeddings[0], pixel_embeddings[0])
     pred, tgt = point_sample(full_logits, points), point_sample(targets, points)
-    bce = torch.stack([F.binary_cross_entropy_with_logits(pred, t.expand_as(pred), reduction="none").mean(1)
-                       for t in tgt], dim=1)
+    bce = torch.stack(
+        [F.binary_cross_entropy_with_logits(pred, t.expand_as(pred), reduction="none").mean(1) for t in tgt], dim=1
+    )
     cost = 5 * bce - 2 * class_logits[0].softmax(-1)[:, classes] + 5 * dice_loss(pred, tgt, pairwise=True)
     best = min(itertools.permutations(range(4), 3), key=lambda r: sum(cost[q, t] for t, q in enumerate(r)))
     assert [int(rows[cols == t]) for t in range(3)] == list(best)
@@ -69,10 +76,12 @@ def test_point_sample_matches_grid_sample_and_sample_rows_selects_maps():
     maps = torch.randn(5, 9, 13)
     points = torch.rand(3, 50, 2)
     rows = torch.tensor([4, 0, 2])
-    expected = torch.stack([
-        F.grid_sample(maps[r][None, None], (2 * points[i] - 1)[None, :, None], align_corners=False)[0, 0, :, 0]
-        for i, r in enumerate(rows)
-    ])
+    expected = torch.stack(
+        [
+            F.grid_sample(maps[r][None, None], (2 * points[i] - 1)[None, :, None], align_corners=False)[0, 0, :, 0]
+            for i, r in enumerate(rows)
+        ]
+    )
     torch.testing.assert_close(sample_rows(maps, rows, points), expected)
     # Exact at pixel centres.
     centre = torch.tensor([[[(6 + 0.5) / 13, (2 + 0.5) / 9]]])
@@ -85,16 +94,18 @@ def test_point_sampled_logits_equal_sampled_full_logits():
     full = torch.einsum("qd,hwd->qhw", mask_embeddings, pixel_embeddings)
     torch.testing.assert_close(compute_mask_logits(mask_embeddings, pixel_embeddings), full, atol=1e-5, rtol=1e-5)
     expected = point_sample(full, points)
-    torch.testing.assert_close(point_sample_logits(mask_embeddings, pixel_embeddings, points), expected,
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        point_sample_logits(mask_embeddings, pixel_embeddings, points), expected, atol=1e-4, rtol=1e-4
+    )
 
 
 def test_bce_cost_equals_pairwise_bce_even_for_large_logits():
     logits = torch.cat([torch.randn(3, 500) * 3, torch.full((1, 500), -60.0), torch.full((1, 500), 60.0)])
     targets = (torch.rand(4, 500) > 0.5).float()
-    expected = torch.stack([
-        F.binary_cross_entropy_with_logits(logits, t.expand_as(logits), reduction="none").mean(1) for t in targets
-    ], dim=1)
+    expected = torch.stack(
+        [F.binary_cross_entropy_with_logits(logits, t.expand_as(logits), reduction="none").mean(1) for t in targets],
+        dim=1,
+    )
     torch.testing.assert_close(bce_cost(logits, targets), expected, atol=1e-4, rtol=1e-5)
 
 
@@ -128,8 +139,16 @@ def test_class_loss_weights_no_object_queries():
 
 def test_mask_terms_are_a_mean_over_target_masks():
     torch.manual_seed(0)
-    config = EomtConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_blocks=1, image_size=32,
-                        num_queries=4, num_labels=4, train_num_points=256)
+    config = EomtConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_blocks=1,
+        image_size=32,
+        num_queries=4,
+        num_labels=4,
+        train_num_points=256,
+    )
     model = EomtForUniversalSegmentation(config).eval()
     model.attn_mask_probs.zero_()
     image, masks, classes = torch.randn(1, 3, 32, 32), quadrant_masks()[:2], torch.tensor([0, 3])

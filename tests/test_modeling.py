@@ -15,10 +15,17 @@ from modeling_eomt.modeling import EomtScaleBlock
 BuiltinConfig = transformers.models.eomt.EomtConfig
 BuiltinModel = transformers.models.eomt.EomtForUniversalSegmentation
 
-TINY = dict(
-    hidden_size=32, num_hidden_layers=3, num_attention_heads=2, num_blocks=2, image_size=64, patch_size=16,
-    num_queries=6, num_labels=5, num_register_tokens=2,
-)
+TINY = {
+    "hidden_size": 32,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 2,
+    "num_blocks": 2,
+    "image_size": 64,
+    "patch_size": 16,
+    "num_queries": 6,
+    "num_labels": 5,
+    "num_register_tokens": 2,
+}
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> None:
@@ -99,7 +106,10 @@ def test_loss_value_matches_builtin():
     ours.train(), builtin.train()
     pixels = torch.randn(2, 3, 64, 64)
     masks = [(torch.rand(3, 4, 4) > 0.5).repeat_interleave(16, 1).repeat_interleave(16, 2) for _ in range(2)]
-    labels = dict(mask_labels=[m.float() for m in masks], class_labels=[torch.tensor([0, 3, 4]), torch.tensor([1, 1, 2])])
+    labels = {
+        "mask_labels": [m.float() for m in masks],
+        "class_labels": [torch.tensor([0, 3, 4]), torch.tensor([1, 1, 2])],
+    }
     ours_loss, builtin_loss = ours(pixels, **labels).loss, builtin(pixels, **labels).loss
     assert abs(ours_loss.item() - builtin_loss.item()) < 0.01 * builtin_loss.item()
 
@@ -196,7 +206,7 @@ def test_position_interpolation_is_smooth_resampling():
 def test_gradient_checkpointing_gives_same_gradients(monkeypatch):
     ours, _ = make_pair()
     pixels = torch.randn(2, 3, 64, 64)
-    labels = dict(mask_labels=[torch.rand(2, 64, 64) > 0.5] * 2, class_labels=[torch.tensor([0, 3])] * 2)
+    labels = {"mask_labels": [torch.rand(2, 64, 64) > 0.5] * 2, "class_labels": [torch.tensor([0, 3])] * 2}
     ours.train()
     ours.attn_mask_probs.fill_(1.0)
 
@@ -208,6 +218,7 @@ def test_gradient_checkpointing_gives_same_gradients(monkeypatch):
 
     upscale_calls = []
     upscale = EomtScaleBlock.forward
+
     # Counted in forward itself: module hooks do not fire when checkpointing recomputes in backward.
     def counted(self, *args, **kwargs):
         upscale_calls.append(1)
@@ -235,7 +246,7 @@ def test_activation_checkpointing_replaces_the_selective_recompute(monkeypatch):
     contexts = []
     keep = modeling._KEEP_MATMUL_OUTPUTS
     monkeypatch.setattr(modeling, "_KEEP_MATMUL_OUTPUTS", lambda: contexts.append(1) or keep())
-    labels = dict(mask_labels=[torch.rand(2, 64, 64) > 0.5], class_labels=[torch.tensor([0, 3])])
+    labels = {"mask_labels": [torch.rand(2, 64, 64) > 0.5], "class_labels": [torch.tensor([0, 3])]}
     ours(torch.randn(1, 3, 64, 64), **labels).loss.backward()
     assert len(contexts) == TINY["num_hidden_layers"]  # one selective checkpoint per MLP
     contexts.clear()
@@ -249,7 +260,7 @@ def test_training_step_under_autocast(dtype):
     # Autocast caches weight casts across the head's repeated calls; the selective recompute must not trip on it.
     ours, _ = make_pair()
     ours.train()
-    labels = dict(mask_labels=[torch.rand(2, 64, 64) > 0.5] * 2, class_labels=[torch.tensor([0, 3])] * 2)
+    labels = {"mask_labels": [torch.rand(2, 64, 64) > 0.5] * 2, "class_labels": [torch.tensor([0, 3])] * 2}
     with torch.autocast("cpu", dtype=dtype):
         loss = ours(torch.randn(2, 3, 64, 64), **labels).loss
     loss.backward()
@@ -262,7 +273,7 @@ def test_every_parameter_gets_a_gradient_without_targets():
     # DDP without `find_unused_parameters` needs a gradient for every parameter, even on a batch with no segments.
     ours, _ = make_pair()
     ours.train()
-    empty = dict(mask_labels=[torch.zeros(0, 64, 64)] * 2, class_labels=[torch.zeros(0, dtype=torch.long)] * 2)
+    empty = {"mask_labels": [torch.zeros(0, 64, 64)] * 2, "class_labels": [torch.zeros(0, dtype=torch.long)] * 2}
     ours(torch.randn(2, 3, 64, 64), **empty).loss.backward()
     missing = [name for name, p in ours.named_parameters() if p.grad is None]
     assert missing == []
@@ -399,7 +410,9 @@ def test_banded_inference_equals_the_stock_head(monkeypatch, upscale_blocks):
     with torch.no_grad():
         tokens = ours(torch.randn(2, 3, 64, 80)).last_hidden_state
         queries, feature_map = ours._split_tokens(tokens, (4, 5))
-        expected = torch.einsum("bqd,bhwd->bqhw", ours.mask_head(queries), reference_upscale(ours.upscale_block, feature_map))
+        expected = torch.einsum(
+            "bqd,bhwd->bqhw", ours.mask_head(queries), reference_upscale(ours.upscale_block, feature_map)
+        )
         monkeypatch.setattr(modeling, "_BAND_ELEMENTS", 1)
         for rows in (2, 4, 64):
             monkeypatch.setattr(modeling, "_MIN_BAND_ROWS", rows)
@@ -446,7 +459,10 @@ def test_loss_handles_empty_targets_and_decreases():
     pixels = torch.randn(2, 3, 64, 64)
     square = torch.zeros(1, 64, 64, dtype=torch.bool)
     square[:, 16:48, 16:48] = True
-    labels = dict(mask_labels=[square, torch.zeros(0, 64, 64)], class_labels=[torch.tensor([2]), torch.zeros(0, dtype=torch.long)])
+    labels = {
+        "mask_labels": [square, torch.zeros(0, 64, 64)],
+        "class_labels": [torch.tensor([2]), torch.zeros(0, dtype=torch.long)],
+    }
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
     for _ in range(30):
@@ -462,13 +478,13 @@ def test_loss_handles_empty_targets_and_decreases():
 def test_loss_sums_over_every_block_prediction():
     model = EomtForUniversalSegmentation(EomtConfig(**TINY))
     model.train()
-    labels = dict(mask_labels=[torch.rand(2, 64, 64) > 0.5], class_labels=[torch.tensor([1, 4])])
+    labels = {"mask_labels": [torch.rand(2, 64, 64) > 0.5], "class_labels": [torch.tensor([1, 4])]}
     out = model(torch.randn(1, 3, 64, 64), **labels)
     assert out.intermediate_masks_queries_logits is None  # only on request
     out = model(torch.randn(1, 3, 64, 64), **labels, output_intermediate_predictions=True)
     assert len(out.intermediate_masks_queries_logits) == TINY["num_blocks"]
     # With no targets, only the no-object CE remains: num_blocks + 1 times the final block's share.
-    empty = dict(mask_labels=[torch.zeros(0, 64, 64)], class_labels=[torch.zeros(0, dtype=torch.long)])
+    empty = {"mask_labels": [torch.zeros(0, 64, 64)], "class_labels": [torch.zeros(0, dtype=torch.long)]}
     model.attn_mask_probs.zero_()
     out = model(torch.randn(1, 3, 64, 64), **empty, output_intermediate_predictions=True)
     per_prediction = [
@@ -484,9 +500,17 @@ def test_loss_sums_over_every_block_prediction():
         (torch.randn(3, 64, 64), {}, "4D"),
         (torch.randn(1, 4, 64, 64), {}, "channels"),
         (torch.randn(1, 3, 8, 8), {}, "patch"),
-        (torch.randn(1, 3, 64, 64), dict(mask_labels=[torch.ones(2, 64, 64)], class_labels=[torch.tensor([1])]), "class labels"),
-        (torch.randn(1, 3, 64, 64), dict(mask_labels=[torch.ones(1, 64, 64)], class_labels=[torch.tensor([5])]), "num_labels"),
-        (torch.randn(1, 3, 64, 64), dict(mask_labels=[torch.ones(1, 64, 64)]), "both"),
+        (
+            torch.randn(1, 3, 64, 64),
+            {"mask_labels": [torch.ones(2, 64, 64)], "class_labels": [torch.tensor([1])]},
+            "class labels",
+        ),
+        (
+            torch.randn(1, 3, 64, 64),
+            {"mask_labels": [torch.ones(1, 64, 64)], "class_labels": [torch.tensor([5])]},
+            "num_labels",
+        ),
+        (torch.randn(1, 3, 64, 64), {"mask_labels": [torch.ones(1, 64, 64)]}, "both"),
     ],
 )
 def test_bad_input_names_the_problem(pixels, labels, message):

@@ -71,7 +71,9 @@ def test_pipeline_matches_processor_and_model_run_by_hand(panoptic_path, image):
     processor = EomtImageProcessor.from_pretrained(panoptic_path)
     with torch.no_grad():
         outputs = model(**processor(image))
-    expected = processor.post_process_panoptic_segmentation(outputs, [(40, 60)], threshold=0.3, overlap_mask_area_threshold=0.5)[0]
+    expected = processor.post_process_panoptic_segmentation(
+        outputs, [(40, 60)], threshold=0.3, overlap_mask_area_threshold=0.5
+    )[0]
     annotations = segmenter(image, subtask="panoptic", threshold=0.3)
     assert [a["label"] for a in annotations] == [ID2LABEL[s["label_id"]] for s in expected["segments_info"]]
     for annotation, segment in zip(annotations, expected["segments_info"]):

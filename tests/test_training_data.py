@@ -7,11 +7,11 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from modeling_eomt.configuration.labels import id2label as benchmark_labels
 from PIL import Image
 from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 
-from modeling_eomt.configuration.labels import id2label as benchmark_labels
 from modeling_eomt.training.augmentation import (
     EvalTransform,
     TrainTransform,

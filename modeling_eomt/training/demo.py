@@ -24,19 +24,45 @@ from .optim import EomtTrainingArguments
 from .shapes import SHAPES_ID2LABEL, render_shapes_example
 from .train import DataArguments, ModelArguments, run
 
-DEMO_MODEL = dict(hidden_size=192, num_hidden_layers=6, num_attention_heads=3, num_blocks=2, image_size=128,
-                  num_queries=20, train_num_points=1024)
+DEMO_MODEL = {
+    "hidden_size": 192,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 3,
+    "num_blocks": 2,
+    "image_size": 128,
+    "num_queries": 20,
+    "train_num_points": 1024,
+}
 PQ_TARGET = 0.7
 
 
 def train_demo_model(model_dir: Path, max_steps: int, eval_images: int) -> dict:
     model_args = ModelArguments("coco_panoptic_eomt_small_640_2x", config_overrides=json.dumps(DEMO_MODEL))
-    data_args = DataArguments(dataset_name="shapes", task="panoptic", image_size=128, scale_min=0.8, scale_max=1.25,
-                              max_train_samples=max_steps * 8, max_eval_samples=eval_images)
+    data_args = DataArguments(
+        dataset_name="shapes",
+        task="panoptic",
+        image_size=128,
+        scale_min=0.8,
+        scale_max=1.25,
+        max_train_samples=max_steps * 8,
+        max_eval_samples=eval_images,
+    )
     training_args = EomtTrainingArguments(
-        output_dir=str(model_dir), do_train=True, do_eval=True, max_steps=max_steps, per_device_train_batch_size=8,
-        per_device_eval_batch_size=8, learning_rate=1e-3, layer_decay=1.0, head_warmup_steps=50,
-        backbone_warmup_steps=0, max_grad_norm=1.0, logging_steps=50, save_strategy="no", report_to="none", seed=0,
+        output_dir=str(model_dir),
+        do_train=True,
+        do_eval=True,
+        max_steps=max_steps,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        learning_rate=1e-3,
+        layer_decay=1.0,
+        head_warmup_steps=50,
+        backbone_warmup_steps=0,
+        max_grad_norm=1.0,
+        logging_steps=50,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
         dataloader_num_workers=0,
     )
     return run(model_args, data_args, training_args)

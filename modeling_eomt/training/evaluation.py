@@ -31,8 +31,11 @@ class EvalCollator:
         if "patch_offsets" in inputs:
             batch["patch_offsets"] = inputs["patch_offsets"]
         batch["targets"] = [
-            {"masks": example["masks"], "class_labels": example["class_labels"],
-             "is_crowd": example.get("is_crowd", torch.zeros(len(example["class_labels"]), dtype=torch.bool))}
+            {
+                "masks": example["masks"],
+                "class_labels": example["class_labels"],
+                "is_crowd": example.get("is_crowd", torch.zeros(len(example["class_labels"]), dtype=torch.bool)),
+            }
             for example in examples
         ]
         return batch
@@ -121,5 +124,8 @@ def semantic_map(target: dict) -> torch.Tensor:
 
 def segments(target: dict) -> dict:
     """A target as binary masks with class ids and crowd flags, the form the PQ and AP metrics read."""
-    return {"masks": target["masks"].bool().cpu(), "labels": target["class_labels"].cpu(),
-            "is_crowd": target["is_crowd"].cpu()}
+    return {
+        "masks": target["masks"].bool().cpu(),
+        "labels": target["class_labels"].cpu(),
+        "is_crowd": target["is_crowd"].cpu(),
+    }

@@ -38,7 +38,7 @@ class ModelArguments:
         metadata={"help": "Preset name (random init), checkpoint folder or Hub id."},
     )
     config_overrides: str | None = field(
-        default=None, metadata={"help": 'JSON of config fields to override, e.g. \'{"num_queries": 100}\'.'}
+        default=None, metadata={"help": "JSON of config fields to override, e.g. '{\"num_queries\": 100}'."}
     )
 
 
@@ -49,7 +49,9 @@ class DataArguments:
     task: str = field(default="panoptic", metadata={"help": "panoptic, instance or semantic.", "choices": TASKS})
     train_split: str = field(default="train")
     eval_split: str = field(default="validation")
-    image_size: int | None = field(default=None, metadata={"help": "Training crop / eval size (default: the model's)."})
+    image_size: int | None = field(
+        default=None, metadata={"help": "Training crop / eval size (default: the model's)."}
+    )
     scale_min: float = field(default=0.1, metadata={"help": "Large-scale jitter lower bound (ADE/Cityscapes: 0.5)."})
     scale_max: float = field(default=2.0, metadata={"help": "Large-scale jitter upper bound."})
     flip_probability: float = field(default=0.5)
@@ -62,10 +64,12 @@ class DataArguments:
 def load_model(model_args: ModelArguments, dataset: SegmentationDataset) -> EomtForUniversalSegmentation:
     """The model for `dataset`'s labels: a preset's architecture from scratch, or a checkpoint with its head adapted."""
     id2label = dict(dataset.id2label)
-    labels = dict(num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()})
+    labels = {"num_labels": len(id2label), "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
     overrides = json.loads(model_args.config_overrides or "{}")
     if model_args.model_name_or_path in PRESETS:
-        return EomtForUniversalSegmentation(EomtConfig.from_preset(model_args.model_name_or_path, **labels, **overrides))
+        return EomtForUniversalSegmentation(
+            EomtConfig.from_preset(model_args.model_name_or_path, **labels, **overrides)
+        )
     return EomtForUniversalSegmentation.from_pretrained(
         model_args.model_name_or_path, ignore_mismatched_sizes=True, **labels, **overrides
     )
@@ -89,21 +93,28 @@ class EpochSeedCallback(TrainerCallback):
 def run(model_args: ModelArguments, data_args: DataArguments, training_args: EomtTrainingArguments) -> dict:
     """Train (and evaluate if asked); save model, processor, metrics and a model card into `output_dir`."""
     set_seed(training_args.seed)  # before building the model, so a fresh head is the same in every run
-    load = dict(name_or_path=data_args.dataset_name, task=data_args.task,
-                dataset_config_name=data_args.dataset_config_name)
+    load = {
+        "name_or_path": data_args.dataset_name,
+        "task": data_args.task,
+        "dataset_config_name": data_args.dataset_config_name,
+    }
     train_raw = subset(load_segmentation_dataset(split=data_args.train_split, **load), data_args.max_train_samples)
     model = load_model(model_args, train_raw)
     size = data_args.image_size or model.config.image_size
     processor = EomtImageProcessor.for_task(data_args.task, size)
-    transform = TrainTransform(size, (data_args.scale_min, data_args.scale_max), data_args.flip_probability,
-                               data_args.color_jitter)
+    transform = TrainTransform(
+        size, (data_args.scale_min, data_args.scale_max), data_args.flip_probability, data_args.color_jitter
+    )
     train_dataset = train_raw.with_transform(transform, seed=training_args.seed)
 
     eval_dataset = compute_metrics = None
     if training_args.do_eval or training_args.eval_strategy != "no":
-        eval_dataset = subset(load_segmentation_dataset(split=data_args.eval_split, **load), data_args.max_eval_samples)
-        compute_metrics = SegmentationMetrics(processor, data_args.task, train_raw.id2label, train_raw.stuff_ids,
-                                              data_args.panoptic_threshold)
+        eval_dataset = subset(
+            load_segmentation_dataset(split=data_args.eval_split, **load), data_args.max_eval_samples
+        )
+        compute_metrics = SegmentationMetrics(
+            processor, data_args.task, train_raw.id2label, train_raw.stuff_ids, data_args.panoptic_threshold
+        )
     # Targets are variable-sized lists: evaluate batch by batch, never concatenated.
     training_args.batch_eval_metrics = True
     training_args.eval_do_concat_batches = False
@@ -131,11 +142,20 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Eom
     trainer.save_model(training_args.output_dir)  # every rank takes part (FSDP gathers the weights)
     if trainer.is_world_process_zero():
         processor.save_pretrained(training_args.output_dir)
-        headline = {HEADLINE[data_args.task]: round(100 * metrics[f"eval_{HEADLINE[data_args.task]}"], 2)} if eval_dataset else None
+        headline = (
+            {HEADLINE[data_args.task]: round(100 * metrics[f"eval_{HEADLINE[data_args.task]}"], 2)}
+            if eval_dataset
+            else None
+        )
         dataset = benchmark_key(data_args.dataset_name, data_args.task) or data_args.dataset_name
-        card = build_model_card(model.config, data_args.task, dataset=dataset, metrics=headline,
-                                model_name=Path(training_args.output_dir).name,
-                                notes=f"Trained with `eomt-train` on `{data_args.dataset_name}`.")
+        card = build_model_card(
+            model.config,
+            data_args.task,
+            dataset=dataset,
+            metrics=headline,
+            model_name=Path(training_args.output_dir).name,
+            notes=f"Trained with `eomt-train` on `{data_args.dataset_name}`.",
+        )
         (Path(training_args.output_dir) / "README.md").write_text(card)
     return metrics
 
