@@ -294,15 +294,20 @@ class EomtScaleLayer(nn.Module):
         self.layernorm2d = nn.LayerNorm(dim, eps=1e-6)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return _RefineInBands.apply(self.expand(hidden_states), self, *self.refine_parameters())
+        subpixels = self.expand(hidden_states, *self.expand_parameters())
+        return _RefineInBands.apply(subpixels, self, *self.refine_parameters())
 
-    def expand(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Transposed conv: `(B, H, W, D)` → sub-pixel outputs `(B, H, W, 2, 2, D)` (row offset, column offset)."""
-        # conv1.weight is (in, out, 2, 2): a linear map per input pixel into its 2×2 sub-pixels. Ordered
-        # (row, column, channel), the interleaving into the 2× map moves whole channel vectors, not single floats.
-        weight = self.conv1.weight.permute(0, 2, 3, 1).flatten(1)
-        subpixels = F.linear(hidden_states, weight.T, self.conv1.bias.repeat(4))
-        return subpixels.unflatten(-1, (2, 2, hidden_states.shape[-1]))
+    def expand_parameters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The transposed conv as a linear map from a pixel to its 2×2 sub-pixels: weight `(4·D, D)` and bias `(4·D,)`.
+        A relayout (copy) of the weights: callers expanding band after band make it once."""
+        # conv1.weight is (in, out, 2, 2). Ordered (row, column, channel), the interleaving into the 2× map moves
+        # whole channel vectors, not single floats.
+        return self.conv1.weight.permute(0, 2, 3, 1).flatten(1).T, self.conv1.bias.repeat(4)
+
+    def expand(self, hidden_states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Transposed conv with `expand_parameters()`: `(B, H, W, D)` → sub-pixel outputs `(B, H, W, 2, 2, D)` (row
+        offset, column offset)."""
+        return F.linear(hidden_states, weight, bias).unflatten(-1, (2, 2, hidden_states.shape[-1]))
 
     def refine_parameters(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """What `refine` computes with: the depthwise conv's weight and the LayerNorm's weight and bias."""
@@ -607,7 +612,7 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
         *coarser, last = self.upscale_block.block
         for layer in coarser:
             feature_map = layer(feature_map)
-        refine_parameters = last.refine_parameters()
+        expand_parameters, refine_parameters = last.expand_parameters(), last.refine_parameters()
         mask_embeddings = self.mask_head(queries)
         batch_size, height, width, dim = feature_map.shape
         masks = None
@@ -615,9 +620,8 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
         # context rows are expanded twice (no full-size sub-pixel map, unlike training, which keeps it for backward).
         for image in range(batch_size):
             for band in last.bands(height, _band_rows(1, 2 * width, dim, feature_map.device)):
-                refined = last.refine(
-                    last.expand(feature_map[image : image + 1, band.coarse]), band, *refine_parameters
-                )
+                rows = feature_map[image : image + 1, band.coarse]
+                refined = last.refine(last.expand(rows, *expand_parameters), band, *refine_parameters)
                 band_masks = compute_mask_logits(mask_embeddings[image : image + 1], refined)
                 del refined
                 if masks is None:  # allocated from the first band: the dtype autocast gives the product
