@@ -577,18 +577,14 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
         else:
             class_queries_logits, masks_queries_logits = self.predict_in_bands(sequence_output, grid)
 
+        predictions = {"class_queries_logits": class_queries_logits, "masks_queries_logits": masks_queries_logits}
+        if intermediate:
+            predictions["intermediate_class_queries_logits"] = tuple(p.class_logits for p in intermediate)
+            predictions["intermediate_masks_queries_logits"] = tuple(p.mask_logits() for p in intermediate)
         output = EomtForUniversalSegmentationOutput(
-            loss=loss,
-            class_queries_logits=class_queries_logits,
-            masks_queries_logits=masks_queries_logits,
-            last_hidden_state=sequence_output,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
-            patch_offsets=patch_offsets,
-            intermediate_class_queries_logits=tuple(p.class_logits for p in intermediate) or None,
-            intermediate_masks_queries_logits=tuple(p.mask_logits() for p in intermediate) or None,
-            loss_dict=loss_dict,
-        )
+            loss=loss, loss_dict=loss_dict, last_hidden_state=sequence_output, hidden_states=all_hidden_states,
+            attentions=all_attentions, patch_offsets=patch_offsets, **predictions,
+        )  # fmt: skip
         return output if return_dict else output.to_tuple()
 
     def head(self, tokens: torch.Tensor, grid: tuple[int, int]) -> MaskPrediction:
