@@ -1,15 +1,16 @@
 """Mask2Former-style set loss used by EoMT: Hungarian matching, then class CE and point-sampled mask BCE + dice.
 
 A prediction arrives factored: mask logits are the dot products of per-query mask embeddings with per-pixel
-embeddings (`compute_mask_logits`). The loss never forms the full `(B, Q, H, W)` logits: matching reads the pixel embeddings
-at its sampled points, and only matched queries get full-resolution logits (with gradients) for the mask terms.
-Target masks stay at input resolution and are only read at sampled points. They are cast to float at most once per
-forward (shared by every block's prediction), never padded into a batch tensor nor copied per matched query.
+embeddings (`MaskPrediction.mask_logits`). The loss never forms the full `(B, Q, H, W)` logits: matching reads the
+pixel embeddings at its sampled points, and only matched queries get full-resolution logits (with gradients) for the
+mask terms. Target masks stay at input resolution and are only read at sampled points. They are cast to float at
+most once per forward (shared by every block's prediction), never padded into a batch tensor nor copied per matched
+query. The model scores each prediction as soon as it is made (`EomtLoss.forward`) and sums the terms.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -32,9 +33,22 @@ class MaskPrediction(NamedTuple):
     mask_embeddings: torch.Tensor  # (B, Q, D)
     pixel_embeddings: torch.Tensor  # (B, H, W, D)
     class_logits: torch.Tensor  # (B, Q, num_labels + 1)
+    # `(mask embeddings, pixel_embeddings) -> mask logits`, differentiable. The model passes one that differentiates
+    # through the upscale layer without autograd holding the pixel embeddings (they may then carry no gradient).
+    logits_function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = compute_mask_logits
 
-    def mask_logits(self) -> torch.Tensor:
-        return compute_mask_logits(self.mask_embeddings, self.pixel_embeddings)
+    def mask_logits(self, mask_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """Mask logits `(B, Q', H, W)` of all queries, or of the given mask embeddings `(B, Q', D)`."""
+        queries = self.mask_embeddings if mask_embeddings is None else mask_embeddings
+        return self.logits_function(queries, self.pixel_embeddings)
+
+
+class LossTargets(NamedTuple):
+    """Per image, float target masks `(N, H, W)` and their class ids; target masks per process (see `num_masks`)."""
+
+    masks: list[torch.Tensor]
+    classes: list[torch.Tensor]
+    num_masks: torch.Tensor
 
 
 def _grid_sample(maps: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -80,9 +94,9 @@ def bce_cost(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 class EomtLoss(nn.Module):
-    """Set loss over a sequence of predictions (one per query block plus the final one), summed with equal weight.
+    """Set loss of one prediction; the model sums it over its predictions (one per query block plus the final one).
 
-    Returns the weighted total and the weighted terms `loss_cross_entropy`, `loss_mask` and `loss_dice`.
+    Returns the weighted terms `loss_cross_entropy`, `loss_mask` and `loss_dice`.
     """
 
     def __init__(self, config: EomtConfig):
@@ -96,20 +110,22 @@ class EomtLoss(nn.Module):
         weight[-1] = self.config.no_object_weight
         return weight
 
-    def forward(
-        self, predictions: Sequence[MaskPrediction], mask_labels: list[torch.Tensor], class_labels: list[torch.Tensor]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        num_masks = self.num_masks(class_labels, predictions[0][0].device)
-        mask_labels = [masks if masks.dtype == torch.float32 else masks.float() for masks in mask_labels]
-        terms = {"loss_cross_entropy": 0.0, "loss_mask": 0.0, "loss_dice": 0.0}
-        for mask_embeddings, pixel_embeddings, class_logits in predictions:
-            indices = self.match(mask_embeddings, pixel_embeddings, class_logits, mask_labels, class_labels)
-            ce = self.class_loss(class_logits, class_labels, indices)
-            bce, dice = self.mask_losses(mask_embeddings, pixel_embeddings, mask_labels, indices, num_masks)
-            terms["loss_cross_entropy"] = terms["loss_cross_entropy"] + self.config.class_weight * ce
-            terms["loss_mask"] = terms["loss_mask"] + self.config.mask_weight * bce
-            terms["loss_dice"] = terms["loss_dice"] + self.config.dice_weight * dice
-        return sum(terms.values()), terms
+    def targets(
+        self, mask_labels: list[torch.Tensor], class_labels: list[torch.Tensor], device: torch.device
+    ) -> LossTargets:
+        """The targets of a batch, prepared once for all its predictions."""
+        masks = [masks if masks.dtype == torch.float32 else masks.float() for masks in mask_labels]
+        return LossTargets(masks, class_labels, self.num_masks(class_labels, device))
+
+    def forward(self, prediction: MaskPrediction, targets: LossTargets) -> dict[str, torch.Tensor]:
+        mask_embeddings, pixel_embeddings, class_logits = prediction[:3]
+        indices = self.match(mask_embeddings, pixel_embeddings, class_logits, targets.masks, targets.classes)
+        bce, dice = self.mask_losses(prediction, targets.masks, indices, targets.num_masks)
+        return {
+            "loss_cross_entropy": self.config.class_weight * self.class_loss(class_logits, targets.classes, indices),
+            "loss_mask": self.config.mask_weight * bce,
+            "loss_dice": self.config.dice_weight * dice,
+        }
 
     @torch.no_grad()
     def match(
@@ -161,32 +177,30 @@ class EomtLoss(nn.Module):
 
     def mask_losses(
         self,
-        mask_embeddings: torch.Tensor,
-        pixel_embeddings: torch.Tensor,
+        prediction: MaskPrediction,
         mask_labels: list[torch.Tensor],
         indices: list[tuple[torch.Tensor, ...]],
         num_masks: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """BCE and dice of matched masks on points chosen mostly where the prediction is uncertain."""
-        device = pixel_embeddings.device
+        mask_embeddings = prediction.mask_embeddings
+        device = mask_embeddings.device
         counts = [len(rows) for rows, _ in indices]
         if sum(counts) == 0:
-            zero = (mask_embeddings.sum() + pixel_embeddings.sum()) * 0.0
+            # Zero, but through the mask logits, so that every parameter still gets a gradient (DDP needs one).
+            zero = prediction.mask_logits(mask_embeddings[:, :1]).sum() * 0.0
             return zero, zero
         batch_index = torch.repeat_interleave(torch.arange(len(indices)), torch.tensor(counts)).to(device)
         # Full-resolution logits for matched queries only: a few dozen maps instead of B × Q. One batched product
-        # over the matches padded per image (with query 0, dropped after), rather than a product per image: slicing
-        # the pixel embeddings per image would re-stack a full-size copy of their gradient in backward. The padding
-        # costs B × max(matches) maps instead of their sum, small next to the upscaled maps when counts differ.
+        # over the matches padded per image (with query 0, dropped after), rather than a product per image. The
+        # padding costs B × max(matches) maps instead of their sum, small next to the upscaled maps when counts differ.
         matched = torch.zeros(len(indices), max(counts), dtype=torch.long)
         for image, (rows, _) in enumerate(indices):
             matched[image, : len(rows)] = rows
         is_match = (torch.arange(max(counts)) < torch.tensor(counts)[:, None]).to(device)
         matched = matched.to(device)
         queries = mask_embeddings.gather(1, matched[..., None].expand(-1, -1, mask_embeddings.shape[-1]))
-        # Pixel-major product, so that the gradient of the pixel embeddings comes out channels-last like them.
-        predicted = torch.matmul(pixel_embeddings.flatten(1, 2), queries.transpose(1, 2)).transpose(1, 2)
-        predicted = predicted[is_match].unflatten(-1, pixel_embeddings.shape[1:3])
+        predicted = prediction.mask_logits(queries)[is_match]
         points = self.importance_points(predicted)
         target_points = torch.cat(
             [

@@ -334,6 +334,20 @@ class EomtScaleLayer(nn.Module):
             hidden = hidden[:, :, :-1] if top else hidden[:, :, 1:]
         return F.layer_norm(hidden.permute(0, 2, 3, 1), (dim,), norm_weight, norm_bias, self.layernorm2d.eps)
 
+    def refine_map(
+        self, subpixels: torch.Tensor, params: tuple[torch.Tensor, ...], out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`refine` over the whole map `(B, H, W, 2, 2, D)` → `(B, 2H, 2W, D)`, a band of rows at a time, written into
+        `out` when it has the right shape and dtype (else into a new map)."""
+        batch_size, height, width, _, _, dim = subpixels.shape
+        for band in self.bands(height, _band_rows(batch_size, 2 * width, dim, subpixels.device)):
+            refined = self.refine(subpixels[:, band.coarse], band, *params)
+            if out is None or out.shape != (batch_size, 2 * height, 2 * width, dim) or out.dtype != refined.dtype:
+                out = refined.new_empty(batch_size, 2 * height, 2 * width, dim)  # the dtype autocast gives LayerNorm
+            out[:, band.rows] = refined
+            del refined  # before the next band's maps exist
+        return out
+
     @staticmethod
     def bands(height: int, band_rows: int) -> Iterator[_Band]:
         """Bands of about `band_rows` rows of the 2×`height`-row output, for `refine`.
@@ -378,49 +392,105 @@ class _RefineInBands(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, subpixels: torch.Tensor, layer: EomtScaleLayer, *params: torch.Tensor) -> torch.Tensor:
-        batch_size, height, width, _, _, dim = subpixels.shape
-        output = None
-        for band in layer.bands(height, _band_rows(batch_size, 2 * width, dim, subpixels.device)):
-            refined = layer.refine(subpixels[:, band.coarse], band, *params)
-            if output is None:  # allocated from the first band: the dtype autocast gives LayerNorm
-                output = refined.new_empty(batch_size, 2 * height, 2 * width, dim)
-            output[:, band.rows] = refined
-            del refined  # before the next band's maps exist
         ctx.save_for_backward(subpixels, *params)
-        ctx.layer = layer
-        device = subpixels.device.type
-        if torch.amp.is_autocast_available(device):  # not, e.g., on the meta device
-            enabled, dtype = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
-            ctx.autocast = {"device_type": device, "dtype": dtype, "enabled": enabled}
-        else:
-            ctx.autocast = None
-        return output
+        ctx.layer, ctx.autocast = layer, _autocast_state(subpixels.device)
+        return layer.refine_map(subpixels, params)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "EomtScaleLayer does not support double backward (`create_graph=True`): its backward recomputes the "
-                "upscaled map band by band without a differentiable graph."
-            )
         subpixels, *params = ctx.saved_tensors
         needs_grad = [ctx.needs_input_grad[0], *ctx.needs_input_grad[2:]]
-        params = [p.detach().requires_grad_(need) for p, need in zip(params, needs_grad[1:])]
-        grads = [torch.zeros_like(t) if need else None for t, need in zip([subpixels, *params], needs_grad)]
-        batch_size, height, width, _, _, dim = subpixels.shape
-        # Each band is recomputed under the autocast state of forward, so backward differentiates what forward did.
-        recompute = torch.autocast(**ctx.autocast) if ctx.autocast else contextlib.nullcontext()
-        with torch.enable_grad(), recompute:
-            for band in ctx.layer.bands(height, _band_rows(batch_size, 2 * width, dim, subpixels.device)):
-                band_input = subpixels[:, band.coarse].detach().requires_grad_(needs_grad[0])
-                inputs = [t for t, need in zip([band_input, *params], needs_grad) if need]
-                refined = ctx.layer.refine(band_input, band, *params)
-                band_grads = iter(torch.autograd.grad(refined, inputs, grad_output[:, band.rows]))
-                for index, need in enumerate(needs_grad):
-                    if need:
-                        target = grads[index][:, band.coarse] if index == 0 else grads[index]
-                        target += next(band_grads)
+        grads = _backward_in_bands(ctx, subpixels, params, needs_grad, lambda band, _: grad_output[:, band.rows])
         return grads[0], None, *grads[1:]
+
+
+class _MaskLogitsInBands(torch.autograd.Function):
+    """Mask logits `(B, Q, 2H, 2W)` of mask embeddings `(B, Q, D)` against the last upscale layer's output, where
+    that output (`pixel_embeddings`, `layer.refine_map(subpixels)`) was computed without autograd.
+
+    Backward recomputes the output band by band from the saved sub-pixel outputs, and each band's gradient comes
+    from its rows of the logits' gradient, so neither the output nor its gradient is held as a full-size map. The
+    model can thus reuse one pixel-embedding map for every prediction of a forward; the loss's few matched queries
+    would otherwise make a full-size gradient per prediction from a skinny product, a slow fresh allocation.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, queries: torch.Tensor, pixel_embeddings: torch.Tensor, subpixels: torch.Tensor, layer: EomtScaleLayer,
+        *params: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        ctx.save_for_backward(queries, subpixels, *params)
+        ctx.layer, ctx.autocast = layer, _autocast_state(subpixels.device)
+        return compute_mask_logits(queries, pixel_embeddings)
+
+    @staticmethod
+    def backward(ctx, grad_logits: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        queries, subpixels, *params = ctx.saved_tensors
+        grad_queries = torch.zeros_like(queries) if ctx.needs_input_grad[0] else None
+
+        def band_gradient(band: _Band, refined: torch.Tensor) -> torch.Tensor:
+            band_grad = grad_logits[:, :, band.rows].flatten(2)  # (B, Q, pixels of the band)
+            if grad_queries is not None:
+                grad_queries.add_(band_grad @ refined.detach().flatten(1, 2))
+            return (band_grad.transpose(1, 2) @ queries).view(refined.shape).to(refined.dtype)
+
+        needs_grad = [ctx.needs_input_grad[2], *ctx.needs_input_grad[4:]]
+        grads = _backward_in_bands(ctx, subpixels, params, needs_grad, band_gradient)
+        return grad_queries, None, grads[0], None, *grads[1:]
+
+
+def _autocast_state(device: torch.device) -> dict | None:
+    """Autocast arguments reproducing the current state on `device` (None where autocast does not exist, e.g. meta)."""
+    if not torch.amp.is_autocast_available(device.type):
+        return None
+    enabled, dtype = torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
+    return {"device_type": device.type, "dtype": dtype, "enabled": enabled}
+
+
+def _backward_in_bands(
+    ctx, subpixels: torch.Tensor, params: list[torch.Tensor], needs_grad: list[bool],
+    band_gradient: Callable[[_Band, torch.Tensor], torch.Tensor],
+) -> list[torch.Tensor | None]:  # fmt: skip
+    """Gradients of `subpixels` and `params` (None where `needs_grad` is False) for a `ctx.layer.refine_map`
+    output, recomputing it band by band under forward's autocast state. `band_gradient(band, refined)` gives the
+    gradient of a band's output rows, from the band's recomputed output."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "EomtScaleLayer does not support double backward (`create_graph=True`): its backward recomputes the "
+            "upscaled map band by band without a differentiable graph."
+        )
+    params = [p.detach().requires_grad_(need) for p, need in zip(params, needs_grad[1:])]
+    grad_subpixels = torch.empty_like(subpixels) if needs_grad[0] else None
+    param_grads: list[torch.Tensor | None] = [None] * len(params)
+    written = 0  # coarse rows of grad_subpixels written so far; a band shares its first row with the band before
+    batch_size, height, width, _, _, dim = subpixels.shape
+    recompute = torch.autocast(**ctx.autocast) if ctx.autocast else contextlib.nullcontext()
+    with torch.enable_grad(), recompute:
+        for band in ctx.layer.bands(height, _band_rows(batch_size, 2 * width, dim, subpixels.device)):
+            band_input = subpixels[:, band.coarse].detach().requires_grad_(needs_grad[0])
+            inputs = [t for t, need in zip([band_input, *params], needs_grad) if need]
+            refined = ctx.layer.refine(band_input, band, *params)
+            output_grad = band_gradient(band, refined)
+            if not inputs:  # only the queries of the mask logits need a gradient
+                continue
+            band_grads = iter(torch.autograd.grad(refined, inputs, output_grad))
+            if needs_grad[0]:
+                grad, start, stop = next(band_grads), band.coarse.start, band.coarse.stop
+                grad_subpixels[:, start:written] += grad[:, : written - start]
+                grad_subpixels[:, written:stop] = grad[:, written - start :]
+                written = stop
+            for index, need in enumerate(needs_grad[1:]):
+                if need:
+                    grad = next(band_grads)
+                    param_grads[index] = grad if param_grads[index] is None else param_grads[index] + grad
+    return [grad_subpixels, *param_grads]
+
+
+def _banded_mask_logits(
+    layer: EomtScaleLayer, subpixels: torch.Tensor, queries: torch.Tensor, pixel_embeddings: torch.Tensor
+) -> torch.Tensor:
+    """`MaskPrediction.logits_function` of a prediction whose pixel embeddings are `layer.refine_map(subpixels)`."""
+    return _MaskLogitsInBands.apply(queries, pixel_embeddings, subpixels, layer, *layer.refine_parameters())
 
 
 class EomtScaleBlock(nn.Module):
@@ -541,8 +611,10 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
         hidden_states, grid = self.embeddings(pixel_values)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
-        # Predictions made before query blocks that enter the loss: all of them in training, the masking ones in eval.
-        supervised, intermediate = [], []
+        targets = self.criterion.targets(mask_labels, class_labels, pixel_values.device) if compute_loss else None
+        # Each prediction is used up (loss, attention mask, intermediate outputs) before the next one is made, so
+        # that they can all share one pixel-embedding map (`head`).
+        loss_terms, intermediate, prediction = [], [], None
 
         for index, layer in enumerate(self.layers):
             attention_mask = None
@@ -552,13 +624,14 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
             if index >= self.first_query_layer:
                 prob = self.attn_mask_probs[index - self.first_query_layer]
                 masking = bool(prob > 0)
+                # Predictions before query blocks enter the loss: all of them in training, the masking ones in eval.
                 enters_loss = compute_loss and (masking or self.training)
                 if masking or enters_loss or output_intermediate_predictions:
-                    prediction = self.head(self.layernorm(hidden_states), grid)
+                    prediction = self.head(self.layernorm(hidden_states), grid, prediction)
                     if enters_loss:
-                        supervised.append(prediction)
+                        loss_terms.append(self.criterion(prediction, targets))
                     if output_intermediate_predictions:
-                        intermediate.append(prediction)
+                        intermediate.append((prediction.class_logits, prediction.mask_logits()))
                     if masking:
                         attention_mask = self._query_attention_mask(prediction, grid, prob, hidden_states.shape[1])
             hidden_states, attn_weights = layer(hidden_states, attention_mask, output_attentions)
@@ -570,34 +643,51 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
         sequence_output = self.layernorm(hidden_states)
         loss = loss_dict = None
         if compute_loss or torch.is_grad_enabled():
-            final = self.head(sequence_output, grid)
+            final = self.head(sequence_output, grid, prediction)
             class_queries_logits, masks_queries_logits = final.class_logits, final.mask_logits()
             if compute_loss:
-                loss, loss_dict = self.criterion(supervised + [final], mask_labels, class_labels)
+                loss_terms.append(self.criterion(final, targets))
+                loss_dict = {name: sum(terms[name] for terms in loss_terms) for name in loss_terms[0]}
+                loss = sum(loss_dict.values())
         else:
             class_queries_logits, masks_queries_logits = self.predict_in_bands(sequence_output, grid)
 
         predictions = {"class_queries_logits": class_queries_logits, "masks_queries_logits": masks_queries_logits}
         if intermediate:
-            predictions["intermediate_class_queries_logits"] = tuple(p.class_logits for p in intermediate)
-            predictions["intermediate_masks_queries_logits"] = tuple(p.mask_logits() for p in intermediate)
+            predictions["intermediate_class_queries_logits"], predictions["intermediate_masks_queries_logits"] = map(
+                tuple, zip(*intermediate)
+            )
         output = EomtForUniversalSegmentationOutput(
             loss=loss, loss_dict=loss_dict, last_hidden_state=sequence_output, hidden_states=all_hidden_states,
             attentions=all_attentions, patch_offsets=patch_offsets, **predictions,
         )  # fmt: skip
         return output if return_dict else output.to_tuple()
 
-    def head(self, tokens: torch.Tensor, grid: tuple[int, int]) -> MaskPrediction:
+    def head(
+        self, tokens: torch.Tensor, grid: tuple[int, int], previous: MaskPrediction | None = None
+    ) -> MaskPrediction:
         """Mask embeddings `(B, Q, D)`, pixel embeddings `(B, s·h, s·w, D)` (`s = 2**num_upscale_blocks`) and class
         logits `(B, Q, C+1)` from normalised tokens. A query's mask logits are its mask embedding dotted with every
-        pixel embedding; the loss and the attention masks work on the two factors and never need all of them."""
+        pixel embedding; the loss and the attention masks work on the two factors and never need all of them.
+
+        The pixel embeddings carry no gradient (`_MaskLogitsInBands` differentiates the mask logits) and overwrite
+        those of the `previous` prediction of the forward, which must be used up: one map serves every prediction.
+        """
         queries, feature_map = self._split_tokens(tokens, grid)
+        mask_embeddings, class_logits = self.mask_head(queries), self.class_predictor(queries)
         if self.is_activation_checkpointing and torch.is_grad_enabled():
             # The upscaled maps dominate training memory (one set per prediction): recompute them in backward.
             pixel_embeddings = checkpoint(self.upscale_block, feature_map, use_reentrant=False)
-        else:
-            pixel_embeddings = self.upscale_block(feature_map)
-        return MaskPrediction(self.mask_head(queries), pixel_embeddings, self.class_predictor(queries))
+            return MaskPrediction(mask_embeddings, pixel_embeddings, class_logits)
+        *coarser, last = self.upscale_block.block
+        for layer in coarser:
+            feature_map = layer(feature_map)
+        subpixels = last.expand(feature_map, *last.expand_parameters())
+        reuse = None if previous is None or previous.pixel_embeddings.requires_grad else previous.pixel_embeddings
+        with torch.no_grad():
+            pixel_embeddings = last.refine_map(subpixels, last.refine_parameters(), out=reuse)
+        logits_function = functools.partial(_banded_mask_logits, last, subpixels)
+        return MaskPrediction(mask_embeddings, pixel_embeddings, class_logits, logits_function)
 
     @torch.no_grad()
     def predict_in_bands(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

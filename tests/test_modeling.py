@@ -226,11 +226,11 @@ def test_gradient_checkpointing_gives_same_gradients(monkeypatch):
 
     monkeypatch.setattr(EomtScaleBlock, "forward", counted)
     plain = grads()
-    predictions = TINY["num_blocks"] + 1
-    assert len(upscale_calls) == predictions
+    assert upscale_calls == []  # the banded head runs the layers itself
     ours.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     checkpointed = grads()
-    assert len(upscale_calls) == predictions + 2 * predictions  # the upscaled maps are recomputed in backward
+    predictions = TINY["num_blocks"] + 1
+    assert len(upscale_calls) == 2 * predictions  # the upscaled maps are recomputed in backward
     assert plain.keys() == checkpointed.keys() and len(plain) > 20
     for name in plain:
         torch.testing.assert_close(plain[name], checkpointed[name], atol=1e-5, rtol=1e-4)
@@ -419,6 +419,72 @@ def test_banded_inference_equals_the_stock_head(monkeypatch, upscale_blocks):
             classes, masks = ours.predict_in_bands(tokens, (4, 5))
             torch.testing.assert_close(masks, expected, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(classes, ours.class_predictor(queries))
+
+
+def head_inputs(model: EomtForUniversalSegmentation, height: int, seed: int = 0) -> tuple[torch.Tensor, tuple]:
+    """Random normalised tokens `[queries | prefix | patches]` of a (height × 5)-patch image, batch 2."""
+    generator = torch.Generator().manual_seed(seed)
+    length = TINY["num_queries"] + model.embeddings.num_prefix_tokens + height * 5
+    tokens = torch.randn(2, length, TINY["hidden_size"], generator=generator).requires_grad_()
+    return tokens, (height, 5)
+
+
+def stock_head_logits(model: EomtForUniversalSegmentation, tokens: torch.Tensor, grid: tuple, queries=None):
+    """Mask logits through stock modules: mask embeddings (all, or the query indices given) · `reference_upscale`."""
+    query_tokens, feature_map = model._split_tokens(tokens, grid)
+    mask_embeddings = model.mask_head(query_tokens)
+    mask_embeddings = mask_embeddings if queries is None else mask_embeddings[:, queries]
+    return torch.einsum("bqd,bhwd->bqhw", mask_embeddings, reference_upscale(model.upscale_block, feature_map))
+
+
+@pytest.mark.parametrize("upscale_blocks", [1, 2])
+@pytest.mark.parametrize("height", [1, 3, 4])
+@pytest.mark.parametrize("frozen", [(), ("conv2",), ("conv1", "conv2", "layernorm2d")])
+def test_head_mask_logits_differentiate_like_the_stock_modules(monkeypatch, upscale_blocks, height, frozen):
+    # In training the head's pixel embeddings carry no gradient: mask logits, of all queries or of a subset (the
+    # loss's matched ones), differentiate through the last upscale layer band by band. Their values and the
+    # gradients of the tokens and of every trainable weight equal those through stock modules, with bands of one
+    # and two coarse rows and whole-map bands.
+    from modeling_eomt import modeling
+
+    ours, _ = make_pair(num_upscale_blocks=upscale_blocks)
+    for name, param in ours.upscale_block.named_parameters():
+        param.requires_grad_(name.split(".")[2] not in frozen)
+    tokens, grid = head_inputs(ours, height)
+    inputs = [tokens] + [
+        p for p in [*ours.upscale_block.parameters(), *ours.mask_head.parameters()] if p.requires_grad
+    ]
+    subset = [4, 0]
+    expected = [stock_head_logits(ours, tokens, grid), stock_head_logits(ours, tokens, grid, subset)]
+    upstream = [torch.randn_like(logits) for logits in expected]
+    expected_grads = torch.autograd.grad(expected, inputs, upstream)
+    monkeypatch.setattr(modeling, "_BAND_ELEMENTS", 1)
+    for rows in (2, 4, 64):
+        monkeypatch.setattr(modeling, "_MIN_BAND_ROWS", rows)
+        prediction = ours.head(tokens, grid)
+        assert not prediction.pixel_embeddings.requires_grad
+        got = [prediction.mask_logits(), prediction.mask_logits(prediction.mask_embeddings[:, subset])]
+        for logits, want in zip(got, expected, strict=True):
+            torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
+        for grad, want in zip(torch.autograd.grad(got, inputs, upstream), expected_grads, strict=True):
+            torch.testing.assert_close(grad, want, atol=1e-4, rtol=1e-4)
+
+
+def test_predictions_of_a_forward_share_one_pixel_map():
+    # Each prediction overwrites the previous one's pixel embeddings; mask logits taken before that still
+    # differentiate correctly afterwards, as their backward recomputes from the prediction's own sub-pixel map.
+    ours, _ = make_pair()
+    tokens, grid = head_inputs(ours, 3)
+    other, _ = head_inputs(ours, 3, seed=1)
+    first = ours.head(tokens, grid)
+    first_logits = first.mask_logits()
+    second = ours.head(other, grid, first)
+    assert second.pixel_embeddings.data_ptr() == first.pixel_embeddings.data_ptr()
+    torch.testing.assert_close(second.mask_logits(), stock_head_logits(ours, other, grid), atol=1e-5, rtol=1e-5)
+    upstream = torch.randn_like(first_logits)
+    (got,) = torch.autograd.grad(first_logits, tokens, upstream)
+    (want,) = torch.autograd.grad(stock_head_logits(ours, tokens, grid), tokens, upstream)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 def test_banded_upscale_under_autocast():
