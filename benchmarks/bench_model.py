@@ -151,9 +151,10 @@ def train_step_child(kind: str, kwargs: dict, steps: int) -> None:
     print(json.dumps({"seconds": seconds, "peak_mb": max(peak, peak_with_imports), "added_mb": peak - floor}))
 
 
-def bench_train(kwargs: dict, steps: int) -> dict[str, dict]:
+def bench_train(kwargs: dict, steps: int, first: str = "builtin") -> dict[str, dict]:
+    """Training-step time and memory of the built-in and ours, each in a fresh subprocess, `first` one first."""
     results = {}
-    for kind in ("builtin", "ours"):
+    for kind in sorted(("builtin", "ours"), key=lambda kind: kind != first):
         out = subprocess.run(
             [sys.executable, __file__, "--child", kind, "--kwargs", json.dumps(kwargs), "--repeats", str(steps)],
             check=True,
