@@ -187,7 +187,8 @@ class EomtLoss(nn.Module):
         device = mask_embeddings.device
         counts = [len(rows) for rows, _ in indices]
         if sum(counts) == 0:
-            # Zero, but through the mask logits, so that every parameter still gets a gradient (DDP needs one).
+            # Zero, but through the mask logits, so that every parameter still gets a gradient (DDP needs one); only
+            # batches without a single target pay for the upscale layer's backward here.
             zero = prediction.mask_logits(mask_embeddings[:, :1]).sum() * 0.0
             return zero, zero
         batch_index = torch.repeat_interleave(torch.arange(len(indices)), torch.tensor(counts)).to(device)

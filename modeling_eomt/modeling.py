@@ -282,7 +282,8 @@ class EomtScaleLayer(nn.Module):
 
     Runs on channels-last `(B, H, W, D)` maps: the transposed conv is one matmul into the four sub-pixel outputs
     (a k=2, s=2 transposed conv has no overlap), and the depthwise conv and the LayerNorm need no layout copies.
-    The rest runs a band of rows at a time (`_RefineInBands`), so its intermediate maps stay small.
+    The rest runs a band of rows at a time (`refine_map`, `_RefineInBands`; in the head, the last layer also through
+    `_MaskLogitsInBands` or `predict_in_bands`), so its intermediate maps stay small.
     """
 
     def __init__(self, config: EomtConfig):
@@ -426,7 +427,10 @@ class _MaskLogitsInBands(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logits: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         queries, subpixels, *params = ctx.saved_tensors
-        grad_queries = torch.zeros_like(queries) if ctx.needs_input_grad[0] else None
+        queries = queries.detach()  # the products below are gradients, not part of a graph
+        # Summed over bands in float32 at least: a sum of many half-precision band products would lose bits.
+        accumulate = torch.promote_types(queries.dtype, torch.float32)
+        grad_queries = torch.zeros_like(queries, dtype=accumulate) if ctx.needs_input_grad[0] else None
 
         def band_gradient(band: _Band, refined: torch.Tensor) -> torch.Tensor:
             band_grad = grad_logits[:, :, band.rows].flatten(2)  # (B, Q, pixels of the band)
@@ -436,6 +440,7 @@ class _MaskLogitsInBands(torch.autograd.Function):
 
         needs_grad = [ctx.needs_input_grad[2], *ctx.needs_input_grad[4:]]
         grads = _backward_in_bands(ctx, subpixels, params, needs_grad, band_gradient)
+        grad_queries = None if grad_queries is None else grad_queries.to(queries.dtype)
         return grad_queries, None, grads[0], None, *grads[1:]
 
 
@@ -487,10 +492,17 @@ def _backward_in_bands(
 
 
 def _banded_mask_logits(
-    layer: EomtScaleLayer, subpixels: torch.Tensor, queries: torch.Tensor, pixel_embeddings: torch.Tensor
-) -> torch.Tensor:
-    """`MaskPrediction.logits_function` of a prediction whose pixel embeddings are `layer.refine_map(subpixels)`."""
-    return _MaskLogitsInBands.apply(queries, pixel_embeddings, subpixels, layer, *layer.refine_parameters())
+    layer: EomtScaleLayer, subpixels: torch.Tensor, params: tuple[torch.Tensor, ...], made: torch.Tensor,
+    version: int, queries: torch.Tensor, pixel_embeddings: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """`MaskPrediction.logits_function` of a prediction whose pixel embeddings were made as
+    `layer.refine_map(subpixels, params)` into `made`, at its `version`."""
+    if pixel_embeddings is made and made._version != version:
+        raise RuntimeError(
+            "These pixel embeddings were overwritten by a later prediction of the same forward (they share one map); "
+            "take a prediction's mask logits before the next `head` call."
+        )
+    return _MaskLogitsInBands.apply(queries, pixel_embeddings, subpixels, layer, *params)
 
 
 class EomtScaleBlock(nn.Module):
@@ -502,6 +514,13 @@ class EomtScaleBlock(nn.Module):
         for layer in self.block:
             hidden_states = layer(hidden_states)
         return hidden_states
+
+    def all_but_last(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, EomtScaleLayer]:
+        """The output of every layer but the last, and the last layer: callers run that one their own way."""
+        *coarser, last = self.block
+        for layer in coarser:
+            hidden_states = layer(hidden_states)
+        return hidden_states, last
 
 
 class EomtMaskHead(nn.Module):
@@ -670,8 +689,9 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
         logits `(B, Q, C+1)` from normalised tokens. A query's mask logits are its mask embedding dotted with every
         pixel embedding; the loss and the attention masks work on the two factors and never need all of them.
 
-        The pixel embeddings carry no gradient (`_MaskLogitsInBands` differentiates the mask logits) and overwrite
-        those of the `previous` prediction of the forward, which must be used up: one map serves every prediction.
+        Unless activation checkpointing recomputes the whole upscale block, the pixel embeddings carry no gradient
+        (`_MaskLogitsInBands` differentiates the mask logits) and overwrite those of the `previous` prediction of the
+        forward, which must be used up: one map serves every prediction.
         """
         queries, feature_map = self._split_tokens(tokens, grid)
         mask_embeddings, class_logits = self.mask_head(queries), self.class_predictor(queries)
@@ -679,14 +699,14 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
             # The upscaled maps dominate training memory (one set per prediction): recompute them in backward.
             pixel_embeddings = checkpoint(self.upscale_block, feature_map, use_reentrant=False)
             return MaskPrediction(mask_embeddings, pixel_embeddings, class_logits)
-        *coarser, last = self.upscale_block.block
-        for layer in coarser:
-            feature_map = layer(feature_map)
-        subpixels = last.expand(feature_map, *last.expand_parameters())
-        reuse = None if previous is None or previous.pixel_embeddings.requires_grad else previous.pixel_embeddings
+        feature_map, last = self.upscale_block.all_but_last(feature_map)
+        subpixels, params = last.expand(feature_map, *last.expand_parameters()), last.refine_parameters()
+        reuse = None if previous is None else previous.pixel_embeddings
         with torch.no_grad():
-            pixel_embeddings = last.refine_map(subpixels, last.refine_parameters(), out=reuse)
-        logits_function = functools.partial(_banded_mask_logits, last, subpixels)
+            pixel_embeddings = last.refine_map(subpixels, params, out=reuse)
+        logits_function = functools.partial(
+            _banded_mask_logits, last, subpixels, params, pixel_embeddings, pixel_embeddings._version
+        )
         return MaskPrediction(mask_embeddings, pixel_embeddings, class_logits, logits_function)
 
     @torch.no_grad()
@@ -695,9 +715,7 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
         product run a band of rows at a time, so no full-resolution map exists besides the logits (the upscale maps
         set the peak memory of a forward)."""
         queries, feature_map = self._split_tokens(tokens, grid)
-        *coarser, last = self.upscale_block.block
-        for layer in coarser:
-            feature_map = layer(feature_map)
+        feature_map, last = self.upscale_block.all_but_last(feature_map)
         expand_parameters, refine_parameters = last.expand_parameters(), last.refine_parameters()
         mask_embeddings = self.mask_head(queries)
         batch_size, height, width, dim = feature_map.shape

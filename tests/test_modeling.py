@@ -205,8 +205,12 @@ def test_position_interpolation_is_smooth_resampling():
 
 def test_gradient_checkpointing_gives_same_gradients(monkeypatch):
     ours, _ = make_pair()
-    pixels = torch.randn(2, 3, 64, 64)
-    labels = {"mask_labels": [torch.rand(2, 64, 64) > 0.5] * 2, "class_labels": [torch.tensor([0, 3])] * 2}
+    pixels = torch.randn(3, 3, 64, 64)
+    # The third image has no target: its queries get no mask terms.
+    labels = {
+        "mask_labels": [torch.rand(2, 64, 64) > 0.5] * 2 + [torch.zeros(0, 64, 64)],
+        "class_labels": [torch.tensor([0, 3])] * 2 + [torch.zeros(0, dtype=torch.long)],
+    }
     ours.train()
     ours.attn_mask_probs.fill_(1.0)
 
@@ -439,21 +443,24 @@ def stock_head_logits(model: EomtForUniversalSegmentation, tokens: torch.Tensor,
 
 @pytest.mark.parametrize("upscale_blocks", [1, 2])
 @pytest.mark.parametrize("height", [1, 3, 4])
-@pytest.mark.parametrize("frozen", [(), ("conv2",), ("conv1", "conv2", "layernorm2d")])
+@pytest.mark.parametrize(
+    "frozen", [(), ("conv2",), ("conv1", "conv2", "layernorm2d"), ("conv1", "conv2", "layernorm2d", "tokens")]
+)
 def test_head_mask_logits_differentiate_like_the_stock_modules(monkeypatch, upscale_blocks, height, frozen):
     # In training the head's pixel embeddings carry no gradient: mask logits, of all queries or of a subset (the
     # loss's matched ones), differentiate through the last upscale layer band by band. Their values and the
     # gradients of the tokens and of every trainable weight equal those through stock modules, with bands of one
-    # and two coarse rows and whole-map bands.
+    # and two coarse rows and whole-map bands; with the tokens and the upscale block frozen, only the mask
+    # embeddings need a gradient.
     from modeling_eomt import modeling
 
     ours, _ = make_pair(num_upscale_blocks=upscale_blocks)
     for name, param in ours.upscale_block.named_parameters():
         param.requires_grad_(name.split(".")[2] not in frozen)
     tokens, grid = head_inputs(ours, height)
-    inputs = [tokens] + [
-        p for p in [*ours.upscale_block.parameters(), *ours.mask_head.parameters()] if p.requires_grad
-    ]
+    tokens.requires_grad_("tokens" not in frozen)
+    trainable = [*ours.upscale_block.parameters(), *ours.mask_head.parameters()]
+    inputs = [t for t in [tokens, *trainable] if t.requires_grad]
     subset = [4, 0]
     expected = [stock_head_logits(ours, tokens, grid), stock_head_logits(ours, tokens, grid, subset)]
     upstream = [torch.randn_like(logits) for logits in expected]
@@ -485,6 +492,83 @@ def test_predictions_of_a_forward_share_one_pixel_map():
     (got,) = torch.autograd.grad(first_logits, tokens, upstream)
     (want,) = torch.autograd.grad(stock_head_logits(ours, tokens, grid), tokens, upstream)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="overwritten by a later prediction"):
+        first.mask_logits()  # too late: its map now holds the second prediction
+
+
+def test_a_training_forward_makes_one_pixel_map(monkeypatch):
+    # Every prediction of a training forward (here 3: one per query block and the final one) writes the same
+    # full-size pixel-embedding map, and backward makes none (bands of one coarse row, so band tensors are small).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from modeling_eomt import modeling
+
+    class NewMaps(TorchDispatchMode):
+        def __init__(self, shape: tuple):
+            super().__init__()
+            self.shape, self.count = shape, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+            storages = {t.untyped_storage().data_ptr() for t in inputs}
+            for tensor in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(tensor, torch.Tensor) and tuple(tensor.shape) == self.shape:
+                    self.count += tensor.untyped_storage().data_ptr() not in storages
+            return out
+
+    monkeypatch.setattr(modeling, "_BAND_ELEMENTS", 1)
+    monkeypatch.setattr(modeling, "_MIN_BAND_ROWS", 2)
+    ours, _ = make_pair()
+    ours.train()
+    labels = {"mask_labels": [torch.rand(2, 64, 64) > 0.5] * 2, "class_labels": [torch.tensor([0, 3])] * 2}
+    with NewMaps((2, 16, 16, TINY["hidden_size"])) as maps:
+        ours(torch.randn(2, 3, 64, 64), **labels).loss.backward()
+    assert maps.count == 1
+
+
+def test_intermediate_predictions_equal_the_stock_head_on_the_hidden_states():
+    # The predictions before each query block, taken from the shared map as they are made, equal a stock head run on
+    # the (normalised) tokens those blocks receive, queries included.
+    ours, _ = make_pair()
+    ours.train()
+    out = ours(torch.randn(2, 3, 64, 64), output_hidden_states=True, output_intermediate_predictions=True)
+    first = ours.first_query_layer
+    for block, (class_logits, mask_logits) in enumerate(
+        zip(out.intermediate_class_queries_logits, out.intermediate_masks_queries_logits, strict=True)
+    ):
+        tokens = out.hidden_states[first + block]
+        if block == 0:  # the queries join right before the first query block
+            tokens = torch.cat([ours.query.weight[None].expand(2, -1, -1), tokens], dim=1)
+        tokens = ours.layernorm(tokens)
+        torch.testing.assert_close(mask_logits, stock_head_logits(ours, tokens, (4, 4)), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(class_logits, ours.class_predictor(tokens[:, : TINY["num_queries"]]))
+
+
+def test_head_mask_logits_under_autocast(monkeypatch):
+    # Backward recomputes each band under forward's autocast state: against float32 gradients, ours are about as
+    # accurate as stock modules' under the same autocast.
+    from modeling_eomt import modeling
+
+    monkeypatch.setattr(modeling, "_BAND_ELEMENTS", 1)
+    monkeypatch.setattr(modeling, "_MIN_BAND_ROWS", 2)
+    ours, _ = make_pair()
+    tokens, grid = head_inputs(ours, 4)
+    inputs = [tokens, *ours.upscale_block.parameters(), *ours.mask_head.parameters()]
+    exact = stock_head_logits(ours, tokens, grid)
+    upstream = torch.randn_like(exact)
+    exact_grads = torch.autograd.grad(exact, inputs, upstream)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ours.head(tokens, grid).mask_logits()
+        expected = stock_head_logits(ours, tokens, grid)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+    got_grads = torch.autograd.grad(got, inputs, upstream.bfloat16())
+    stock_grads = torch.autograd.grad(expected, inputs, upstream.bfloat16())
+    for ours_grad, stock_grad, exact_grad in zip(got_grads, stock_grads, exact_grads, strict=True):
+        error = (ours_grad.float() - exact_grad).norm() / exact_grad.norm()
+        stock_error = (stock_grad.float() - exact_grad).norm() / exact_grad.norm()
+        assert error <= 1.5 * stock_error + 1e-3, (error, stock_error)
 
 
 def test_banded_upscale_under_autocast():
