@@ -493,11 +493,11 @@ def _backward_in_bands(
 
 def _banded_mask_logits(
     layer: EomtScaleLayer, subpixels: torch.Tensor, params: tuple[torch.Tensor, ...], made: torch.Tensor,
-    version: int, queries: torch.Tensor, pixel_embeddings: torch.Tensor,
+    version: int | None, queries: torch.Tensor, pixel_embeddings: torch.Tensor,
 ) -> torch.Tensor:  # fmt: skip
     """`MaskPrediction.logits_function` of a prediction whose pixel embeddings were made as
     `layer.refine_map(subpixels, params)` into `made`, at its `version`."""
-    if pixel_embeddings is made and made._version != version:
+    if pixel_embeddings is made and version is not None and made._version != version:
         raise RuntimeError(
             "These pixel embeddings were overwritten by a later prediction of the same forward (they share one map); "
             "take a prediction's mask logits before the next `head` call."
@@ -704,9 +704,9 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
         reuse = None if previous is None else previous.pixel_embeddings
         with torch.no_grad():
             pixel_embeddings = last.refine_map(subpixels, params, out=reuse)
-        logits_function = functools.partial(
-            _banded_mask_logits, last, subpixels, params, pixel_embeddings, pixel_embeddings._version
-        )
+        # Inference tensors keep no version counter: there, overwriting goes undetected.
+        version = None if pixel_embeddings.is_inference() else pixel_embeddings._version
+        logits_function = functools.partial(_banded_mask_logits, last, subpixels, params, pixel_embeddings, version)
         return MaskPrediction(mask_embeddings, pixel_embeddings, class_logits, logits_function)
 
     @torch.no_grad()

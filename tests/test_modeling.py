@@ -588,6 +588,18 @@ def test_banded_upscale_under_autocast():
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
 
 
+def test_masked_attention_runs_in_inference_mode():
+    # An unannealed model (probabilities 1) predicts before every query block even under inference_mode, whose
+    # tensors have no version counter; the result equals a no_grad forward.
+    ours, _ = make_pair()
+    ours.eval()
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        inference = ours(pixels).masks_queries_logits
+    with torch.no_grad():
+        torch.testing.assert_close(inference, ours(pixels).masks_queries_logits)
+
+
 def test_inference_makes_no_intermediate_predictions():
     ours, _ = make_pair()
     ours.eval()
