@@ -7,8 +7,8 @@ the built-in, all measured in this process. Training step (forward with masked a
 fused AdamW step; batch 2, 20 target masks per image): ours and the built-in each run in a fresh subprocess, so their
 peak memory (max RSS) is comparable.
 
-Times are process CPU time (all threads), not wall time: on a shared machine other processes stretch wall time
-unevenly, while the CPU work a forward needs stays put.
+Times are process CPU time (all threads): on a shared machine other processes stretch wall time unevenly, while the
+CPU work a forward needs stays put. Wall-clock medians of the same calls are reported next to them.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import transformers
@@ -40,14 +42,26 @@ def config_for(size: str, image_size: int) -> dict:
     }
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+class Timing(NamedTuple):
+    """Median seconds of a call: process CPU time (all threads) and wall-clock time."""
+
+    cpu: float
+    wall: float
+
+
+def interleaved_medians(
+    calls: dict[str, Callable[[], object]], repeats: int, warm_up: bool = True
+) -> dict[str, Timing]:
+    """Median CPU and wall seconds per call, after one warm-up each; the calls take turns so load changes hit all."""
+    for call in calls.values() if warm_up else ():
+        call()
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in calls}
     for _ in range(repeats):
-        start = time.process_time()
-        fn()
-        times.append(time.process_time() - start)
-    return statistics.median(times)
+        for name, call in calls.items():
+            cpu, wall = time.process_time(), time.perf_counter()
+            call()
+            times[name].append((time.process_time() - cpu, time.perf_counter() - wall))
+    return {name: Timing(*(statistics.median(column) for column in zip(*pairs))) for name, pairs in times.items()}
 
 
 def build(kind: str, kwargs: dict) -> torch.nn.Module:
@@ -80,7 +94,7 @@ _ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: 
 
 def bench_forward(
     kwargs: dict, batch: int, repeats: int, extra: dict[str, torch.nn.Module] | None = None
-) -> tuple[dict[str, float], dict[str, float]]:
+) -> tuple[dict[str, Timing], dict[str, float]]:
     """Median forward time per model, and the forward's arithmetic (FLOPs of matmuls, convolutions and attention,
     counted by torch's FlopCounterMode during the warm-up call). Calls are interleaved so that load changes hit every
     model alike. `extra` models (e.g. another architecture taking `pixel_values` first) join the same loop.
@@ -90,19 +104,14 @@ def bench_forward(
     for kind in ("builtin", "ours"):
         models[kind].attn_mask_probs.zero_()
     models.update(extra or {})
-    times: dict[str, list[float]] = {kind: [] for kind in models}
     flops = {}
     with torch.inference_mode():
         for kind, model in models.items():
             with FlopCounterMode(display=False, custom_mapping=_ATTENTION_FLOPS) as counter:
                 model(pixels)  # warm-up
             flops[kind] = float(counter.get_total_flops())
-        for _ in range(repeats):
-            for kind, model in models.items():
-                start = time.process_time()
-                model(pixels)
-                times[kind].append(time.process_time() - start)
-    return {kind: statistics.median(values) for kind, values in times.items()}, flops
+        calls = {kind: lambda model=model: model(pixels) for kind, model in models.items()}
+        return interleaved_medians(calls, repeats, warm_up=False), flops
 
 
 def _status_mb(field: str) -> float:
@@ -146,9 +155,10 @@ def train_step_child(kind: str, kwargs: dict, steps: int) -> None:
         optimizer.step()
         optimizer.zero_grad()
 
-    seconds = median_time(step, steps)
+    timing = interleaved_medians({"step": step}, steps)["step"]
     peak = peak_rss()
-    print(json.dumps({"seconds": seconds, "peak_mb": max(peak, peak_with_imports), "added_mb": peak - floor}))
+    print(json.dumps({"seconds": timing.cpu, "wall_seconds": timing.wall, "peak_mb": max(peak, peak_with_imports),
+                      "added_mb": peak - floor}))  # fmt: skip
 
 
 def bench_train(kwargs: dict, steps: int, first: str = "builtin") -> dict[str, dict]:
@@ -181,6 +191,7 @@ def main() -> None:
     kwargs = config_for(args.size, args.image_size)
     forward, flops = bench_forward(kwargs, args.batch, args.repeats)
     print(f"forward, ViT-{args.size[0].upper()} {args.image_size}, batch {args.batch}, 200 queries, 133 classes")
+    forward = {kind: timing.cpu for kind, timing in forward.items()}
     print(f"  ours / bare ViT : {forward['ours'] / forward['bare_vit']:.3f}  (target ≤ 1.10)")
     print(
         f"  FLOPs ours / bare ViT: {flops['ours'] / flops['bare_vit']:.3f}  (the time ratio's floor at equal efficiency)"

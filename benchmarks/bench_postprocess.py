@@ -6,23 +6,22 @@ measured in the same run, plus the memory that post-processing a 3000×1500 imag
 Targets (issue 3): each post-processing ≤ 0.2× the built-in's time at 200 queries, 160×160 masks, 133 classes and
 a 480×640 target; image → panoptic segments ≤ 0.7× end to end; a 3000×1500 post-processing adds well under 1 GB.
 Times are medians of interleaved repeats (ours, built-in, ours, ...) in process CPU time, which other processes on a
-shared machine stretch far less than wall time.
+shared machine stretch far less than wall time (also reported).
 """
 
 from __future__ import annotations
 
 import argparse
 import resource
-import statistics
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from types import SimpleNamespace
 
 import numpy as np
 import torch
+from bench_model import Timing, interleaved_medians
 
 QUERIES, CLASSES, GRID, TARGET = 200, 133, 160, (480, 640)
 SIZE = {"shortest_edge": 640, "longest_edge": 640}
@@ -46,28 +45,15 @@ def fake_outputs(
     return SimpleNamespace(class_queries_logits=class_logits, masks_queries_logits=mask_logits, patch_offsets=None)
 
 
-def interleaved_medians(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median process CPU seconds per call after one warm-up each; the calls take turns so load changes hit all."""
-    for call in calls.values():
-        call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            start = time.process_time()
-            call()
-            times[name].append(time.process_time() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
-def report(name: str, ours: float, builtin: float, target: float) -> None:
-    ratio = ours / builtin
+def report(name: str, ours: Timing, builtin: Timing, target: float) -> None:
+    ratio = ours.cpu / builtin.cpu
     verdict = "ok" if ratio <= target else "MISSED"
-    print(f"{name:<28} ours {ours * 1e3:8.1f} ms  built-in {builtin * 1e3:8.1f} ms  ratio {ratio:5.2f}  "
-          f"(target ≤ {target}: {verdict})")  # fmt: skip
+    print(f"{name:<28} ours {ours.cpu * 1e3:8.1f} ms  built-in {builtin.cpu * 1e3:8.1f} ms  ratio {ratio:5.2f}  "
+          f"(target ≤ {target}: {verdict}; wall ratio {ours.wall / builtin.wall:5.2f})")  # fmt: skip
 
 
-def time_post_processing(repeats: int, **sizes) -> dict[str, dict[str, float]]:
-    """{task: {"ours": s, "builtin": s}} on `fake_outputs(**sizes)` (default: COCO panoptic at 640)."""
+def time_post_processing(repeats: int, **sizes) -> dict[str, dict[str, Timing]]:
+    """{task: {"ours": Timing, "builtin": Timing}} on `fake_outputs(**sizes)` (default: COCO panoptic at 640)."""
     from transformers.models.eomt.image_processing_pil_eomt import EomtImageProcessorPil
 
     from modeling_eomt import EomtImageProcessor
@@ -96,8 +82,8 @@ def bench_post_processing(repeats: int) -> None:
         report(f"{task} post-processing", times["ours"], times["builtin"], 0.2)
 
 
-def time_end_to_end(repeats: int, config) -> dict[str, dict[str, float]]:
-    """Image → panoptic segments with ours and the built-in (same weights): {"ours"|"builtin": {step: s}}, steps
+def time_end_to_end(repeats: int, config) -> dict[str, dict[str, Timing]]:
+    """Image → panoptic segments with ours and the built-in (same weights): {"ours"|"builtin": {step: Timing}}, steps
     "preprocess", "forward" and "end_to_end"; `config` is an `EomtConfig` at image size 640."""
     import transformers
     from transformers.models.eomt.image_processing_pil_eomt import EomtImageProcessorPil
@@ -125,7 +111,7 @@ def time_end_to_end(repeats: int, config) -> dict[str, dict[str, float]]:
         "forward": {label: lambda n=n, x=pixels[label]: n(pixel_values=x) for label, (_, n) in pairs.items()},
         "end_to_end": {label: lambda p=p, n=n: run(p, n) for label, (p, n) in pairs.items()},
     }
-    results: dict[str, dict[str, float]] = {label: {} for label in pairs}
+    results: dict[str, dict[str, Timing]] = {label: {} for label in pairs}
     with torch.inference_mode():
         for step, calls in steps.items():
             for label, seconds in interleaved_medians(calls, repeats).items():
@@ -141,7 +127,7 @@ def bench_end_to_end(repeats: int, model_size: str) -> None:
     print(f"\nimage → panoptic segments, EoMT-{model_size} structure (random weights), 480×640 image:")
     for label, times in results.items():
         print(
-            f"  {label:<9} preprocess {times['preprocess'] * 1e3:7.1f} ms   forward {times['forward'] * 1e3:8.1f} ms"
+            f"  {label:<9} preprocess {times['preprocess'].cpu * 1e3:7.1f} ms   forward {times['forward'].cpu * 1e3:8.1f} ms"
         )
     report("end to end", results["ours"]["end_to_end"], results["builtin"]["end_to_end"], 0.7)
 

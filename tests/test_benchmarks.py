@@ -11,7 +11,7 @@ import torch
 import transformers
 
 RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
-HEADER = "| Benchmark | Setting | Ratio | Target | Met | Ours | Baseline |"
+HEADER = "| Benchmark | Setting | Ratio | Target | Met | Wall ratio | Ours | Baseline |"
 BENCHMARKS = {
     "forward vs bare ViT": 1.10,
     "arithmetic vs bare ViT (FLOPs)": None,
@@ -57,7 +57,7 @@ def test_table_has_every_benchmark_with_ratios_and_targets(quick_run):
     raw = json.loads((quick_run / "benchmarks.json").read_text())["rows"]
     assert len(raw) == len(rows)
     for row, numbers in zip(rows, raw):
-        name, _, ratio, target, met, ours, baseline = row
+        name, _, ratio, target, met, wall_ratio, ours, baseline = row
         assert name == numbers["benchmark"]
         assert numbers["ours"] > 0 and numbers["baseline"] > 0
         assert numbers["ratio"] == pytest.approx(numbers["ours"] / numbers["baseline"])
@@ -69,6 +69,11 @@ def test_table_has_every_benchmark_with_ratios_and_targets(quick_run):
             assert float(target.removeprefix("≤ ")) == expected_target
             assert met == ("yes" if numbers["ratio"] <= expected_target else "**no**")
         assert ours.endswith((" ms", " MB", " GFLOP")) and baseline.split(" (")[0].endswith((" ms", " MB", " GFLOP"))
+        # time rows also compare wall-clock time; memory and arithmetic have none
+        if ours.endswith(" ms"):
+            assert numbers["wall_ratio"] > 0 and float(wall_ratio) == pytest.approx(numbers["wall_ratio"], abs=0.005)
+        else:
+            assert (wall_ratio, numbers["wall_ratio"]) == ("—", None)
 
 
 def test_plot_is_a_png(quick_run):
