@@ -403,13 +403,13 @@ def panoptic_segmentation(
             mask_areas.append(torch.count_nonzero(mask_probs >= mask_threshold, dim=(1, 2)))
             value, query = (kept_scores[start : start + step, None, None] * mask_probs).max(0)
             prob = mask_probs.gather(0, query[None])[0]
+            query += start
             if best_value is None:
-                best_value, best_query, best_prob = value, query + start, prob
-            else:
+                best_value, best_query, best_prob = value, query, prob
+            else:  # in place: at large target sizes each map is tens of MB, and there is a chunk per query
                 better = value > best_value
-                best_value = torch.where(better, value, best_value)
-                best_query = torch.where(better, query + start, best_query)
-                best_prob = torch.where(better, prob, best_prob)
+                for best, new in ((best_value, value), (best_query, query), (best_prob, prob)):
+                    torch.where(better, new, best, out=best)
 
         inside = best_prob >= mask_threshold
         won_area = torch.bincount(best_query.flatten(), minlength=kept.numel())
