@@ -54,7 +54,7 @@ class LossTargets(NamedTuple):
 def _grid_sample(maps: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """Bilinearly sample `maps` `(N, C, H, W)` at `points` `(N or 1, P, 2)`, given as (x, y) in [0, 1]; float32
     `(N, C, P)`. Sampled in the maps' own dtype, so half-precision maps are not copied whole to float32."""
-    grid = (2 * points - 1).expand(maps.shape[0], -1, -1)[:, :, None].to(maps.dtype)
+    grid = points.mul(2).sub_(1).expand(maps.shape[0], -1, -1)[:, :, None].to(maps.dtype)  # one allocation
     return F.grid_sample(maps, grid, align_corners=False)[..., 0].float()
 
 
