@@ -11,6 +11,7 @@ from modeling_eomt import EomtConfig, EomtForUniversalSegmentation
 from modeling_eomt import loss as loss_module
 from modeling_eomt.loss import (
     EomtLoss,
+    MaskPrediction,
     bce_cost,
     compute_mask_logits,
     dice_loss,
@@ -44,6 +45,32 @@ def test_matcher_recovers_the_permutation_of_confident_predictions():
     class_logits = F.one_hot(classes[permutation], 5)[None].float() * 10
     ((rows, cols),) = make_loss().match(mask_embeddings, pixel_embeddings, class_logits, [targets], [classes])
     assert torch.equal(cols[rows.argsort()], permutation)
+
+
+def test_loss_of_one_prediction_weights_its_terms_and_prefers_the_right_masks():
+    # `targets` prepares a batch once (float masks, the number of masks) and `forward` scores one prediction: far
+    # smaller for the quadrant predictions above than with the masks swapped among the queries, and each term scaled
+    # by its configured weight.
+    masks, classes = quadrant_masks().bool(), torch.tensor([0, 1, 2, 3])
+    pixel_embeddings = quadrant_masks().permute(1, 2, 0)[None]
+    class_logits = F.one_hot(classes, 5)[None].float() * 10
+
+    def scored(loss: EomtLoss, order: list[int]) -> dict:
+        torch.manual_seed(0)
+        targets = loss.targets([masks], [classes], torch.device("cpu"))
+        assert targets.masks[0].dtype == torch.float32 and float(targets.num_masks) == 4
+        mask_embeddings = (F.one_hot(torch.tensor(order), 4).float() * 2 - 1)[None] * 10
+        return loss(MaskPrediction(mask_embeddings, pixel_embeddings, class_logits), targets)
+
+    right, swapped = scored(make_loss(), [0, 1, 2, 3]), scored(make_loss(), [1, 0, 3, 2])
+    assert set(right) == {"loss_cross_entropy", "loss_mask", "loss_dice"}
+    assert sum(right.values()) < 0.25 * sum(swapped.values())
+    config = {"mask_weight": 3.0, "dice_weight": 2.0, "class_weight": 0.5}
+    term = {"mask_weight": "loss_mask", "dice_weight": "loss_dice", "class_weight": "loss_cross_entropy"}
+    weighted = scored(make_loss(**config), [1, 0, 3, 2])
+    unit = scored(make_loss(**dict.fromkeys(config, 1.0)), [1, 0, 3, 2])
+    for key, weight in config.items():
+        torch.testing.assert_close(weighted[term[key]], weight * unit[term[key]])
 
 
 def test_matching_is_optimal_against_brute_force():
