@@ -164,7 +164,7 @@ def train_step_child(kind: str, kwargs: dict, steps: int) -> None:
 def bench_train(kwargs: dict, steps: int, first: str = "builtin") -> dict[str, dict]:
     """Training-step time and memory of the built-in and ours, each in a fresh subprocess, `first` one first."""
     results = {}
-    for kind in sorted(("builtin", "ours"), key=lambda kind: kind != first):
+    for kind in (first, "ours" if first == "builtin" else "builtin"):
         out = subprocess.run(
             [sys.executable, __file__, "--child", kind, "--kwargs", json.dumps(kwargs), "--repeats", str(steps)],
             check=True,

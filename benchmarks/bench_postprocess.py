@@ -126,9 +126,8 @@ def bench_end_to_end(repeats: int, model_size: str) -> None:
     results = time_end_to_end(repeats, config)
     print(f"\nimage → panoptic segments, EoMT-{model_size} structure (random weights), 480×640 image:")
     for label, times in results.items():
-        print(
-            f"  {label:<9} preprocess {times['preprocess'].cpu * 1e3:7.1f} ms   forward {times['forward'].cpu * 1e3:8.1f} ms"
-        )
+        preprocess, forward = times["preprocess"].cpu * 1e3, times["forward"].cpu * 1e3
+        print(f"  {label:<9} preprocess {preprocess:7.1f} ms   forward {forward:8.1f} ms")
     report("end to end", results["ours"]["end_to_end"], results["builtin"]["end_to_end"], 0.7)
 
 

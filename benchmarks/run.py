@@ -259,9 +259,10 @@ def markdown(results: dict) -> str:
         (
             "Random weights, float32, COCO panoptic heads (200 queries, 133 classes; Mask2Former: 100 queries). "
             f"Times are process CPU time (all threads), median of {results['repeats']} interleaved repeats after a "
-            "warm-up; targets are judged on them. The wall ratio is the same comparison in wall-clock time, where work "
-            "spread over both cores counts once. Memory is measured in a fresh subprocess per model: the ratio compares the peak resident memory "
-            "added by the model and its work (peak RSS minus the RSS after imports, about the same for every model); "
+            "warm-up; targets are judged on them. The wall ratio is the same comparison in wall-clock time, where "
+            "work spread over both cores counts once. Memory is measured in a fresh subprocess per model: the ratio "
+            "compares the peak resident memory added by the model and its work (peak RSS minus the RSS after imports, "
+            "about the same for every model); "
             "the absolute table also gives whole-process peaks. Inference children run with glibc's "
             "`MALLOC_MMAP_THRESHOLD_=65536`, so that freed tensors leave at once and the peak follows live tensors "
             "rather than heap fragmentation. Arithmetic counts the FLOPs of matmuls, convolutions "

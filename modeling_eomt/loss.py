@@ -193,8 +193,9 @@ class EomtLoss(nn.Module):
             return zero, zero
         batch_index = torch.repeat_interleave(torch.arange(len(indices)), torch.tensor(counts)).to(device)
         # Full-resolution logits for matched queries only: a few dozen maps instead of B × Q. One batched product
-        # over the matches padded per image (with query 0, dropped after), rather than a product per image. The
-        # padding costs B × max(matches) maps instead of their sum, small next to the upscaled maps when counts differ.
+        # over the matches padded per image (with query 0, dropped after), rather than a product per image, whose
+        # backwards would each recompute the whole batch's upscale bands. The padding costs B × max(matches) maps
+        # instead of their sum, small next to the upscaled maps when counts differ.
         matched = torch.zeros(len(indices), max(counts), dtype=torch.long)
         for image, (rows, _) in enumerate(indices):
             matched[image, : len(rows)] = rows

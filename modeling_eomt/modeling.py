@@ -492,12 +492,12 @@ def _backward_in_bands(
 
 
 def _banded_mask_logits(
-    layer: EomtScaleLayer, subpixels: torch.Tensor, params: tuple[torch.Tensor, ...], made: torch.Tensor,
-    version: int | None, queries: torch.Tensor, pixel_embeddings: torch.Tensor,
+    layer: EomtScaleLayer, subpixels: torch.Tensor, params: tuple[torch.Tensor, ...], version: int | None,
+    queries: torch.Tensor, pixel_embeddings: torch.Tensor,
 ) -> torch.Tensor:  # fmt: skip
     """`MaskPrediction.logits_function` of a prediction whose pixel embeddings were made as
-    `layer.refine_map(subpixels, params)` into `made`, at its `version`."""
-    if pixel_embeddings is made and version is not None and made._version != version:
+    `layer.refine_map(subpixels, params)`, leaving them at `version` (None: untracked inference tensors)."""
+    if version is not None and pixel_embeddings._version != version:
         raise RuntimeError(
             "These pixel embeddings were overwritten by a later prediction of the same forward (they share one map); "
             "take a prediction's mask logits before the next `head` call."
@@ -706,7 +706,7 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
             pixel_embeddings = last.refine_map(subpixels, params, out=reuse)
         # Inference tensors keep no version counter: there, overwriting goes undetected.
         version = None if pixel_embeddings.is_inference() else pixel_embeddings._version
-        logits_function = functools.partial(_banded_mask_logits, last, subpixels, params, pixel_embeddings, version)
+        logits_function = functools.partial(_banded_mask_logits, last, subpixels, params, version)
         return MaskPrediction(mask_embeddings, pixel_embeddings, class_logits, logits_function)
 
     @torch.no_grad()
