@@ -159,8 +159,7 @@ class EomtLoss(nn.Module):
                 )
             # Diverged logits give inf/nan costs, which the solver rejects; keep them finite instead.
             cost = torch.nan_to_num(cost, nan=1e10, posinf=1e10, neginf=-1e10).clamp(-1e10, 1e10)
-            rows, cols = linear_sum_assignment(cost.cpu().numpy())
-            indices.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
+            indices.append(_assign(cost))
         return indices
 
     def class_loss(
@@ -236,6 +235,13 @@ class EomtLoss(nn.Module):
             torch.distributed.all_reduce(total)
             world_size = torch.distributed.get_world_size()
         return (total / world_size).clamp(min=1)
+
+
+@torch.compiler.disable  # a solver on NumPy arrays: a compiled graph has to end here, and dynamo warns if it traces in
+def _assign(cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Minimum-cost assignment of rows to columns of `cost` `(Q, T)`: (row indices, column indices)."""
+    rows, cols = linear_sum_assignment(cost.cpu().numpy())
+    return torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)
 
 
 def sample_rows(maps: torch.Tensor, rows: torch.Tensor, points: torch.Tensor) -> torch.Tensor:

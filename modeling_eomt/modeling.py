@@ -704,8 +704,10 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
         reuse = None if previous is None else previous.pixel_embeddings
         with torch.no_grad():
             pixel_embeddings = last.refine_map(subpixels, params, out=reuse)
-        # Inference tensors keep no version counter: there, overwriting goes undetected.
-        version = None if pixel_embeddings.is_inference() else pixel_embeddings._version
+        # Inference tensors keep no version counter, and compiled code does not count eager's in-place writes: there,
+        # overwriting goes undetected.
+        untracked = pixel_embeddings.is_inference() or torch.compiler.is_compiling()
+        version = None if untracked else pixel_embeddings._version
         logits_function = functools.partial(_banded_mask_logits, last, subpixels, params, version)
         return MaskPrediction(mask_embeddings, pixel_embeddings, class_logits, logits_function)
 

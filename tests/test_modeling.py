@@ -692,3 +692,42 @@ def test_drop_path_is_random_in_training_and_off_in_eval():
     assert not torch.allclose(first, second)
     model.eval()
     torch.testing.assert_close(model(pixels).class_queries_logits, model(pixels).class_queries_logits)
+
+
+@pytest.mark.filterwarnings("error:Dynamo does not know how to trace")
+def test_compiled_training_step_matches_eager():
+    # torch.compile traces the head's shared pixel map through functionalization, which does not keep eager's
+    # version counts: the overwritten-map check must not misfire there. `aot_eager` runs that tracing without
+    # generating code, and draws the loss's random points as eager does. The matcher's solver is skipped by dynamo,
+    # not traced into with a warning.
+    ours, _ = make_pair()
+    ours.train()
+    labels = {"mask_labels": [torch.rand(2, 64, 64) > 0.5] * 2, "class_labels": [torch.tensor([0, 3])] * 2}
+    pixels = torch.randn(2, 3, 64, 64)
+
+    def step(model):
+        ours.zero_grad()
+        torch.manual_seed(0)
+        loss = model(pixels, **labels).loss
+        loss.backward()
+        return loss, {n: p.grad.clone() for n, p in ours.named_parameters() if p.grad is not None}
+
+    torch._dynamo.reset()
+    eager_loss, eager_grads = step(ours)
+    compiled_loss, compiled_grads = step(torch.compile(ours, backend="aot_eager"))
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    assert compiled_grads.keys() == eager_grads.keys() and len(eager_grads) > 20
+    for name in eager_grads:
+        torch.testing.assert_close(compiled_grads[name], eager_grads[name], atol=1e-5, rtol=1e-4)
+
+
+def test_compiled_inference_matches_eager():
+    ours, _ = make_pair()
+    ours.eval()
+    ours.attn_mask_probs.zero_()
+    pixels = torch.randn(2, 3, 64, 64)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager, compiled = ours(pixels), torch.compile(ours, backend="aot_eager")(pixels)
+    torch.testing.assert_close(compiled.class_queries_logits, eager.class_queries_logits)
+    torch.testing.assert_close(compiled.masks_queries_logits, eager.masks_queries_logits)
