@@ -585,6 +585,7 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
         self.criterion = EomtLoss(config)
         # Probability, per query block, that a query's attention is restricted to its mask (annealed 1 → 0).
         self.register_buffer("attn_mask_probs", torch.ones(config.num_blocks))
+        self._masking_cache: tuple[tuple[int, int, int], tuple[bool, ...]] | None = None
         self.post_init()
 
     @property
@@ -593,6 +594,22 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.patch_embeddings
+
+    @torch.compiler.disable  # compiled code calls it eagerly and specialises on the flags it returns
+    def masking_blocks(self) -> tuple[bool, ...]:
+        """Per query block, whether it masks attention (its annealing probability is above 0).
+
+        Read from `attn_mask_probs` once per change of the buffer (any in-place update, `load_state_dict`
+        included, bumps its version), so that a forward does not wait on the device for it: a read per block would
+        synchronise an accelerator, and break a compiled graph, once per query block.
+        """
+        probs = self.attn_mask_probs
+        if probs.is_inference():  # no version counter to tell a change by
+            return tuple((probs > 0).tolist())
+        key = (id(probs), probs.data_ptr(), probs._version)
+        if self._masking_cache is None or self._masking_cache[0] != key:
+            self._masking_cache = (key, tuple((probs > 0).tolist()))
+        return self._masking_cache[1]
 
     def forward(
         self,
@@ -634,6 +651,7 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
         # Each prediction is used up (loss, attention mask, intermediate outputs) before the next one is made, so
         # that they can all share one pixel-embedding map (`head`).
         loss_terms, intermediate, prediction = [], [], None
+        masking_blocks = self.masking_blocks()
 
         for index, layer in enumerate(self.layers):
             attention_mask = None
@@ -641,8 +659,8 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
                 queries = self.query.weight[None].expand(hidden_states.shape[0], -1, -1).to(hidden_states.dtype)
                 hidden_states = torch.cat([queries, hidden_states], dim=1)
             if index >= self.first_query_layer:
-                prob = self.attn_mask_probs[index - self.first_query_layer]
-                masking = bool(prob > 0)
+                block = index - self.first_query_layer
+                masking = masking_blocks[block]
                 # Predictions before query blocks enter the loss: all of them in training, the masking ones in eval.
                 enters_loss = compute_loss and (masking or self.training)
                 if masking or enters_loss or output_intermediate_predictions:
@@ -652,6 +670,7 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
                     if output_intermediate_predictions:
                         intermediate.append((prediction.class_logits, prediction.mask_logits()))
                     if masking:
+                        prob = self.attn_mask_probs[block]
                         attention_mask = self._query_attention_mask(prediction, grid, prob, hidden_states.shape[1])
             hidden_states, attn_weights = layer(hidden_states, attention_mask, output_attentions)
             if output_hidden_states:

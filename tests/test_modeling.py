@@ -721,13 +721,58 @@ def test_compiled_training_step_matches_eager():
         torch.testing.assert_close(compiled_grads[name], eager_grads[name], atol=1e-5, rtol=1e-4)
 
 
-def test_compiled_inference_matches_eager():
+def test_compiled_inference_matches_eager_and_follows_the_annealing_buffer():
     ours, _ = make_pair()
     ours.eval()
-    ours.attn_mask_probs.zero_()
     pixels = torch.randn(2, 3, 64, 64)
     torch._dynamo.reset()
-    with torch.no_grad():
-        eager, compiled = ours(pixels), torch.compile(ours, backend="aot_eager")(pixels)
-    torch.testing.assert_close(compiled.class_queries_logits, eager.class_queries_logits)
-    torch.testing.assert_close(compiled.masks_queries_logits, eager.masks_queries_logits)
+    compiled = torch.compile(ours, backend="aot_eager")
+    outputs = {}
+    for probs in (0.0, 1.0):  # annealed, then masking again: the compiled model must notice the change
+        ours.attn_mask_probs.fill_(probs)
+        with torch.no_grad():
+            eager, outputs[probs] = ours(pixels), compiled(pixels)
+        torch.testing.assert_close(outputs[probs].class_queries_logits, eager.class_queries_logits)
+        torch.testing.assert_close(outputs[probs].masks_queries_logits, eager.masks_queries_logits)
+    assert not torch.allclose(outputs[0.0].masks_queries_logits, outputs[1.0].masks_queries_logits)
+
+
+def test_masking_follows_the_annealing_buffer_without_reading_it_every_forward():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ours, _ = make_pair()
+    ours.eval()
+    heads = []
+    ours.mask_head.register_forward_hook(lambda *args: heads.append(1))
+
+    def masking_blocks() -> int:
+        heads.clear()
+        with torch.no_grad():
+            ours(torch.randn(1, 3, 64, 64))
+        return len(heads) - 1  # the final prediction is always made
+
+    assert masking_blocks() == TINY["num_blocks"]
+    ours.attn_mask_probs.fill_(0.0)
+    assert masking_blocks() == 0
+    ours.attn_mask_probs[1] = 0.5
+    assert masking_blocks() == 1
+    ours.load_state_dict({**ours.state_dict(), "attn_mask_probs": torch.ones(TINY["num_blocks"])})
+    assert masking_blocks() == TINY["num_blocks"]
+
+    # Annealed and read once, the buffer is not touched by later forwards: on an accelerator each read of it was a
+    # synchronisation.
+    ours.attn_mask_probs.zero_()
+    masking_blocks()
+    probs = ours.attn_mask_probs.data_ptr()
+
+    class Reads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            tensors = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+            Reads.count += any(t.data_ptr() == probs for t in tensors)
+            return func(*args, **(kwargs or {}))
+
+    with Reads():
+        assert masking_blocks() == 0
+    assert Reads.count == 0
