@@ -203,6 +203,22 @@ def test_position_interpolation_is_smooth_resampling():
     assert torch.allclose(row_steps, torch.full_like(row_steps, 0.5), atol=1e-4)
 
 
+def seeded_training_step(model, pixels, labels, call=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and parameter gradients of one training forward and backward with the random draws seeded, through
+    `call` (e.g. a compiled `model`; default the model itself)."""
+    model.zero_grad()
+    torch.manual_seed(0)
+    loss = (model if call is None else call)(pixels, **labels).loss
+    loss.backward()
+    return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_gradients(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == expected.keys() and len(expected) > 20
+    for name, want in expected.items():
+        torch.testing.assert_close(got[name], want, atol=1e-5, rtol=1e-4)
+
+
 def test_gradient_checkpointing_gives_same_gradients(monkeypatch):
     ours, _ = make_pair()
     pixels = torch.randn(3, 3, 64, 64)
@@ -214,12 +230,6 @@ def test_gradient_checkpointing_gives_same_gradients(monkeypatch):
     ours.train()
     ours.attn_mask_probs.fill_(1.0)
 
-    def grads():
-        ours.zero_grad()
-        torch.manual_seed(0)
-        ours(pixels, **labels).loss.backward()
-        return {n: p.grad.clone() for n, p in ours.named_parameters() if p.grad is not None}
-
     upscale_calls = []
     upscale = EomtScaleBlock.forward
 
@@ -229,15 +239,13 @@ def test_gradient_checkpointing_gives_same_gradients(monkeypatch):
         return upscale(self, *args, **kwargs)
 
     monkeypatch.setattr(EomtScaleBlock, "forward", counted)
-    plain = grads()
+    _, plain = seeded_training_step(ours, pixels, labels)
     assert upscale_calls == []  # the banded head runs the layers itself
     ours.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    checkpointed = grads()
+    _, checkpointed = seeded_training_step(ours, pixels, labels)
     predictions = TINY["num_blocks"] + 1
     assert len(upscale_calls) == 2 * predictions  # the upscaled maps are recomputed in backward
-    assert plain.keys() == checkpointed.keys() and len(plain) > 20
-    for name in plain:
-        torch.testing.assert_close(plain[name], checkpointed[name], atol=1e-5, rtol=1e-4)
+    assert_same_gradients(checkpointed, plain)
 
 
 def test_activation_checkpointing_replaces_the_selective_recompute(monkeypatch):
@@ -705,20 +713,12 @@ def test_compiled_training_step_matches_eager():
     labels = {"mask_labels": [torch.rand(2, 64, 64) > 0.5] * 2, "class_labels": [torch.tensor([0, 3])] * 2}
     pixels = torch.randn(2, 3, 64, 64)
 
-    def step(model):
-        ours.zero_grad()
-        torch.manual_seed(0)
-        loss = model(pixels, **labels).loss
-        loss.backward()
-        return loss, {n: p.grad.clone() for n, p in ours.named_parameters() if p.grad is not None}
-
     torch._dynamo.reset()
-    eager_loss, eager_grads = step(ours)
-    compiled_loss, compiled_grads = step(torch.compile(ours, backend="aot_eager"))
+    eager_loss, eager_grads = seeded_training_step(ours, pixels, labels)
+    compiled = torch.compile(ours, backend="aot_eager")
+    compiled_loss, compiled_grads = seeded_training_step(ours, pixels, labels, compiled)
     torch.testing.assert_close(compiled_loss, eager_loss)
-    assert compiled_grads.keys() == eager_grads.keys() and len(eager_grads) > 20
-    for name in eager_grads:
-        torch.testing.assert_close(compiled_grads[name], eager_grads[name], atol=1e-5, rtol=1e-4)
+    assert_same_gradients(compiled_grads, eager_grads)
 
 
 def test_compiled_inference_matches_eager_and_follows_the_annealing_buffer():
