@@ -19,8 +19,8 @@ from .post_processing import (
     Placement,
     instance_segmentation,
     panoptic_segmentation,
-    segments_from_semantic,
     semantic_segmentation,
+    semantic_segments,
 )
 
 logger = logging.get_logger(__name__)
@@ -385,7 +385,7 @@ class EomtImageProcessor(BaseImageProcessor):
         target_sizes = _sizes(target_sizes)
         patch_offsets = _field(outputs, "patch_offsets")
         if patch_offsets is not None and len(patch_offsets) > 0:
-            return self._segments_from_windows(outputs, target_sizes, size)
+            return self.post_process_semantic_segments(outputs, target_sizes, size)
         resized, placements = self.placements(target_sizes, None, size)
         return panoptic_segmentation(
             _field(outputs, "class_queries_logits"),
@@ -426,7 +426,7 @@ class EomtImageProcessor(BaseImageProcessor):
         target_sizes = _sizes(target_sizes)
         patch_offsets = _field(outputs, "patch_offsets")
         if patch_offsets is not None and len(patch_offsets) > 0:
-            return self._segments_from_windows(outputs, target_sizes, size, return_binary_maps)
+            return self.post_process_semantic_segments(outputs, target_sizes, size, return_binary_maps)
         resized, placements = self.placements(target_sizes, None, size)
         return instance_segmentation(
             _field(outputs, "class_queries_logits"),
@@ -440,13 +440,33 @@ class EomtImageProcessor(BaseImageProcessor):
             return_binary_maps=return_binary_maps,
         )
 
-    def _segments_from_windows(self, outputs, target_sizes, size, return_binary_maps: bool = False) -> list[dict]:
-        # Queries of different windows are unrelated, so a sliding-window (semantic) checkpoint yields segments
-        # from its stitched semantic map: one per class present.
-        semantic = self.post_process_semantic_segmentation(
-            outputs, target_sizes, size=size, return_segmentation_scores=True
+    def post_process_semantic_segments(
+        self,
+        outputs,
+        target_sizes: Sequence[tuple[int, int]] | torch.Tensor,
+        size: dict[str, int] | None = None,
+        return_binary_maps: bool = False,
+    ) -> list[dict[str, Any]]:
+        """
+        The semantic segmentation as segments, one per class present, in the panoptic format. A segment's score is
+        the mean over its pixels of its class's share of the pixel's class scores. Panoptic and instance
+        post-processing return these for sliding-window (semantic) outputs, whose queries are unrelated across
+        windows. The scores of all classes never exist at the target size at once.
+
+        Returns:
+            One dict per image: `segmentation` `(height, width)` of segment ids, or `(num_segments, height, width)`
+            booleans with `return_binary_maps`, and `segments_info`, a list of `{"id", "label_id", "score"}`.
+        """
+        target_sizes = _sizes(target_sizes)
+        resized, placements = self.placements(target_sizes, _field(outputs, "patch_offsets"), size)
+        return semantic_segments(
+            _field(outputs, "class_queries_logits"),
+            _field(outputs, "masks_queries_logits"),
+            placements,
+            resized,
+            target_sizes,
+            return_binary_maps=return_binary_maps,
         )
-        return [segments_from_semantic(r.segmentation, r.segmentation_scores, return_binary_maps) for r in semantic]
 
 
 # ---------------------------------------------------------------------- helpers

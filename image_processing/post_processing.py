@@ -20,9 +20,10 @@ from transformers.image_processing_outputs import SemanticSegmentationPostProces
 # glibc reuses freed chunks from its heap; larger ones go back to the OS and are page-faulted in anew each time
 # (64 MB chunks made panoptic and instance post-processing ~1.5× slower on CPU).
 CHUNK_ELEMENTS = 2**22
-# Elements (pixels × queries) of a band of sigmoid masks in semantic segmentation: small enough to stay in the CPU
-# cache from the interpolation through the sigmoid to the class contraction.
-BAND_ELEMENTS = 2**21
+# Elements (pixels × queries) of a band of sigmoid masks in semantic segmentation (16 MB): the band is reused from the
+# interpolation through the sigmoid to the class contraction. Halving it cost ~10 % CPU and, with sleeping OpenMP
+# threads (OMP_WAIT_POLICY=PASSIVE), ~20 % wall time in thread wake-ups at the benchmark's 480×640 target.
+BAND_ELEMENTS = 2**22
 # `_pruned_argmax` contracts everywhere the classes whose probability norm over the queries reaches this fraction of
 # the largest, the others only where they might win. It sets the speed only, never the labels.
 CANDIDATE_FRACTION = 0.1
@@ -66,14 +67,10 @@ def semantic_segmentation(
     pixel-major (pixels × queries), so the class contraction is one float32 matrix product on data still in the
     cache. When only labels are asked for, most classes are proven unable to win and skipped (`_pruned_argmax`).
     """
-    class_probs = class_logits.float().softmax(-1)[..., :-1]
     results = []
-    for image_index, ((height, width), size) in enumerate(zip(resized_sizes, target_sizes)):
-        windows = [
-            _Window.build(placement, class_probs[n], mask_logits[n])
-            for n, placement in enumerate(placements)
-            if placement.image_index == image_index
-        ]
+    for windows, (height, width), size in _image_windows(
+        class_logits, mask_logits, placements, resized_sizes, target_sizes
+    ):
         if not return_segmentation_scores:
             results.append(_pruned_argmax(windows, height, width, size))
             continue
@@ -86,6 +83,60 @@ def semantic_segmentation(
             )
         )
     return results
+
+
+def semantic_segments(
+    class_logits: torch.Tensor,
+    mask_logits: torch.Tensor,
+    placements: Sequence[Placement],
+    resized_sizes: Sequence[tuple[int, int]],
+    target_sizes: Sequence[tuple[int, int]],
+    return_binary_maps: bool = False,
+) -> list[dict]:
+    """One segment per class of `semantic_segmentation`'s labels; see
+    `EomtImageProcessor.post_process_semantic_segments`. The scores of all classes exist only at the resized image's
+    size; at the target size, a band of rows at a time (a 3000×1500 target would need 2.7 GB for 150 classes)."""
+    labels = semantic_segmentation(class_logits, mask_logits, placements, resized_sizes, target_sizes)
+    image_windows = _image_windows(class_logits, mask_logits, placements, resized_sizes, target_sizes)
+    return [
+        _segments_from_semantic(
+            label_map, _label_shares(_stitched_scores(windows, *resized), label_map), return_binary_maps
+        )
+        for label_map, (windows, resized, _size) in zip(labels, image_windows)
+    ]
+
+
+def _image_windows(
+    class_logits: torch.Tensor,
+    mask_logits: torch.Tensor,
+    placements: Sequence[Placement],
+    resized_sizes: Sequence[tuple[int, int]],
+    target_sizes: Sequence[tuple[int, int]],
+) -> Iterator[tuple[list[_Window], tuple[int, int], tuple[int, int]]]:
+    """Per image: its windows, its resized size and its target size."""
+    class_probs = class_logits.float().softmax(-1)[..., :-1]
+    for image_index, (resized, size) in enumerate(zip(resized_sizes, target_sizes)):
+        windows = [
+            _Window.build(placement, class_probs[n], mask_logits[n])
+            for n, placement in enumerate(placements)
+            if placement.image_index == image_index
+        ]
+        yield windows, resized, size
+
+
+def _label_shares(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each pixel's share of its label in the sum of the class scores: `scores` `(classes, h, w)` bilinearly resized to
+    `labels.shape`, a band of rows at a time."""
+    size = tuple(labels.shape)
+    resize = size != tuple(scores.shape[1:])
+    row_weights = _interpolation_weights(scores.shape[1], size[0], size[0]).to(scores.device) if resize else None
+    shares = scores.new_empty(size)
+    band = _chunk(scores.shape[0], size[1])
+    for start in range(0, size[0], band):
+        rows = slice(start, min(size[0], start + band))
+        resized = _resize_rows(scores, row_weights[rows], size[1]) if resize else scores[:, rows]
+        shares[rows] = resized.gather(0, labels[None, rows])[0] / resized.sum(0).clamp(min=1e-12)
+    return shares
 
 
 @dataclass(frozen=True)
@@ -494,15 +545,17 @@ def instance_segmentation(
     return results
 
 
-def segments_from_semantic(segmentation: torch.Tensor, scores: torch.Tensor, return_binary_maps: bool = False) -> dict:
-    """One segment per class of a semantic map; its score is the class's mean share of the per-pixel scores."""
+def _segments_from_semantic(
+    segmentation: torch.Tensor, shares: torch.Tensor, return_binary_maps: bool = False
+) -> dict:
+    """One segment per class of a semantic map; its score is the mean over its pixels of `shares`, each pixel's
+    share of its class in the sum of its class scores."""
     labels = torch.unique(segmentation)
-    segment_of_class = torch.full((scores.shape[0],), -1, dtype=torch.long, device=segmentation.device)
+    segment_of_class = torch.full((int(labels.max()) + 1,), -1, dtype=torch.long, device=segmentation.device)
     segment_of_class[labels] = torch.arange(labels.numel(), device=segmentation.device)
     segment_ids = segment_of_class[segmentation]
-    share = scores.gather(0, segmentation[None])[0] / scores.sum(0).clamp(min=1e-12)
     area = torch.bincount(segment_ids.flatten(), minlength=labels.numel())
-    mean_share = torch.bincount(segment_ids.flatten(), weights=share.flatten(), minlength=labels.numel()) / area
+    mean_share = torch.bincount(segment_ids.flatten(), weights=shares.flatten(), minlength=labels.numel()) / area
     segments = [
         {"id": i, "label_id": int(label), "score": round(float(s), 6)}
         for i, (label, s) in enumerate(zip(labels, mean_share))

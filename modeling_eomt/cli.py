@@ -175,16 +175,13 @@ def load_checkpoint(name: str, device: torch.device):
 @torch.inference_mode()
 def predict(model, processor, images: list[Image.Image], task: str, args) -> list[tuple[torch.Tensor, list[dict]]]:
     """(segment id map, segments) per image."""
-    from .image_processing.post_processing import segments_from_semantic
-
     device = next(model.parameters()).device
     inputs = processor(images, device=device)
     pixel_values = inputs["pixel_values"].to(device, model.dtype)
     outputs = model(pixel_values=pixel_values, patch_offsets=inputs.get("patch_offsets"))
     sizes = [(image.height, image.width) for image in images]
     if task == "semantic":
-        semantic = processor.post_process_semantic_segmentation(outputs, sizes, return_segmentation_scores=True)
-        results = [segments_from_semantic(r.segmentation, r.segmentation_scores) for r in semantic]
+        results = processor.post_process_semantic_segments(outputs, sizes)
     elif task == "panoptic":
         results = processor.post_process_panoptic_segmentation(
             outputs, sizes, threshold=args.threshold, mask_threshold=args.mask_threshold,

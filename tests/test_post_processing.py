@@ -289,9 +289,14 @@ def test_window_outputs_give_semantic_segments_for_panoptic_and_instance():
         result = method(outputs, [(40, 90)], threshold=0.9, mask_threshold=0.5, overlap_mask_area_threshold=0.5)[0]
         info = result["segments_info"]
         assert [s["label_id"] for s in info] == torch.unique(semantic).tolist()
-        assert all(0 < s["score"] <= 1 for s in info)
         for s in info:
             assert torch.equal(result["segmentation"] == s["id"], semantic == s["label_id"])
+        # hand check: a segment's score is the mean over its pixels of its class's share of the class scores,
+        # from the full score maps (which match the built-in's, see the tests above)
+        scores = ours.post_process_semantic_segmentation(outputs, [(40, 90)], return_segmentation_scores=True)[0]
+        shares = scores.segmentation_scores.gather(0, semantic[None])[0] / scores.segmentation_scores.sum(0)
+        expected = [float(shares[semantic == s["label_id"]].mean()) for s in info]
+        assert [s["score"] for s in info] == pytest.approx(expected, abs=1e-5)
 
 
 def test_empty_predictions(processors):
@@ -303,3 +308,45 @@ def test_empty_predictions(processors):
     for result in (panoptic, instance):
         assert result["segments_info"] == [] and result["segmentation"].shape == TARGET_SIZES[0]
         assert bool((result["segmentation"] == -1).all())
+
+
+class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the most elements of any tensor an op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if torch.is_tensor(t):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("windows", [False, True])
+def test_large_targets_never_hold_all_queries_or_classes_at_full_size(windows):
+    """A peer ran out of memory post-processing 2943×1435 images: 200 masks × full size ≈ 3 GB per tensor. No tensor
+    here may hold more than a few full-size maps, whatever the number of queries or classes."""
+    target, queries, classes = (1200, 600), 40, 60
+    if windows:
+        processor = EomtImageProcessor(size=SEMANTIC_SIZE, do_split_image=True, do_pad=False)
+        offsets = processor(torch.zeros(3, *target, dtype=torch.uint8))["patch_offsets"]
+    else:
+        processor, offsets = EomtImageProcessor(size=PANOPTIC_SIZE), None
+    outputs = fake_outputs(len(offsets) if windows else 1, queries=queries, classes=classes, confident=30, seed=9)
+    outputs.patch_offsets = offsets
+    calls = {
+        "panoptic": lambda: processor.post_process_panoptic_segmentation(outputs, [target], threshold=0.1),
+        "instance": lambda: processor.post_process_instance_segmentation(outputs, [target], threshold=0.1),
+        "semantic": lambda: processor.post_process_semantic_segmentation(outputs, [target]),
+        "segments": lambda: processor.post_process_semantic_segments(outputs, [target]),
+    }
+    pixels = target[0] * target[1]
+    for name, call in calls.items():
+        with LargestTensor() as mode:
+            result = call()[0]
+        segmentation = result if torch.is_tensor(result) else result["segmentation"]
+        assert segmentation.shape == target
+        assert mode.largest <= max(post_processing.CHUNK_ELEMENTS, 2 * pixels), name
