@@ -1,6 +1,6 @@
 """EoMT image processing: preprocessing, training targets and post-processing."""
 
-from .image_processing_eomt import EomtImageProcessor
+from .image_processing_eomt import EomtImageProcessor, EomtImageProcessorPil
 from .post_processing import Placement, instance_segmentation, panoptic_segmentation, semantic_segmentation
 
 __all__ = [
@@ -15,12 +15,14 @@ __all__ = [
 
 def register_image_processor() -> None:
     """Make `AutoImageProcessor` (and so `pipeline("image-segmentation")`) pick `EomtImageProcessor` for model
-    type "eomt" under every backend name, including configs naming "EomtImageProcessor(Fast)" (idempotent)."""
+    type "eomt" under every backend name, including configs naming "EomtImageProcessor", "EomtImageProcessorFast" or
+    "EomtImageProcessorPil" (idempotent)."""
     from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
 
     from ..configuration import EomtConfig
 
     # `AutoImageProcessor.register` would first resolve (import) the built-in classes to merge with them; we
-    # replace every backend, so register the mapping directly.
-    backends = {"torchvision": EomtImageProcessor, "pil": EomtImageProcessor}
+    # replace every backend, so register the mapping directly. A config's class name is looked up among registered
+    # classes before transformers' own, so each name it gives EoMT's processors is one of ours ("Fast" is dropped).
+    backends = {"torchvision": EomtImageProcessor, "pil": EomtImageProcessorPil}
     IMAGE_PROCESSOR_MAPPING.register(EomtConfig, backends, exist_ok=True)

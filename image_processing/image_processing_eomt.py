@@ -72,9 +72,10 @@ class EomtImageProcessor(BaseImageProcessor):
             Zero-pad bottom/right (in pixel space, before normalisation) to the canvas so any image fits the model.
         ignore_index (`int`, *optional*):
             Label of segmentation-map pixels that belong to no target mask (also fills the padding of targets).
-        do_reduce_labels (`bool`, defaults to `False`):
+        do_reduce_labels (`bool`, *optional*):
             Segmentation-map label 0 means "ignore" and the other labels shift down by one (ADE20K files). Needs
-            `ignore_index`.
+            `ignore_index`. Unset, it follows the Hub's configs and transformers' processor: on when `ignore_index`
+            is set. Set it to `False` for label files whose 0 is a class (Cityscapes train ids).
     """
 
     valid_kwargs = EomtImageProcessorKwargs
@@ -93,7 +94,7 @@ class EomtImageProcessor(BaseImageProcessor):
         do_split_image: bool = False,
         do_pad: bool = True,
         ignore_index: int | None = None,
-        do_reduce_labels: bool = False,
+        do_reduce_labels: bool | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -276,6 +277,8 @@ class EomtImageProcessor(BaseImageProcessor):
             raise ValueError(f"Unknown option(s) {sorted(unknown)}; valid options: {', '.join(names)}.")
         opts = {name: overrides[name] if overrides.get(name) is not None else getattr(self, name) for name in names}
         opts["size"] = _size_dict(opts["size"])
+        if opts["do_reduce_labels"] is None:  # the Hub configs' meaning of `ignore_index`
+            opts["do_reduce_labels"] = opts["ignore_index"] is not None
         if opts["do_reduce_labels"] and opts["ignore_index"] is None:
             raise ValueError("`do_reduce_labels=True` needs an `ignore_index` (e.g. 255).")
         return opts
@@ -469,6 +472,11 @@ class EomtImageProcessor(BaseImageProcessor):
         )
 
 
+class EomtImageProcessorPil(EomtImageProcessor):
+    """`EomtImageProcessor` under the name transformers gives its PIL-backend EoMT processor, so that
+    `preprocessor_config.json` files naming that class load ours too (`AutoImageProcessor` resolves names first)."""
+
+
 # ---------------------------------------------------------------------- helpers
 
 
@@ -499,6 +507,7 @@ def _scaled_size(height: int, width: int, shortest: int, longest: int | None) ->
     if min(height, width) == shortest:
         return height, width
     scale = exact if exact is not None else shortest
+    shortest = max(1, shortest)  # an image over ~1000× wider than tall keeps one row
     if width < height:
         return int(scale * height / width), shortest
     return shortest, int(scale * width / height)

@@ -11,7 +11,7 @@ from transformers import AutoImageProcessor
 from transformers.image_transforms import get_size_with_aspect_ratio
 from transformers.models.eomt.image_processing_pil_eomt import EomtImageProcessorPil as BuiltinProcessor
 
-from modeling_eomt import EomtImageProcessor
+from modeling_eomt import EomtConfig, EomtForUniversalSegmentation, EomtImageProcessor
 
 SMALL = {"shortest_edge": 32, "longest_edge": 32}
 ONE_GREY_LEVEL = 1 / 255 / 0.224 + 1e-4  # largest normalised difference of a ±1 rounding in resizing
@@ -24,9 +24,16 @@ def rgb() -> np.ndarray:
 
 def test_defaults_make_any_image_a_640_square():
     processor = EomtImageProcessor()
-    for height, width in [(480, 640), (30, 1000), (2000, 700), (640, 640)]:
-        image = np.zeros((height, width, 3), dtype=np.uint8)
+    sizes = [(480, 640), (30, 1000), (2000, 700), (640, 640), (1, 5000), (5000, 1), (1, 1)]
+    images = [np.full((height, width, 3), 200, dtype=np.uint8) for height, width in sizes]
+    for image in images:
         assert processor(image)["pixel_values"].shape == (1, 3, 640, 640)
+    # ... which a model at its default image size accepts
+    config = EomtConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, num_blocks=1)
+    model = EomtForUniversalSegmentation(config).eval()
+    with torch.no_grad():
+        outputs = model(**processor(images))
+    assert outputs.class_queries_logits.shape[0] == len(sizes) and bool(outputs.masks_queries_logits.isfinite().all())
 
 
 def test_batch_of_different_sizes_is_padded_to_one_tensor(rgb):
@@ -117,7 +124,7 @@ def test_instance_targets_use_the_mapping():
     label_map[:16, :16], label_map[16:, :] = 3, 7
     label_map[:16, 16:] = 255
     mapping = {0: 0, 3: 12, 7: 5}
-    out = EomtImageProcessor(size=SMALL, ignore_index=255)(
+    out = EomtImageProcessor(size=SMALL, ignore_index=255, do_reduce_labels=False)(
         np.zeros((32, 32, 3), np.uint8), segmentation_maps=[label_map], instance_id_to_semantic_id=[mapping]
     )
     assert out["class_labels"][0].tolist() == [12, 5]  # instances 3 and 7 in ascending order; 255 ignored
@@ -128,6 +135,32 @@ def test_instance_targets_use_the_mapping():
         EomtImageProcessor(size=SMALL)(
             np.zeros((32, 32, 3), np.uint8), segmentation_maps=[label_map], instance_id_to_semantic_id={3: 1}
         )
+
+
+@pytest.mark.parametrize("instances", [False, True])
+def test_hub_ignore_index_means_what_the_builtin_makes_of_it(tmp_path, instances):
+    """A Hub config with `ignore_index` and no `do_reduce_labels`: label 0 is ignored and the others shift down, as in
+    transformers' processor (the oracle), with and without an instance → class mapping."""
+    rng = np.random.default_rng(4)
+    label_map = rng.integers(0, 6, (40, 64)).astype(np.int64)
+    label_map[:8] = 0
+    mapping = {i: (3 * i) % 7 for i in range(6)} if instances else None
+    image = np.zeros((40, 64, 3), np.uint8)
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps({"image_processor_type": "EomtImageProcessor", "size": SMALL, "do_pad": True, "ignore_index": 255})
+    )
+    ours = AutoImageProcessor.from_pretrained(tmp_path)(
+        image, segmentation_maps=label_map, instance_id_to_semantic_id=mapping
+    )
+    builtin = BuiltinProcessor(size=SMALL, do_pad=True, ignore_index=255)(
+        images=[image], segmentation_maps=[label_map], instance_id_to_semantic_id=mapping, return_tensors="pt"
+    )
+    assert ours["class_labels"][0].tolist() == builtin["class_labels"][0].tolist()
+    torch.testing.assert_close(ours["mask_labels"][0], builtin["mask_labels"][0])
+    explicit = EomtImageProcessor(size=SMALL, ignore_index=255, do_reduce_labels=False)(
+        image, segmentation_maps=label_map
+    )
+    assert explicit["class_labels"][0].tolist() == sorted(set(label_map.ravel().tolist()))  # 0 kept as a class
 
 
 def test_targets_follow_windows():
@@ -156,19 +189,18 @@ def test_hub_config_loads_unchanged_through_auto(tmp_path):
         "rescale_factor": 0.00392156862745098,
         "size": {"longest_edge": 640, "shortest_edge": 640},
     }
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps(hub_config))
-    for backend in (None, "pil", "torchvision"):
-        processor = AutoImageProcessor.from_pretrained(tmp_path, backend=backend)
-        assert type(processor) is EomtImageProcessor
-        assert processor.size == {"shortest_edge": 640, "longest_edge": 640} and processor.do_pad
-    (tmp_path / "preprocessor_config.json").write_text(
-        json.dumps({**hub_config, "image_processor_type": "EomtImageProcessor"})
-    )
+    # every class name transformers saves for EoMT's processor, under every backend, loads ours
+    for name in ("EomtImageProcessorFast", "EomtImageProcessor", "EomtImageProcessorPil"):
+        (tmp_path / "preprocessor_config.json").write_text(json.dumps({**hub_config, "image_processor_type": name}))
+        for backend in (None, "pil", "torchvision"):
+            processor = AutoImageProcessor.from_pretrained(tmp_path, backend=backend)
+            assert isinstance(processor, EomtImageProcessor), (name, backend)
+            assert processor.size == {"shortest_edge": 640, "longest_edge": 640} and processor.do_pad
     processor = AutoImageProcessor.from_pretrained(tmp_path, do_split_image=True)
-    assert type(processor) is EomtImageProcessor and processor.do_split_image
+    assert isinstance(processor, EomtImageProcessor) and processor.do_split_image
 
     processor.save_pretrained(tmp_path / "saved")
-    reloaded = EomtImageProcessor.from_pretrained(tmp_path / "saved")
+    reloaded = AutoImageProcessor.from_pretrained(tmp_path / "saved")
     assert reloaded.to_dict() == processor.to_dict()
 
 
