@@ -4,6 +4,7 @@ and a JSON of segments (label, score, area, bbox and an RLE or PNG mask)."""
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -19,6 +20,8 @@ from tqdm.auto import tqdm
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 TASKS = ("panoptic", "instance", "semantic")
+# Post-processing options of the command line, with their defaults (those of the processor).
+THRESHOLDS = {"threshold": 0.8, "mask_threshold": 0.5, "overlap_threshold": 0.8}
 
 
 class CliError(Exception):
@@ -39,11 +42,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--task", choices=TASKS, help="default: semantic for sliding-window checkpoints, else panoptic"
     )
     segment.add_argument("--output", default="eomt_output", help="output folder (default: %(default)s)")
-    segment.add_argument("--threshold", type=float, default=0.8, help="minimum segment score (default: %(default)s)")
-    segment.add_argument("--mask-threshold", type=float, default=0.5, help="mask probability cut (default: 0.5)")
+    segment.add_argument("--threshold", type=float, help="panoptic, instance: minimum segment score (default: 0.8)")
     segment.add_argument(
-        "--overlap-threshold", type=float, default=0.8, help="panoptic: kept share of a mask (default: 0.8)"
+        "--mask-threshold", type=float, help="panoptic, instance: mask probability cut (default: 0.5)"
     )
+    segment.add_argument("--overlap-threshold", type=float, help="panoptic: kept share of a mask (default: 0.8)")
     segment.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default)")
     segment.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default: 1)")
     segment.add_argument(
@@ -67,15 +70,26 @@ def run_segment(args: argparse.Namespace) -> int:
         errors.append(message)
         tqdm.write(f"eomt: error: {message}", file=sys.stderr)
 
-    files = list(find_images(args.inputs, report))
+    input_errors: list[str] = []
+    files = list(find_images(args.inputs, input_errors.append))
     if not files:
-        raise CliError("no images to segment" + (f" ({len(errors)} input error(s) above)" if errors else "."))
+        raise CliError("; ".join(input_errors) or "no images to segment.")
+    for message in input_errors:
+        report(message)
 
+    output = Path(args.output)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CliError(f"cannot create the output folder {output}: {error.strerror or error}") from None
     device = _device(args.device)
     model, processor = load_checkpoint(args.model, device)
     task = args.task or ("semantic" if processor.do_split_image else "panoptic")
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
+    segments_by_class = task == "semantic" or processor.do_split_image  # see post_process_semantic_segments
+    unused = [f"--{n.replace('_', '-')}" for n in THRESHOLDS if segments_by_class and getattr(args, n) is not None]
+    if unused:
+        note = f"{', '.join(unused)} not used: {task} segments here are the classes of the semantic map."
+        print(f"eomt: note: {note}", file=sys.stderr)
     id2label = {int(k): v for k, v in model.config.id2label.items()}
     names = _unique_names(files)
 
@@ -91,11 +105,12 @@ def run_segment(args: argparse.Namespace) -> int:
                 progress.update()
         if not images:
             continue
+        # A batch or an image that fails in any way (out of memory, a full disk, a bug) must not stop the others.
         try:
             results = predict(model, processor, [image for _, image in images], task, args)
-        except (RuntimeError, ValueError) as error:
+        except Exception as error:  # noqa: BLE001
             for path, _ in images:
-                report(f"cannot segment {path}: {error}")
+                report(f"cannot segment {path}: {_first_line(error)}")
             progress.update(len(images))
             continue
         for (path, image), (segmentation, segments) in zip(images, results):
@@ -103,8 +118,8 @@ def run_segment(args: argparse.Namespace) -> int:
                 write_outputs(output / names[path], path, image, segmentation, segments, id2label, task, args)
                 done += 1
                 num_segments += len(segments)
-            except OSError as error:
-                report(f"cannot write results for {path}: {error}")
+            except Exception as error:  # noqa: BLE001
+                report(f"cannot write results for {path}: {_first_line(error)}")
             progress.update()
     progress.close()
 
@@ -156,15 +171,15 @@ def load_checkpoint(name: str, device: torch.device):
     try:
         config = AutoConfig.from_pretrained(str(path) if path.exists() else name)
     except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CliError(f"cannot load model {name} (not a local folder; tried the Hub): {first_line}") from None
+        where = "its config.json" if path.exists() else "not a local folder; tried the Hub"
+        raise CliError(f"cannot load model {name} ({where}): {_first_line(error)}") from None
     if config.model_type != "eomt":
         raise CliError(f"{name} is not an EoMT checkpoint (model_type {config.model_type!r}, expected 'eomt').")
     source = str(path) if path.exists() else name
     try:
         model = EomtForUniversalSegmentation.from_pretrained(source).to(device).eval()
     except (OSError, ValueError, RuntimeError) as error:
-        raise CliError(f"cannot load the weights of {name}: {str(error).strip().splitlines()[0]}") from None
+        raise CliError(f"cannot load the weights of {name}: {_first_line(error)}") from None
     try:
         processor = EomtImageProcessor.from_pretrained(source)
     except OSError:  # no preprocessor_config.json: the model's native size, padded
@@ -174,22 +189,29 @@ def load_checkpoint(name: str, device: torch.device):
 
 @torch.inference_mode()
 def predict(model, processor, images: list[Image.Image], task: str, args) -> list[tuple[torch.Tensor, list[dict]]]:
-    """(segment id map, segments) per image."""
+    """(segment id map, segments) per image. Images the processor cannot batch (different sizes, no padding) run one
+    at a time."""
+    sizes = [(image.height, image.width) for image in images]
+    stackable = processor.do_pad or processor.do_split_image or len({processor.resized_size(*hw) for hw in sizes}) == 1
+    if not stackable:
+        return [result for image in images for result in predict(model, processor, [image], task, args)]
     device = next(model.parameters()).device
     inputs = processor(images, device=device)
     pixel_values = inputs["pixel_values"].to(device, model.dtype)
     outputs = model(pixel_values=pixel_values, patch_offsets=inputs.get("patch_offsets"))
-    sizes = [(image.height, image.width) for image in images]
+    options = {
+        name: default if getattr(args, name) is None else getattr(args, name) for name, default in THRESHOLDS.items()
+    }
     if task == "semantic":
         results = processor.post_process_semantic_segments(outputs, sizes)
     elif task == "panoptic":
         results = processor.post_process_panoptic_segmentation(
-            outputs, sizes, threshold=args.threshold, mask_threshold=args.mask_threshold,
-            overlap_mask_area_threshold=args.overlap_threshold,
+            outputs, sizes, threshold=options["threshold"], mask_threshold=options["mask_threshold"],
+            overlap_mask_area_threshold=options["overlap_threshold"],
         )  # fmt: skip
     else:
         results = processor.post_process_instance_segmentation(
-            outputs, sizes, threshold=args.threshold, mask_threshold=args.mask_threshold
+            outputs, sizes, threshold=options["threshold"], mask_threshold=options["mask_threshold"]
         )
     return [(r["segmentation"].cpu(), r["segments_info"]) for r in results]
 
@@ -222,14 +244,21 @@ def write_outputs(stem: Path, source: Path, image, segmentation, segments, id2la
         records.append(record)
     summary = {"image": str(source), "width": image.width, "height": image.height, "task": task,
                "model": args.model, "segments": records}  # fmt: skip
+    # Everything is rendered before anything is written: a failure leaves the image's earlier results whole.
+    files = {}
     if args.mask_format == "png":
         summary["mask_png"] = stem.name + ".segments.png"
-        id_image = Image.fromarray((ids + 1).clip(0, 65535).astype(np.uint16))
-        _atomic_write(stem.parent / summary["mask_png"], lambda f: id_image.save(f, format="PNG"))
-    overlay = draw_overlay(image, ids, segments, id2label)
-    _atomic_write(stem.parent / f"{stem.name}.png", lambda f: overlay.save(f, format="PNG"))
-    text = json.dumps(summary, indent=2).encode()
-    _atomic_write(stem.parent / f"{stem.name}.json", lambda f: f.write(text))
+        files[summary["mask_png"]] = _png(Image.fromarray((ids + 1).clip(0, 65535).astype(np.uint16)))
+    files[f"{stem.name}.png"] = _png(draw_overlay(image, ids, segments, id2label))
+    files[f"{stem.name}.json"] = json.dumps(summary, indent=2).encode()
+    for name, data in files.items():
+        _atomic_write(stem.parent / name, data)
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def encode_rle(mask: np.ndarray) -> str:
@@ -253,12 +282,12 @@ def encode_rle(mask: np.ndarray) -> str:
     return "".join(chars)
 
 
-def _atomic_write(path: Path, write: Callable) -> None:
+def _atomic_write(path: Path, data: bytes) -> None:
     """Write through a temporary file in the same folder, then rename, so no half-written file is left behind."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as f:
-            write(f)
+            f.write(data)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -281,6 +310,11 @@ def _unique_names(files: Sequence[Path]) -> dict[Path, str]:
 def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _device(name: str) -> torch.device:

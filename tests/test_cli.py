@@ -1,5 +1,6 @@
 """`eomt segment` end to end on a tiny saved model: overlays, JSON (RLE checked with pycocotools), errors."""
 
+import io
 import json
 import subprocess
 import sys
@@ -97,10 +98,89 @@ def test_bad_models_and_empty_folders_fail_with_one_line(model_path, images, tmp
         "not an EoMT checkpoint": [str(images), "--model", str(tmp_path / "vit")],
         "no images": [str(tmp_path / "empty"), "--model", str(model_path)],
     }
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "config.json").write_text(json.dumps({"model_type": "no-such-model"}))
+    (tmp_path / "a_file").write_text("")
+    cases = {
+        **cases,
+        "(its config.json)": [str(images), "--model", str(tmp_path / "odd")],
+        "device 'nonsense' is not available": [str(images), "--model", str(model_path), "--device", "nonsense"],
+        "--batch-size must be at least 1": [str(images), "--model", str(model_path), "--batch-size", "0"],
+    }
+    cases = {message: [*args, "--output", str(tmp_path / "out")] for message, args in cases.items()}
+    cases["cannot create the output folder"] = [str(images), "--model", str(model_path), "--output", str(tmp_path / "a_file")]  # fmt: skip
     for message, args in cases.items():
-        assert run(*args, "--output", str(tmp_path / "out")) == 2
-        error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("eomt: error")]
-        assert error_lines and message in error_lines[-1]
+        assert run(*args) == 2
+        error_lines = capsys.readouterr().err.strip().splitlines()
+        assert len(error_lines) == 1 and error_lines[0].startswith("eomt: error") and message in error_lines[0]
+
+
+def test_batches_of_mixed_sizes_give_what_single_images_give(model_path, images, tmp_path, capsys):
+    (images / "tall.png").write_bytes((images / "grey.png").read_bytes())
+    Image.fromarray(np.full((70, 20, 3), 90, np.uint8)).save(images / "tall.png")
+    unpadded = tmp_path / "unpadded"
+    save_tiny_checkpoint(unpadded, EomtImageProcessor(size={"shortest_edge": 32, "longest_edge": 32}, do_pad=False))
+    for checkpoint in (model_path, unpadded):
+        results = {}
+        for batch_size in ("1", "3"):
+            out = tmp_path / f"{checkpoint.name}_{batch_size}"
+            args = [str(images), "--model", str(checkpoint), "--output", str(out), "--threshold", "0.1"]
+            assert run(*args, "--batch-size", batch_size, "--device", "cpu") == 0
+            assert "Segmented 3/3 image(s)" in capsys.readouterr().out
+            results[batch_size] = {p.name: json.loads(p.read_text())["segments"] for p in sorted(out.glob("*.json"))}
+        assert results["1"] == results["3"] and len(results["1"]) == 3
+
+
+def test_threshold_filters_segments(model_path, images, tmp_path):
+    counts = {}
+    for threshold in ("0.1", "0.6", "1.0"):
+        out = tmp_path / threshold
+        assert run(str(images / "street.jpg"), "--model", str(model_path), "--output", str(out),
+                   "--threshold", threshold) == 0  # fmt: skip
+        segments = json.loads((out / "street.json").read_text())["segments"]
+        assert all(s["score"] >= float(threshold) for s in segments)
+        counts[threshold] = len(segments)
+    assert counts["0.1"] > counts["1.0"] == 0
+
+
+def test_sliding_window_checkpoint_defaults_to_semantic(images, tmp_path, capsys):
+    checkpoint = tmp_path / "semantic"
+    processor = EomtImageProcessor(size={"shortest_edge": 32, "longest_edge": None}, do_split_image=True, do_pad=False)
+    save_tiny_checkpoint(checkpoint, processor)
+    out = tmp_path / "out"
+    assert run(str(images), "--model", str(checkpoint), "--output", str(out), "--threshold", "0.5") == 0
+    captured = capsys.readouterr()
+    assert "--threshold not used" in captured.err and "(semantic," in captured.out
+    result = json.loads((out / "street.json").read_text())
+    assert result["task"] == "semantic" and sum(s["area"] for s in result["segments"]) == 40 * 60
+
+
+def test_failures_mid_run_keep_other_images_and_earlier_results(model_path, images, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    assert run(str(images), "--model", str(model_path), "--output", str(out)) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+
+    from modeling_eomt import cli, visualize
+
+    def failing_predict(model, processor, batch, task, args):
+        if batch[0].size == (30, 50):  # grey.png
+            raise RuntimeError("out of memory")
+        return predict(model, processor, batch, task, args)
+
+    def failing_overlay(image, *args, **kwargs):
+        raise KeyError("no colour")
+
+    predict = cli.predict
+    monkeypatch.setattr(cli, "predict", failing_predict)
+    monkeypatch.setattr(visualize, "draw_overlay", failing_overlay)
+    assert run(str(images), "--model", str(model_path), "--output", str(out), "--mask-format", "png") == 1
+    captured = capsys.readouterr()
+    assert "cannot segment" in captured.err and "grey.png: out of memory" in captured.err
+    assert "cannot write results" in captured.err and "street.jpg" in captured.err
+    assert "Segmented 0/2 image(s)" in captured.out
+    # nothing written for either image: the earlier results are whole, no temporary files are left
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_python_dash_m_entry_point(model_path, images, tmp_path):
@@ -119,3 +199,14 @@ def test_rle_matches_pycocotools():
             mask = rng.random(shape) < density
             expected = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"].decode()
             assert encode_rle(mask) == expected
+
+
+def test_progress_bar_on_a_terminal(model_path, images, tmp_path, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert run(str(images), "--model", str(model_path), "--output", str(tmp_path / "out")) == 0
+    assert "Segmenting" in terminal.getvalue() and "2/2" in terminal.getvalue()
