@@ -603,7 +603,7 @@ def _map_list(maps, count: int) -> list:
 
 def _to_label_map(label_map) -> torch.Tensor:
     if isinstance(label_map, Image.Image):
-        label_map = np.asarray(label_map)
+        label_map = np.array(label_map)  # a writable copy: torch warns on PIL's read-only buffer
     tensor = torch.as_tensor(np.asarray(label_map) if not isinstance(label_map, torch.Tensor) else label_map)
     if tensor.ndim == 3 and 1 in (tensor.shape[0], tensor.shape[-1]):
         tensor = tensor.squeeze(0 if tensor.shape[0] == 1 else -1)

@@ -53,13 +53,34 @@ def test_input_kinds_agree(rgb):
         "torch HWC uint8": torch.from_numpy(rgb),
         "numpy float [0,1]": rgb.astype(np.float32) / 255,
         "torch float [0,255]": chw.float(),
+        "numpy float64 [0,1]": rgb.astype(np.float64) / 255,
         "RGBA": Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 7, np.uint8)]), "RGBA"),
+        "numpy RGBA": np.dstack([rgb, np.full(rgb.shape[:2], 7, np.uint8)]),
+        "torch RGBA CHW": torch.cat([chw, torch.full((1, *rgb.shape[:2]), 7, dtype=torch.uint8)]),
+        "PIL palette": Image.fromarray(rgb).quantize(256, dither=Image.Dither.NONE).convert("P"),
         "4-d batch": chw[None],
+        "list": [Image.fromarray(rgb)],
+        "ambiguous 3×45×3, channels_first": (rgb[:, :3].transpose(2, 0, 1), "channels_first"),
     }
     for name, image in variants.items():
-        got = processor(image)["pixel_values"]
+        image, data_format = image if isinstance(image, tuple) else (image, None)
+        got = processor(image, input_data_format=data_format)["pixel_values"]
+        if name == "PIL palette":  # quantised colours: same layout, a few grey levels off
+            assert got.shape == reference.shape and (got - reference).abs().mean() < 10 * ONE_GREY_LEVEL
+            continue
+        if data_format:  # a 45×3 strip of the image, which alone is ambiguous (3 first and last)
+            expected = processor(Image.fromarray(np.ascontiguousarray(rgb[:, :3])))["pixel_values"]
+            assert (got - expected).abs().max() <= ONE_GREY_LEVEL, name
+            continue
         assert got.shape == reference.shape, name
         assert (got - reference).abs().max() <= ONE_GREY_LEVEL, name
+    on_device = processor(rgb, device="cpu")["pixel_values"]
+    assert (on_device - reference).abs().max() <= ONE_GREY_LEVEL
+
+    grey = rgb[..., 0]
+    grey_kinds = [grey, grey[..., None], torch.from_numpy(grey)[None], Image.fromarray(grey)]
+    outputs = [processor(image)["pixel_values"] for image in grey_kinds]
+    assert all((out - outputs[-1]).abs().max() <= ONE_GREY_LEVEL for out in outputs)
 
     grey = rgb[..., 0]
     from_grey = processor(Image.fromarray(grey))["pixel_values"]
@@ -68,6 +89,30 @@ def test_input_kinds_agree(rgb):
     assert (from_grey[:, 0] * 0.229 + 0.485 - (from_grey[:, 1] * 0.224 + 0.456)).abs().max() < 1e-5
     np_batch = processor(np.stack([rgb, rgb]), return_tensors="np")["pixel_values"]
     assert isinstance(np_batch, np.ndarray) and np_batch.shape == (2, 3, 32, 32)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"do_rescale": False},
+        {"do_normalize": False},
+        {"resample": 0},
+        {"resample": 3},
+        {"image_mean": [0.5, 0.4, 0.3], "image_std": [0.5, 0.6, 0.7]},
+        {"rescale_factor": 1 / 127.5},
+        {"do_resize": False},
+    ],
+)
+def test_options_match_builtin(rgb, options):
+    image = rgb[:20, :30] if options.get("do_resize") is False else rgb  # unresized, it must fit the canvas
+    ours = EomtImageProcessor(size=SMALL, **options)(image)["pixel_values"]
+    builtin = BuiltinProcessor(size=SMALL, do_pad=True, **options)(images=[image], return_tensors="pt")
+    # one grey level of resizing rounding, in the units the options give
+    grey = options.get("rescale_factor", 1 / 255) if options.get("do_rescale", True) else 1.0
+    if options.get("do_normalize", True):
+        grey /= min(options.get("image_std", [0.229, 0.224, 0.225]))
+    assert ours.shape == builtin["pixel_values"].shape == (1, 3, 32, 32)
+    assert (ours - builtin["pixel_values"]).abs().max() <= grey * 1.001
 
 
 def test_padded_panoptic_inputs_match_builtin(rgb):
@@ -117,6 +162,14 @@ def test_semantic_targets_match_builtin_with_label_reduction():
     assert masks.shape == (4, 32, 32) and masks.dtype == torch.float32
     assert masks[:, 20:].sum() == 0  # padding rows belong to no target
     assert masks.sum(0).max() == 1  # one label per pixel
+    processor = EomtImageProcessor(size=SMALL, ignore_index=255, do_reduce_labels=True)
+    for kind in (Image.fromarray(label_map.astype(np.uint8)), torch.from_numpy(label_map), label_map[None]):
+        same = processor(image, segmentation_maps=kind)
+        assert torch.equal(same["class_labels"][0], ours["class_labels"][0]), type(kind)
+        assert torch.equal(same["mask_labels"][0], ours["mask_labels"][0]), type(kind)
+    as_numpy = processor(image, segmentation_maps=label_map, return_tensors="np")
+    assert isinstance(as_numpy["mask_labels"][0], np.ndarray)
+    np.testing.assert_array_equal(as_numpy["class_labels"][0], ours["class_labels"][0].numpy())
 
 
 def test_instance_targets_use_the_mapping():
