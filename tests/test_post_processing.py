@@ -54,13 +54,20 @@ def processors():
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"threshold": 0.5, "stuff_classes": [0, 1, 2]}, {"threshold": 0.9, "overlap_mask_area_threshold": 0.5}],
+    [
+        {},
+        {"threshold": 0.5, "stuff_classes": [0, 1, 2]},
+        {"threshold": 0.9, "overlap_mask_area_threshold": 0.5},
+        {"mask_threshold": 0.3},
+        {"threshold": 0.6, "mask_threshold": 0.7},
+    ],
 )
-def test_panoptic_matches_builtin(processors, options):
+@pytest.mark.parametrize("target_sizes", [TARGET_SIZES, [(20, 30), (150, 70)]])  # up- and downscaled canvases
+def test_panoptic_matches_builtin(processors, options, target_sizes):
     ours, builtin = processors
     outputs = fake_outputs(2)
-    result = ours.post_process_panoptic_segmentation(outputs, TARGET_SIZES, **options)
-    assert_same_segments(result, builtin.post_process_panoptic_segmentation(outputs, TARGET_SIZES, **options))
+    result = ours.post_process_panoptic_segmentation(outputs, target_sizes, **options)
+    assert_same_segments(result, builtin.post_process_panoptic_segmentation(outputs, target_sizes, **options))
     assert sum(len(r["segments_info"]) for r in result) >= 3  # the comparison covered real segments
 
 
@@ -81,14 +88,39 @@ def test_panoptic_fuses_stuff_segments(processors):
 
 
 @pytest.mark.parametrize("threshold", [0.8, 0.3, 0.0])
-def test_instance_matches_builtin(processors, threshold):
+@pytest.mark.parametrize("target_sizes", [TARGET_SIZES, [(20, 30), (150, 70)]])
+def test_instance_matches_builtin(processors, threshold, target_sizes):
     ours, builtin = processors
     outputs = fake_outputs(2, seed=1)
-    result = ours.post_process_instance_segmentation(outputs, TARGET_SIZES, threshold=threshold, mask_threshold=0.5)
+    result = ours.post_process_instance_segmentation(outputs, target_sizes, threshold=threshold, mask_threshold=0.5)
     assert_same_segments(
-        result, builtin.post_process_instance_segmentation(outputs, TARGET_SIZES, threshold=threshold)
+        result, builtin.post_process_instance_segmentation(outputs, target_sizes, threshold=threshold)
     )
     assert sum(len(r["segments_info"]) for r in result) >= 2
+
+
+def test_instance_mask_threshold_by_hand(processors):
+    """The built-in has no `mask_threshold` for instances (it cuts at 0.5): checked by hand at 0.3 and 0.7."""
+    ours, _ = processors
+    outputs = fake_outputs(1, seed=8)
+    placement = ours.placements(TARGET_SIZES[:1])[1][0]
+    probs = outputs.class_queries_logits[0].softmax(-1)[:, :-1]
+    masks = post_processing.upsample_masks(outputs.masks_queries_logits[0], placement, TARGET_SIZES[0]).sigmoid()
+    for mask_threshold in (0.3, 0.7):
+        result = ours.post_process_instance_segmentation(
+            outputs, TARGET_SIZES[:1], threshold=0.5, mask_threshold=mask_threshold, return_binary_maps=True
+        )[0]
+        expected = []
+        for query in range(probs.shape[0]):
+            score, label = probs[query].max(0)
+            inside = masks[query] > mask_threshold
+            score = float(score * masks[query][inside].sum() / (inside.sum() + 1e-6))
+            if inside.any() and score >= 0.5:
+                expected.append((int(label), score, inside))
+        assert len(result["segments_info"]) == len(expected) >= 3
+        for segment, binary, (label, score, inside) in zip(result["segments_info"], result["segmentation"], expected):
+            assert segment["label_id"] == label and segment["score"] == pytest.approx(score, abs=2e-6)
+            assert torch.equal(binary, inside)
 
 
 def test_semantic_matches_builtin_on_square_images(processors):
