@@ -4,6 +4,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -183,10 +184,12 @@ def test_failures_mid_run_keep_other_images_and_earlier_results(model_path, imag
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_python_dash_m_entry_point(model_path, images, tmp_path):
+@pytest.mark.parametrize(
+    "program", [[sys.executable, "-m", "modeling_eomt"], [str(Path(sys.executable).parent / "eomt")]]
+)
+def test_entry_points(model_path, images, tmp_path, program):
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "modeling_eomt", "segment", str(images / "grey.png"), "--model", str(model_path),
-               "--output", str(out)]  # fmt: skip
+    command = [*program, "segment", str(images / "grey.png"), "--model", str(model_path), "--output", str(out)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     assert completed.returncode == 0, completed.stderr
     assert (out / "grey.png").is_file() and json.loads((out / "grey.json").read_text())["height"] == 50
@@ -210,3 +213,19 @@ def test_progress_bar_on_a_terminal(model_path, images, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "stderr", terminal)
     assert run(str(images), "--model", str(model_path), "--output", str(tmp_path / "out")) == 0
     assert "Segmenting" in terminal.getvalue() and "2/2" in terminal.getvalue()
+
+
+def test_same_names_are_numbered_and_photos_upright(model_path, tmp_path):
+    rng = np.random.default_rng(3)
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(rng.integers(0, 256, (20, 50, 3), dtype=np.uint8)).save(tmp_path / folder / "photo.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the camera was turned, show rotated by 90°
+    Image.fromarray(rng.integers(0, 256, (20, 50, 3), dtype=np.uint8)).save(tmp_path / "a" / "turned.jpg", exif=exif)
+    out = tmp_path / "out"
+    assert run(str(tmp_path / "a"), str(tmp_path / "b"), "--model", str(model_path), "--output", str(out)) == 0
+    assert sorted(p.name for p in out.glob("*.json")) == ["photo.json", "photo_2.json", "turned.json"]
+    assert json.loads((out / "photo_2.json").read_text())["image"].endswith(str(Path("b") / "photo.png"))
+    with Image.open(out / "turned.png") as overlay:
+        assert overlay.size == (20, 50)
