@@ -196,6 +196,12 @@ class EomtTrainingArguments(TrainingArguments):
     )
     attn_mask_annealing_power: float = field(default=0.9, metadata={"help": "Power of the annealing decay."})
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # Pinned memory only speeds up copies to an accelerator; without one, torch warns in every data loader.
+        if not torch.accelerator.is_available():
+            self.dataloader_pin_memory = False
+
 
 class EomtTrainer(Trainer):
     """
