@@ -347,11 +347,13 @@ class EomtImageProcessor(BaseImageProcessor):
         """
         Per-pixel classes: per model input `einsum(sigmoid(masks), softmax(classes)[..., :-1])`, windows averaged
         where they overlap, padding cropped, resized to `target_sizes` (the original `(height, width)` of each image).
+        The panoptic and instance options (`threshold`, ...) are accepted and unused; unknown options are an error.
 
         Returns:
             `list[torch.LongTensor]` of `(height, width)` class maps, or with `return_segmentation_scores` a list of
             `SemanticSegmentationPostProcessorOutput` (`segmentation`, `segmentation_scores` `(num_labels, h, w)`).
         """
+        _check_options(kwargs, "post_process_semantic_segmentation")
         target_sizes = _sizes(target_sizes)
         resized, placements = self.placements(target_sizes, _field(outputs, "patch_offsets"), size)
         return semantic_segmentation(
@@ -385,6 +387,7 @@ class EomtImageProcessor(BaseImageProcessor):
             `segments_info`, a list of `{"id", "label_id", "score"}`. Sliding-window (semantic) outputs give one
             segment per class of the semantic map.
         """
+        _check_options(kwargs, "post_process_panoptic_segmentation")
         target_sizes = _sizes(target_sizes)
         patch_offsets = _field(outputs, "patch_offsets")
         if patch_offsets is not None and len(patch_offsets) > 0:
@@ -426,6 +429,7 @@ class EomtImageProcessor(BaseImageProcessor):
             ones; -1 where none), or `(num_instances, height, width)` booleans with `return_binary_maps`, and
             `segments_info`, a list of `{"id", "label_id", "score"}`.
         """
+        _check_options(kwargs, "post_process_instance_segmentation")
         target_sizes = _sizes(target_sizes)
         patch_offsets = _field(outputs, "patch_offsets")
         if patch_offsets is not None and len(patch_offsets) > 0:
@@ -631,6 +635,23 @@ def _binary_masks(
     except KeyError as error:
         raise ValueError(f"Instance id {error.args[0]} is missing from `instance_id_to_semantic_id`.") from None
     return masks, torch.tensor(classes, dtype=torch.long, device=label_map.device)
+
+
+# Options of the three post-processings. Each accepts (and ignores) the others' so that one set of options, such as
+# the pipeline's, can go to any of them; anything else is a mistake worth an error.
+POST_PROCESSING_OPTIONS = {
+    "threshold", "mask_threshold", "overlap_mask_area_threshold", "stuff_classes", "top_k", "return_binary_maps",
+    "return_segmentation_scores",
+}  # fmt: skip
+
+
+def _check_options(options: dict[str, Any], method: str) -> None:
+    unknown = sorted(set(options) - POST_PROCESSING_OPTIONS)
+    if unknown:
+        raise TypeError(
+            f"{method}() got unknown option(s) {unknown}; options: target_sizes, size, "
+            f"{', '.join(sorted(POST_PROCESSING_OPTIONS))}."
+        )
 
 
 def _field(outputs, name: str):

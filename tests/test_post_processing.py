@@ -382,3 +382,14 @@ def test_large_targets_never_hold_all_queries_or_classes_at_full_size(windows):
         segmentation = result if torch.is_tensor(result) else result["segmentation"]
         assert segmentation.shape == target
         assert mode.largest <= max(post_processing.CHUNK_ELEMENTS, 2 * pixels), name
+
+
+def test_every_post_processing_takes_the_others_options_but_not_typos(processors):
+    ours, _ = processors
+    outputs = fake_outputs(1)
+    shared = {"threshold": 0.5, "mask_threshold": 0.5, "overlap_mask_area_threshold": 0.8, "stuff_classes": [0]}
+    for task in ("semantic", "panoptic", "instance"):
+        method = getattr(ours, f"post_process_{task}_segmentation")
+        assert len(method(outputs, TARGET_SIZES[:1], **shared)) == 1
+        with pytest.raises(TypeError, match=r"unknown option\(s\) \['treshold'\]"):
+            method(outputs, TARGET_SIZES[:1], treshold=0.5)
