@@ -96,14 +96,12 @@ def semantic_segments(
     """One segment per class of `semantic_segmentation`'s labels; see
     `EomtImageProcessor.post_process_semantic_segments`. The scores of all classes exist only at the resized image's
     size; at the target size, a band of rows at a time (a 3000×1500 target would need 2.7 GB for 150 classes)."""
-    labels = semantic_segmentation(class_logits, mask_logits, placements, resized_sizes, target_sizes)
-    image_windows = _image_windows(class_logits, mask_logits, placements, resized_sizes, target_sizes)
-    return [
-        _segments_from_semantic(
-            label_map, _label_shares(_stitched_scores(windows, *resized), label_map), return_binary_maps
-        )
-        for label_map, (windows, resized, _size) in zip(labels, image_windows)
-    ]
+    results = []
+    for windows, resized, size in _image_windows(class_logits, mask_logits, placements, resized_sizes, target_sizes):
+        labels = _pruned_argmax(windows, *resized, size)
+        shares = _label_shares(_stitched_scores(windows, *resized), labels)
+        results.append(_segments_from_semantic(labels, shares, return_binary_maps))
+    return results
 
 
 def _image_windows(
@@ -127,14 +125,8 @@ def _image_windows(
 def _label_shares(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Each pixel's share of its label in the sum of the class scores: `scores` `(classes, h, w)` bilinearly resized to
     `labels.shape`, a band of rows at a time."""
-    size = tuple(labels.shape)
-    resize = size != tuple(scores.shape[1:])
-    row_weights = _interpolation_weights(scores.shape[1], size[0], size[0]).to(scores.device) if resize else None
-    shares = scores.new_empty(size)
-    band = _chunk(scores.shape[0], size[1])
-    for start in range(0, size[0], band):
-        rows = slice(start, min(size[0], start + band))
-        resized = _resize_rows(scores, row_weights[rows], size[1]) if resize else scores[:, rows]
+    shares = scores.new_empty(labels.shape)
+    for rows, resized in _resized_bands(scores, tuple(labels.shape)):
         shares[rows] = resized.gather(0, labels[None, rows])[0] / resized.sum(0).clamp(min=1e-12)
     return shares
 
@@ -357,13 +349,9 @@ def _resized_pruned_argmax(
     """Labels at `size` from `maps` at the resized image's size (the candidates' scores, then an upper bound of the
     other classes' scores), resized a band of rows at a time. Where the resized bound reaches the best resized
     candidate, all classes are resized from their scores at the source pixels (`scores_at(flat pixels)`)."""
-    row_weights = _interpolation_weights(maps.shape[1], size[0], size[0]).to(maps.device)
     labels = torch.empty(size, dtype=torch.long, device=maps.device)
     unsure = torch.empty(size, dtype=torch.bool, device=maps.device)
-    band = _chunk(maps.shape[0], size[1])
-    for start in range(0, size[0], band):
-        rows = slice(start, min(size[0], start + band))
-        resized = _resize_rows(maps, row_weights[rows], size[1])
+    for rows, resized in _resized_bands(maps, size):
         best, index = resized[:-1].max(0)
         labels[rows], unsure[rows] = candidates[index], _unsure(resized[-1], best)
     points = unsure.nonzero()
@@ -403,6 +391,17 @@ def _resized_argmax_at(
         bottom = corner_scores[2] * (1 - col) + corner_scores[3] * col
         labels.append((top * (1 - row) + bottom * row).argmax(1))
     return torch.cat(labels)
+
+
+def _resized_bands(maps: torch.Tensor, size: tuple[int, int]) -> Iterator[tuple[slice, torch.Tensor]]:
+    """`maps` `(k, h, w)` bilinearly resized to `size` (an exact copy at their own size), a band of at most
+    `CHUNK_ELEMENTS` elements at a time: `(rows, (k, rows of the band, size[1]))`."""
+    resize = tuple(size) != tuple(maps.shape[1:])
+    row_weights = _interpolation_weights(maps.shape[1], size[0], size[0]).to(maps.device) if resize else None
+    band = _chunk(size[0], maps.shape[0] * size[1])
+    for start in range(0, size[0], band):
+        rows = slice(start, min(size[0], start + band))
+        yield rows, _resize_rows(maps, row_weights[rows], size[1]) if resize else maps[:, rows]
 
 
 def _resize_rows(maps: torch.Tensor, row_weights: torch.Tensor, width: int) -> torch.Tensor:
