@@ -5,6 +5,7 @@ from .post_processing import Placement, instance_segmentation, panoptic_segmenta
 
 __all__ = [
     "EomtImageProcessor",
+    "EomtImageProcessorPil",
     "Placement",
     "instance_segmentation",
     "panoptic_segmentation",

@@ -36,7 +36,7 @@ class EomtImageProcessorKwargs(ImagesKwargs, total=False):
 
     do_split_image: bool
     ignore_index: int | None
-    do_reduce_labels: bool
+    do_reduce_labels: bool | None
 
 
 class EomtImageProcessor(BaseImageProcessor):
@@ -511,7 +511,7 @@ def _scaled_size(height: int, width: int, shortest: int, longest: int | None) ->
     if min(height, width) == shortest:
         return height, width
     scale = exact if exact is not None else shortest
-    shortest = max(1, shortest)  # an image over ~1000× wider than tall keeps one row
+    shortest = max(1, shortest)  # over 2 × longest : 1 (1280:1 by default), the short side would round to 0
     if width < height:
         return int(scale * height / width), shortest
     return shortest, int(scale * width / height)

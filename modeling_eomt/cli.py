@@ -20,8 +20,12 @@ from tqdm.auto import tqdm
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 TASKS = ("panoptic", "instance", "semantic")
-# Post-processing options of the command line, with their defaults (those of the processor).
-THRESHOLDS = {"threshold": 0.8, "mask_threshold": 0.5, "overlap_threshold": 0.8}
+# Command-line flag → post-processing option; unset flags leave the processor's defaults.
+OPTION_FLAGS = {
+    "threshold": "threshold",
+    "mask_threshold": "mask_threshold",
+    "overlap_threshold": "overlap_mask_area_threshold",
+}
 
 
 class CliError(Exception):
@@ -78,18 +82,21 @@ def run_segment(args: argparse.Namespace) -> int:
         report(message)
 
     output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise CliError(f"--output {output} is a file; pass a folder (it is created if missing).")
+    device = _device(args.device)
+    model, processor = load_checkpoint(args.model, device)
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise CliError(f"cannot create the output folder {output}: {error.strerror or error}") from None
-    device = _device(args.device)
-    model, processor = load_checkpoint(args.model, device)
     task = args.task or ("semantic" if processor.do_split_image else "panoptic")
-    segments_by_class = task == "semantic" or processor.do_split_image  # see post_process_semantic_segments
-    unused = [f"--{n.replace('_', '-')}" for n in THRESHOLDS if segments_by_class and getattr(args, n) is not None]
-    if unused:
-        note = f"{', '.join(unused)} not used: {task} segments here are the classes of the semantic map."
-        print(f"eomt: note: {note}", file=sys.stderr)
+    given = [flag for flag in OPTION_FLAGS if getattr(args, flag) is not None]
+    options = {OPTION_FLAGS[flag]: getattr(args, flag) for flag in given}
+    if given and (task == "semantic" or processor.do_split_image):  # see post_process_semantic_segments
+        flags = ", ".join(f"--{flag.replace('_', '-')}" for flag in given)
+        print(f"eomt: note: {flags} not used: {task} segments here are the classes of the semantic map.",
+              file=sys.stderr)  # fmt: skip
     id2label = {int(k): v for k, v in model.config.id2label.items()}
     names = _unique_names(files)
 
@@ -103,24 +110,23 @@ def run_segment(args: argparse.Namespace) -> int:
             except CliError as error:
                 report(str(error))
                 progress.update()
-        if not images:
-            continue
         # A batch or an image that fails in any way (out of memory, a full disk, a bug) must not stop the others.
-        try:
-            results = predict(model, processor, [image for _, image in images], task, args)
-        except Exception as error:  # noqa: BLE001
-            for path, _ in images:
-                report(f"cannot segment {path}: {_first_line(error)}")
-            progress.update(len(images))
-            continue
-        for (path, image), (segmentation, segments) in zip(images, results):
+        for group in _stackable_groups(processor, images):
             try:
-                write_outputs(output / names[path], path, image, segmentation, segments, id2label, task, args)
-                done += 1
-                num_segments += len(segments)
+                results = predict(model, processor, [image for _, image in group], task, options)
             except Exception as error:  # noqa: BLE001
-                report(f"cannot write results for {path}: {_first_line(error)}")
-            progress.update()
+                for path, _ in group:
+                    report(f"cannot segment {path}: {_first_line(error)}")
+                progress.update(len(group))
+                continue
+            for (path, image), (segmentation, segments) in zip(group, results):
+                try:
+                    write_outputs(output / names[path], path, image, segmentation, segments, id2label, task, args)
+                    done += 1
+                    num_segments += len(segments)
+                except Exception as error:  # noqa: BLE001
+                    report(f"cannot write results for {path}: {_first_line(error)}")
+                progress.update()
     progress.close()
 
     elapsed = time.perf_counter() - start
@@ -188,31 +194,22 @@ def load_checkpoint(name: str, device: torch.device):
 
 
 @torch.inference_mode()
-def predict(model, processor, images: list[Image.Image], task: str, args) -> list[tuple[torch.Tensor, list[dict]]]:
-    """(segment id map, segments) per image. Images the processor cannot batch (different sizes, no padding) run one
-    at a time."""
-    sizes = [(image.height, image.width) for image in images]
-    stackable = processor.do_pad or processor.do_split_image or len({processor.resized_size(*hw) for hw in sizes}) == 1
-    if not stackable:
-        return [result for image in images for result in predict(model, processor, [image], task, args)]
+def predict(
+    model, processor, images: list[Image.Image], task: str, options: dict
+) -> list[tuple[torch.Tensor, list[dict]]]:
+    """(segment id map, segments) per image of a batch the processor can stack; `options` go to panoptic or
+    instance post-processing."""
     device = next(model.parameters()).device
     inputs = processor(images, device=device)
     pixel_values = inputs["pixel_values"].to(device, model.dtype)
     outputs = model(pixel_values=pixel_values, patch_offsets=inputs.get("patch_offsets"))
-    options = {
-        name: default if getattr(args, name) is None else getattr(args, name) for name, default in THRESHOLDS.items()
-    }
+    sizes = [(image.height, image.width) for image in images]
     if task == "semantic":
         results = processor.post_process_semantic_segments(outputs, sizes)
     elif task == "panoptic":
-        results = processor.post_process_panoptic_segmentation(
-            outputs, sizes, threshold=options["threshold"], mask_threshold=options["mask_threshold"],
-            overlap_mask_area_threshold=options["overlap_threshold"],
-        )  # fmt: skip
+        results = processor.post_process_panoptic_segmentation(outputs, sizes, **options)
     else:
-        results = processor.post_process_instance_segmentation(
-            outputs, sizes, threshold=options["threshold"], mask_threshold=options["mask_threshold"]
-        )
+        results = processor.post_process_instance_segmentation(outputs, sizes, **options)
     return [(r["segmentation"].cpu(), r["segments_info"]) for r in results]
 
 
@@ -244,15 +241,13 @@ def write_outputs(stem: Path, source: Path, image, segmentation, segments, id2la
         records.append(record)
     summary = {"image": str(source), "width": image.width, "height": image.height, "task": task,
                "model": args.model, "segments": records}  # fmt: skip
-    # Everything is rendered before anything is written: a failure leaves the image's earlier results whole.
     files = {}
     if args.mask_format == "png":
         summary["mask_png"] = stem.name + ".segments.png"
         files[summary["mask_png"]] = _png(Image.fromarray((ids + 1).clip(0, 65535).astype(np.uint16)))
     files[f"{stem.name}.png"] = _png(draw_overlay(image, ids, segments, id2label))
     files[f"{stem.name}.json"] = json.dumps(summary, indent=2).encode()
-    for name, data in files.items():
-        _atomic_write(stem.parent / name, data)
+    _write_together(stem.parent, files)
 
 
 def _png(image: Image.Image) -> bytes:
@@ -282,16 +277,31 @@ def encode_rle(mask: np.ndarray) -> str:
     return "".join(chars)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write through a temporary file in the same folder, then rename, so no half-written file is left behind."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _write_together(folder: Path, files: dict[str, bytes]) -> None:
+    """Write `files` (name → content) to temporary files in `folder`, then rename them all: a failure while writing
+    (a full disk) leaves the earlier versions whole and no temporary file behind; only renames remain at the end."""
+    temporaries: dict[str, str] = {}
     try:
-        with os.fdopen(handle, "wb") as f:
-            f.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        for name, data in files.items():
+            handle, temporaries[name] = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+            with os.fdopen(handle, "wb") as f:
+                f.write(data)
+        for name, temporary in temporaries.items():
+            os.replace(temporary, folder / name)
+    finally:
+        for temporary in temporaries.values():
+            Path(temporary).unlink(missing_ok=True)
+
+
+def _stackable_groups(processor, images: list[tuple[Path, Image.Image]]) -> list[list[tuple[Path, Image.Image]]]:
+    """`(path, image)` pairs in batches the processor can stack: all together when it pads or cuts windows, else
+    one batch per resized size."""
+    if processor.do_pad or processor.do_split_image:
+        return [images] if images else []
+    groups: dict[tuple[int, int], list[tuple[Path, Image.Image]]] = {}
+    for path, image in images:
+        groups.setdefault(processor.resized_size(image.height, image.width), []).append((path, image))
+    return list(groups.values())
 
 
 def _unique_names(files: Sequence[Path]) -> dict[Path, str]:

@@ -109,7 +109,7 @@ def test_bad_models_and_empty_folders_fail_with_one_line(model_path, images, tmp
         "--batch-size must be at least 1": [str(images), "--model", str(model_path), "--batch-size", "0"],
     }
     cases = {message: [*args, "--output", str(tmp_path / "out")] for message, args in cases.items()}
-    cases["cannot create the output folder"] = [str(images), "--model", str(model_path), "--output", str(tmp_path / "a_file")]  # fmt: skip
+    cases["is a file; pass a folder"] = [str(images), "--model", str(model_path), "--output", str(tmp_path / "a_file")]  # fmt: skip
     for message, args in cases.items():
         assert run(*args) == 2
         error_lines = capsys.readouterr().err.strip().splitlines()
@@ -117,7 +117,6 @@ def test_bad_models_and_empty_folders_fail_with_one_line(model_path, images, tmp
 
 
 def test_batches_of_mixed_sizes_give_what_single_images_give(model_path, images, tmp_path, capsys):
-    (images / "tall.png").write_bytes((images / "grey.png").read_bytes())
     Image.fromarray(np.full((70, 20, 3), 90, np.uint8)).save(images / "tall.png")
     unpadded = tmp_path / "unpadded"
     save_tiny_checkpoint(unpadded, EomtImageProcessor(size={"shortest_edge": 32, "longest_edge": 32}, do_pad=False))
@@ -164,10 +163,10 @@ def test_failures_mid_run_keep_other_images_and_earlier_results(model_path, imag
 
     from modeling_eomt import cli, visualize
 
-    def failing_predict(model, processor, batch, task, args):
+    def failing_predict(model, processor, batch, task, options):
         if batch[0].size == (30, 50):  # grey.png
             raise RuntimeError("out of memory")
-        return predict(model, processor, batch, task, args)
+        return predict(model, processor, batch, task, options)
 
     def failing_overlay(image, *args, **kwargs):
         raise KeyError("no colour")
@@ -202,6 +201,29 @@ def test_rle_matches_pycocotools():
             mask = rng.random(shape) < density
             expected = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"].decode()
             assert encode_rle(mask) == expected
+
+
+def test_a_failure_between_files_leaves_the_earlier_result_whole(model_path, images, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    args = [str(images / "street.jpg"), "--model", str(model_path), "--output", str(out), "--mask-format", "png"]
+    assert run(*args, "--threshold", "0.1") == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert len(before) == 3  # mask PNG, overlay, JSON
+
+    from modeling_eomt import cli
+
+    calls = []
+
+    def full_disk_at_the_second_file(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return mkstemp(*args, **kwargs)
+
+    mkstemp = cli.tempfile.mkstemp
+    monkeypatch.setattr(cli.tempfile, "mkstemp", full_disk_at_the_second_file)
+    assert run(*args, "--threshold", "1.0") == 1  # no segments: other files, had they been written
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_progress_bar_on_a_terminal(model_path, images, tmp_path, monkeypatch):

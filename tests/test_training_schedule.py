@@ -285,3 +285,8 @@ def test_training_arguments_recipe_defaults_and_flags(tmp_path):
     flags = ["--attn_mask_annealing_starts", "1", "2", "--attn_mask_annealing_ends", "3", "4", "--layer_decay", "0.9"]
     (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--report_to", "none", *flags])
     assert (args.attn_mask_annealing_starts, args.attn_mask_annealing_ends, args.layer_decay) == ([1, 2], [3, 4], 0.9)
+
+
+def test_memory_is_pinned_only_for_an_accelerator(tmp_path):
+    args = EomtTrainingArguments(output_dir=str(tmp_path), report_to=[])
+    assert args.dataloader_pin_memory == torch.accelerator.is_available()
