@@ -225,8 +225,9 @@ def _average(
 ) -> torch.Tensor:
     """`per_piece(sigmoid masks, window)` `(pixels of the piece, k)` averaged over the windows covering each pixel:
     `(band pixels, k)` in row-major order, or `(len(pixels), k)` for the given band pixels only."""
-    if len(pieces) == 1 and pixels is None:  # one window covers the whole band: nothing to average
-        return per_piece(pieces[0].sigmoid, pieces[0].window)
+    if len(pieces) == 1:  # windows cover the image, so this one covers the whole band: nothing to average
+        maps = pieces[0].sigmoid
+        return per_piece(maps if pixels is None else maps[pixels], pieces[0].window)
     device = pieces[0].sigmoid.device
     band_pixels = torch.arange(band_shape[0] * band_shape[1], device=device).view(band_shape)
     rows = band_pixels.numel() if pixels is None else pixels.numel()
