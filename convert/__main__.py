@@ -44,7 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="float64",
         help="Arithmetic of the check: float64 isolates conversion errors; float32 halves its memory.",
     )
-    parser.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="Tolerance of the logit check.")
+    parser.add_argument(
+        "--atol",
+        type=float,
+        help="Tolerance of the logit check (default: "
+        + ", ".join(f"{atol:g} in {dtype}" for dtype, atol in DEFAULT_ATOL.items())
+        + ").",
+    )
     parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty OUTPUT_DIR.")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="Also upload the folder to this Hub repo.")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="Hide the progress bar.")
@@ -59,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         result = convert_checkpoint(source, output_dir, **options)
     except ConversionError as error:
         print(f"eomt-convert: error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # a full disk, permissions: the output folder is left as it was
+        print(f"eomt-convert: error: cannot write the output: {error}", file=sys.stderr)
         return 1
     figure = "skipped" if result.max_abs_difference is None else f"max |Δlogit| = {result.max_abs_difference:.2e}"
     print(

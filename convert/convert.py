@@ -8,13 +8,16 @@ processor config and model card → rename the folder into place.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import pickle
 import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +42,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # weights), so only float64 makes the tolerance a statement about the conversion rather than about the arithmetic.
 VERIFY_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 MAX_SHARD_SIZE = "2GB"
-DEFAULT_ATOL = 1e-4
+# Tolerance of the logit check per verification dtype: float32 allows for its own rounding.
+DEFAULT_ATOL = {"float64": 1e-4, "float32": 1e-3}
 CHECKPOINT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".safetensors")
 # Weight files of a checkpoint folder, in order of preference.
 FOLDER_WEIGHTS = (
@@ -48,8 +52,16 @@ FOLDER_WEIGHTS = (
     "pytorch_model.bin.index.json",
     "pytorch_model.bin",
 )
+# The original release's weight files; its Hub repos hold them beside a converted copy (model.safetensors).
+ORIGINAL_WEIGHTS = ("pytorch_model.bin.index.json", "pytorch_model.bin")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+DINOV3_UNSUPPORTED = (
+    "{what} is a DINOv3 EoMT checkpoint, which stores its weights as deltas against the DINOv3 backbone; only the "
+    "DINOv2 release (tue-mps/eomt) converts here."
+)
 
 
 class ConversionError(ValueError):
@@ -220,7 +232,13 @@ def resolve_source(source: str | os.PathLike) -> Path:
         from huggingface_hub import snapshot_download
 
         try:
-            return Path(snapshot_download(text, allow_patterns=["*.json", "*.bin", "*.safetensors", "*.pt", "*.ckpt"]))
+            # The release's repos also hold a converted copy (model.safetensors): download safetensors only when
+            # nothing else could be the checkpoint.
+            folder = Path(snapshot_download(text, allow_patterns=["*.json", "*.bin", "*.pt", "*.pth", "*.ckpt"]))
+            has_checkpoint = any(p.suffix in CHECKPOINT_SUFFIXES for p in folder.iterdir())
+            if not has_checkpoint and _folder_config(folder).get("model_type") != "eomt":
+                folder = Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors"]))
+            return folder
         except Exception as error:  # offline, unknown repo, gated, …
             raise ConversionError(
                 f"{text!r} is no local path and could not be downloaded from the Hub ({type(error).__name__}); "
@@ -236,21 +254,22 @@ def load_original(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """The original state dict (wrappers and `_orig_mod` removed) and the folder's original `config.json` (or {})."""
     original_config: dict = {}
     if path.is_dir():
-        config_file = path / "config.json"
-        if config_file.is_file():
-            original_config = json.loads(config_file.read_text())
-        weights = next((path / name for name in FOLDER_WEIGHTS if (path / name).is_file()), None)
+        original_config, candidates = _folder_config(path), FOLDER_WEIGHTS
+        converted = original_config.get("model_type") == "eomt"
+        if converted:  # a Transformers config, maybe beside the original weights: those are converted, if present
+            original_config, candidates = {}, ORIGINAL_WEIGHTS
+        weights = next((path / name for name in candidates if (path / name).is_file()), None)
+        if weights is None and converted:
+            raise ConversionError(
+                f"{path} is already in the Transformers format (model_type 'eomt'); load it with "
+                "`from_pretrained` instead of converting it."
+            )
         if weights is None:
             raise ConversionError(
                 f"{path} holds no weights ({', '.join(FOLDER_WEIGHTS)}); pass the folder of a downloaded checkpoint "
                 "or the checkpoint file itself."
             )
         path = weights
-    if original_config.get("model_type") == "eomt":
-        raise ConversionError(
-            f"{path.parent} is already in the Transformers format (model_type 'eomt'); load it with "
-            "`from_pretrained` instead of converting it."
-        )
     if path.name.endswith(".index.json"):
         shard_names = sorted(set(json.loads(path.read_text())["weight_map"].values()))
         state_dict: dict = {}
@@ -258,7 +277,16 @@ def load_original(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             state_dict.update(_load_file(path.parent / shard_name))
     else:
         state_dict = _load_file(path)
-    return _clean_names(state_dict, path), original_config
+    state_dict = _clean_names(state_dict, path)
+    probs = state_dict.get("network.attn_mask_probs")
+    if probs is not None and bool((probs < 0).any()):  # probabilities stored as deltas against 1
+        raise ConversionError(DINOV3_UNSUPPORTED.format(what=str(path)))
+    return state_dict, original_config
+
+
+def _folder_config(folder: Path) -> dict:
+    config_file = folder / "config.json"
+    return json.loads(config_file.read_text()) if config_file.is_file() else {}
 
 
 def _load_file(path: Path) -> dict:
@@ -317,6 +345,8 @@ def backbone_size(name: str) -> str:
     """Backbone size (small … giant) of a timm backbone name (a pretrained tag like `.lvd142m` is ignored)."""
     if name in SIZES:
         return name
+    if "dinov3" in name.lower():
+        raise ConversionError(DINOV3_UNSUPPORTED.format(what=f"backbone {name!r}"))
     sizes = {timm_name: size for size, timm_name in TIMM_BACKBONES.items()}
     base = name.split(".")[0]
     if base not in sizes:
@@ -352,16 +382,20 @@ def resolve_target(
             }
         )
         dataset = spec.labels
-    original_size = original_config.get("image_size")
+    # Field names of the release's configs, and their aliases in its training arguments.
+    original_size = original_config.get("image_size", original_config.get("img_size"))
+    original_backbone = original_config.get("backbone", original_config.get("backbone_name"))
+    patch_size = original_config.get("patch_size")
     if isinstance(original_size, (list, tuple)):
         if len(set(original_size)) != 1:
             raise ConversionError(f"Only square image sizes are supported, the original config has {original_size}.")
         original_size = original_size[0]
     layers.append(
         {
-            "size": backbone_size(original_config["backbone"]) if "backbone" in original_config else None,
+            "size": backbone_size(original_backbone) if original_backbone else None,
             "image_size": original_size,
-            "patch_size": original_config.get("patch_size"),
+            "patch_size": patch_size,
+            "num_upscale_blocks": max(1, int(math.log2(patch_size)) - 2) if patch_size else None,
             "num_queries": original_config.get("num_queries", original_config.get("num_q")),
             "num_labels": original_config.get("num_labels", original_config.get("num_classes")),
             "num_blocks": original_config.get("num_blocks"),
@@ -493,7 +527,7 @@ def convert_checkpoint(
     dtype: str = "float32",
     verify: bool = True,
     verify_dtype: str = "float64",
-    atol: float = DEFAULT_ATOL,
+    atol: float | None = None,
     overwrite: bool = False,
     push_to_hub: str | None = None,
     progress: bool = True,
@@ -502,8 +536,8 @@ def convert_checkpoint(
 
     Everything is written to a temporary sibling of `output_dir`, which replaces it only once all files exist and,
     with `verify`, the converted model reproduces the reference logits within `atol` (both computed in
-    `verify_dtype`, on the weights as written in `dtype`). Raises `ConversionError` on bad input (nothing is written
-    then).
+    `verify_dtype`, on the weights as written in `dtype`; default `DEFAULT_ATOL[verify_dtype]`). Raises
+    `ConversionError` on bad input (nothing is written then).
     """
     start = time.perf_counter()
     output_dir = Path(output_dir).expanduser()
@@ -513,6 +547,7 @@ def convert_checkpoint(
         raise ConversionError(
             f"Unknown verification dtype {verify_dtype!r}; choose one of {', '.join(VERIFY_DTYPES)}."
         )
+    atol = DEFAULT_ATOL[verify_dtype] if atol is None else atol
     if output_dir.exists() and not output_dir.is_dir():
         raise ConversionError(f"{output_dir} is a file; pass a folder path as OUTPUT_DIR.")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
@@ -543,6 +578,7 @@ def convert_checkpoint(
     created = _first_missing(output_dir.parent)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private (0700); the result is an ordinary folder
     try:
         config.architectures = ["EomtForUniversalSegmentation"]
         config.dtype = DTYPES[dtype]
@@ -555,11 +591,13 @@ def convert_checkpoint(
 
         difference = None
         if verify:
-            difference = _verify(staging, VERIFY_DTYPES[verify_dtype], reference, pixels, mean, std)
+            with _progress_bars(progress):
+                difference = _verify(staging, VERIFY_DTYPES[verify_dtype], reference, pixels, mean, std)
             if not difference <= atol:
+                hint = " (or float32 rounding: check with --verify-dtype float64)" if verify_dtype != "float64" else ""
                 raise ConversionError(
                     f"Verification failed: converted logits differ from the reference by {difference:.3g} "
-                    f"(> {atol:g}); the checkpoint does not match {_describe(config)} or the mapping is wrong."
+                    f"(> {atol:g}); the checkpoint does not match {_describe(config)} or the mapping is wrong{hint}."
                 )
 
         EomtImageProcessor.for_task(
@@ -579,9 +617,7 @@ def convert_checkpoint(
         )
         (staging / "README.md").write_text(card)
 
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(staging, output_dir)
+        _replace_folder(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if created is not None:
@@ -591,9 +627,16 @@ def convert_checkpoint(
     if push_to_hub:
         from huggingface_hub import HfApi
 
-        api = HfApi()
-        api.create_repo(push_to_hub, exist_ok=True)
-        api.upload_folder(repo_id=push_to_hub, folder_path=output_dir, commit_message=f"Convert {source}")
+        try:
+            api = HfApi()
+            api.create_repo(push_to_hub, exist_ok=True)
+            api.upload_folder(repo_id=push_to_hub, folder_path=output_dir, commit_message=f"Convert {source}")
+        except Exception as error:  # network, authentication, permissions, …
+            raise ConversionError(
+                f"{output_dir} is complete, but uploading it to {push_to_hub} failed ({type(error).__name__}: "
+                f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); log in with `hf auth login` "
+                f"and upload the folder with `hf upload {push_to_hub} {output_dir}`."
+            ) from error
     return ConversionResult(
         output_dir, config, target.task, target.dataset, num_parameters, dtype, difference, time.perf_counter() - start
     )
@@ -636,6 +679,39 @@ def _name(source: str | os.PathLike) -> str:
     """Name of a source without checkpoint suffix: folder, file stem or Hub repo name (may be a preset name)."""
     path = Path(str(source).rstrip("/"))
     return path.stem if path.suffix in CHECKPOINT_SUFFIXES else path.name
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Put folder `new` in `target`'s place. An existing `target` is moved aside first and deleted only once `new`
+    is in place (and moved back if that fails), so a failure never loses both."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    aside = target.with_name(f".{target.name}.replaced-{os.getpid()}")
+    os.replace(target, aside)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(aside, target)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """transformers' progress bars (e.g. "Loading weights") on or off for the block."""
+    was_enabled = logging.is_progress_bar_enabled()
+    (logging.enable_progress_bar if enabled else logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (logging.enable_progress_bar if was_enabled else logging.disable_progress_bar)()
 
 
 def _first_missing(path: Path) -> Path | None:

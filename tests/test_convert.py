@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +22,7 @@ from modeling_eomt.convert import ConversionError, convert_checkpoint, reference
 from modeling_eomt.convert.__main__ import main
 from modeling_eomt.convert.convert import logit_difference, verification_pixels
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForUniversalSegmentation, pipeline
 
 import modeling_eomt  # noqa: F401  (registers the Auto classes)
@@ -440,6 +443,8 @@ def test_semantic_task_writes_sliding_window_processor_and_runs_in_the_pipeline(
     assert result.dataset == "cityscapes_semantic"
     processor = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())
     assert processor["do_split_image"] is True and processor["size"]["shortest_edge"] == 32
+    # Cityscapes train ids: 0 is road, 255 void
+    assert processor["ignore_index"] == 255 and processor["do_reduce_labels"] is False
 
     segmenter = pipeline("image-segmentation", model=str(tmp_path / "out"))
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 72, 3), dtype=np.uint8))
@@ -459,7 +464,77 @@ def test_panoptic_conversion_runs_in_the_pipeline(tmp_path):
     image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (50, 30, 3), dtype=np.uint8))
     segments = segmenter(image, subtask="panoptic", threshold=0.0)
     names = set(id2label("coco_panoptic").values())
-    assert all(segment["label"] in names and segment["mask"].size == (30, 50) for segment in segments)
+    assert segments and all(segment["label"] in names and segment["mask"].size == (30, 50) for segment in segments)
+
+
+def test_ade20k_semantic_targets_reduce_labels(tmp_path):
+    sd = original_state_dict(num_labels=150, num_queries=4)
+    source = save_folder(tmp_path / "ckpt", sd, original_config(num_labels=150, num_queries=4))
+    assert convert_checkpoint(source, tmp_path / "out", task="semantic", progress=False).dataset == "ade20k_semantic"
+    processor = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())
+    assert processor["ignore_index"] == 255 and processor["do_reduce_labels"] is True  # ADE20K files: 0 is "other"
+
+
+def test_release_config_aliases_and_patch_size(tmp_path):
+    """The release's training arguments name fields `backbone_name` and `img_size`; a patch-8 model has one
+    upscale block (log2(8) - 2)."""
+    sd = original_state_dict(patch_size=8, image_size=32)
+    config = {**original_config(), "patch_size": 8}
+    config["backbone_name"], config["img_size"] = config.pop("backbone"), config.pop("image_size")
+    source = save_folder(tmp_path / "ckpt", sd, config)
+    result = convert_checkpoint(source, tmp_path / "out", task="panoptic", verify=False, progress=False)
+    assert (result.config.patch_size, result.config.num_upscale_blocks, result.config.image_size) == (8, 1, 32)
+    model = AutoModelForUniversalSegmentation.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        masks = model(pixel_values=torch.rand(1, 3, 32, 32)).masks_queries_logits
+    assert masks.shape[-2:] == (8, 8)  # the 4×4 patch grid upscaled once
+
+
+def fake_hub(monkeypatch, repo: Path) -> list[list[str]]:
+    """`snapshot_download` serving `repo` (files filtered by `allow_patterns`); returns the patterns of each call."""
+    import fnmatch
+
+    import huggingface_hub
+
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        calls.append(allow_patterns)
+        folder = Path(tempfile.mkdtemp(dir=repo.parent))
+        for file in repo.iterdir():
+            if any(fnmatch.fnmatch(file.name, pattern) for pattern in allow_patterns):
+                shutil.copy(file, folder / file.name)
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return calls
+
+
+def test_hub_repo_with_original_and_converted_weights_converts_the_original(tmp_path, monkeypatch):
+    sd = original_state_dict(image_size=640, num_queries=200, num_labels=133, num_blocks=2)
+    repo = save_folder(tmp_path / "repo", sd)
+    convert_checkpoint(repo, tmp_path / "copy", preset="coco_panoptic_eomt_small_640_2x", verify=False, progress=False)
+    for name in ("config.json", "model.safetensors"):  # the converted copy the release's repos also hold
+        shutil.copy(tmp_path / "copy" / name, repo / name)
+    calls = fake_hub(monkeypatch, repo)
+    result = convert_checkpoint("tue-mps/coco_panoptic_eomt_small_640_2x", tmp_path / "out", progress=False)
+    assert result.dataset == "coco_panoptic" and result.max_abs_difference <= 1e-4
+    assert len(calls) == 1 and not any("safetensors" in pattern for pattern in calls[0])  # the copy is not fetched
+
+    (repo / "pytorch_model.bin").unlink()  # only the converted copy: nothing to convert, nothing big downloaded
+    calls.clear()
+    with pytest.raises(ConversionError, match="already in the Transformers format"):
+        convert_checkpoint("tue-mps/coco_panoptic_eomt_small_640_2x", tmp_path / "out2", progress=False)
+    assert len(calls) == 1
+
+
+def test_hub_repo_with_original_safetensors(tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    save_file(original_state_dict(), repo / "model.safetensors")
+    calls = fake_hub(monkeypatch, repo)
+    convert_checkpoint("someone/my_eomt", tmp_path / "out", backbone="small", task="panoptic", progress=False, **tiny_flags())  # fmt: skip
+    assert len(calls) == 2 and (tmp_path / "out" / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize(
@@ -493,13 +568,36 @@ def test_large_outputs_are_sharded_with_an_index(tmp_path, monkeypatch):
     assert_matches_reference(tmp_path / "out", sd)
 
 
-def test_overwrite_replaces_a_non_empty_output(tmp_path, capsys):
+def test_overwrite_replaces_a_non_empty_output(tmp_path, capsys, monkeypatch):
     source = save_folder(tmp_path / "ckpt", original_state_dict(), original_config())
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.txt").write_text("old")
-    code, out, _ = run_cli(source, tmp_path / "out", "--task", "panoptic", "--overwrite", capsys=capsys)
-    assert code == 0 and "max |Δlogit|" in out
+
+    import modeling_eomt.convert.convert as convert_module
+
+    replace = os.replace
+    calls = []
+
+    def rename_fails_once_the_old_folder_is_aside(source_path, target_path):
+        calls.append(1)
+        if len(calls) == 2:  # staging → out, after out → aside
+            raise OSError(5, "I/O error")
+        replace(source_path, target_path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(convert_module.os, "replace", rename_fails_once_the_old_folder_is_aside)
+        code, _, err = run_cli(source, tmp_path / "out", "--task", "panoptic", "--overwrite", capsys=capsys)
+    assert code == 1 and err.strip() == "eomt-convert: error: cannot write the output: [Errno 5] I/O error"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging or aside folder left
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["old.txt"]  # the old output is back, whole
+
+    code, out, err = run_cli(source, tmp_path / "out", "--task", "panoptic", "--overwrite", capsys=capsys)
+    assert code == 0 and "max |Δlogit|" in out, err
     assert not (tmp_path / "out" / "old.txt").exists() and (tmp_path / "out" / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask  # an ordinary folder, not mkdtemp's 0700
 
 
 def test_no_verify_converts_a_mid_annealing_checkpoint(tmp_path, capsys):
@@ -594,6 +692,16 @@ def _pickled_object(tmp_path):
     return [tmp_path / "unsafe.ckpt", "--backbone", "small"], "never unpickled"
 
 
+def _dinov3_deltas(tmp_path):
+    torch.save(original_state_dict(mask_probs=-1.0), tmp_path / "weights.bin")  # annealed: 1 + delta = 0
+    return [tmp_path / "weights.bin", "--backbone", "small", "--task", "panoptic"], "DINOv3"
+
+
+def _dinov3_backbone(tmp_path):
+    torch.save(original_state_dict(), tmp_path / "weights.bin")
+    return [tmp_path / "weights.bin", "--backbone", "vit_large_patch16_dinov3.lvd1689m"], "DINOv3"
+
+
 def _no_architecture(tmp_path):
     torch.save(original_state_dict(), tmp_path / "weights.bin")
     return [tmp_path / "weights.bin"], "--preset NAME or --backbone"
@@ -613,6 +721,8 @@ def _no_architecture(tmp_path):
         _unknown_key,
         _missing_key,
         _pickled_object,
+        _dinov3_deltas,
+        _dinov3_backbone,
         _no_architecture,
     ],
     ids=lambda f: f.__name__.strip("_"),
