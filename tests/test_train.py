@@ -106,24 +106,44 @@ def test_resume_is_bit_identical(tmp_path):
     assert torch.equal(a["attn_mask_probs"], b["attn_mask_probs"])
 
 
-def test_two_process_torchrun_trains(tmp_path):
+def eval_args(args: list[str], eval_samples: int, eval_batch: int) -> list[str]:
+    """`args` that also evaluate `eval_samples` images in batches of `eval_batch`."""
+    args = list(args)
+    args[args.index("--max_eval_samples") + 1] = str(eval_samples)
+    args[args.index("--per_device_eval_batch_size") + 1] = str(eval_batch)
+    return [*args, "--do_eval"]
+
+
+def test_eval_metrics_do_not_depend_on_the_eval_batch_size(tmp_path):
+    """5 images in batches of 2 leave a last batch of 1: its targets must reach the metric whole."""
+    results = []
+    for batch in (2, 5):
+        output = tmp_path / str(batch)
+        main(eval_args(train_args(output, "semantic", steps=2, extra=("--save_strategy", "no")), 5, batch))
+        results.append(json.loads((output / "eval_results.json").read_text())["eval_miou"])
+    assert results[0] == results[1] > 0
+
+
+def test_two_process_torchrun_trains_one_model_and_evaluates_every_image_once(tmp_path):
+    """Two CPU processes: gradients are averaged (one model), and evaluation of 5 images (4 per step across the
+    processes, so one is padded) equals a single-process evaluation of the saved model."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29517",
-        "-m",
-        "modeling_eomt.train",
-        *train_args(tmp_path, steps=2, extra=("--save_strategy", "no", "--ddp_backend", "gloo")),
-    ]
+    trained = tmp_path / "trained"
+    args = eval_args(train_args(trained, "semantic", steps=2, extra=("--save_strategy", "no", "--ddp_backend", "gloo")), 5, 2)  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+               "-m", "modeling_eomt.train", *args]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "model.safetensors").exists()
-    assert json.loads((tmp_path / "train_results.json").read_text())["train_loss"] > 0
+    assert json.loads((trained / "train_results.json").read_text())["train_loss"] > 0
+    distributed = json.loads((trained / "eval_results.json").read_text())["eval_miou"]
+
+    single = eval_args(train_args(tmp_path / "single", "semantic"), 5, 2)
+    single[single.index("--model_name_or_path") + 1] = str(trained)
+    single.remove("--do_train")
+    command = [sys.executable, "-m", "modeling_eomt.train", *single]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "single" / "eval_results.json").read_text())["eval_miou"] == distributed
 
 
 def test_epoch_callback_reseeds_augmentation_per_epoch():

@@ -196,6 +196,11 @@ class EncodedInputsMixin:
             references = [self.encode_example(r, "references") for r in references]
         super().add_batch(predictions=predictions, references=references, **kwargs)
 
+    def add_encoded_batch(self, *, predictions: list, references: list) -> None:
+        """Add examples already encoded with `encode_example` (e.g. encoded where they were predicted, then gathered
+        across processes)."""
+        super().add_batch(predictions=predictions, references=references)
+
     def add(self, *, prediction=None, reference=None, **kwargs):
         """Add one prediction and reference (encoded compactly before storage)."""
         if prediction is not None:

@@ -1,14 +1,12 @@
 """Evaluation inside the Trainer: the processor prepares eval images exactly as at inference (padding, or sliding
-windows for semantic), the model predicts, and `compute_metrics` runs the matching post-processing and accumulates
-PQ, mIoU or mask AP batch by batch (`batch_eval_metrics=True`, so predictions are never stacked in memory)."""
+windows for semantic), the model predicts, and [`SegmentationMetrics`] post-processes each batch where it was
+predicted and accumulates PQ, mIoU or mask AP from compact per-image records (never stacked predictions)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from types import SimpleNamespace
 
 import torch
-from transformers import EvalPrediction
 
 from ..image_processing import EomtImageProcessor
 from ..metrics import load_metric
@@ -41,20 +39,10 @@ class EvalCollator:
         return batch
 
 
-def predict_for_metrics(model: torch.nn.Module, inputs: dict) -> tuple[tuple, list[dict]]:
-    """The Trainer's prediction step for segmentation: logits (and window offsets) as predictions, targets as labels."""
-    targets = inputs.pop("targets")
-    with torch.no_grad():
-        outputs = model(**inputs)
-    predictions = (outputs.class_queries_logits, outputs.masks_queries_logits)
-    if outputs.patch_offsets is not None:
-        predictions += (outputs.patch_offsets,)
-    return predictions, targets
-
-
 class SegmentationMetrics:
-    """`compute_metrics` for the Trainer with `batch_eval_metrics=True`: post-process each batch, accumulate, and
-    report the task's metrics (prefixed `eval_` by the Trainer) when `compute_result` is set."""
+    """The metrics of [`SegmentationTrainer`]: `encode` post-processes a batch into one compact record per image (the
+    metric's stored form), `add` accumulates records, `compute` reports the task's metrics (prefixed `eval_` by the
+    trainer)."""
 
     def __init__(
         self,
@@ -69,40 +57,37 @@ class SegmentationMetrics:
         self.num_labels = len(id2label)
         self.stuff_ids = list(stuff_ids)
         self.threshold = threshold
-        self.metric = load_metric(METRIC_OF_TASK[task])
+        # In memory: every process of a distributed run holds its own copy (a shared cache file would clash).
+        self.metric = load_metric(METRIC_OF_TASK[task], keep_in_memory=True)
 
-    def __call__(self, eval_pred: EvalPrediction, compute_result: bool = True) -> dict[str, float]:
-        class_logits, mask_logits, *offsets = eval_pred.predictions
-        outputs = SimpleNamespace(
-            class_queries_logits=class_logits,
-            masks_queries_logits=mask_logits,
-            patch_offsets=offsets[0] if offsets else None,
-        )
-        targets = eval_pred.label_ids
+    def encode(self, outputs, targets: list[dict]) -> list[tuple[dict, dict]]:
+        """Per image of a batch: its post-processed prediction and its reference, encoded as the metric stores them
+        (small Python objects, cheap to gather across processes)."""
         sizes = [tuple(target["masks"].shape[-2:]) for target in targets]
-        self._add(outputs, targets, sizes)
-        if not compute_result:
-            return {}
-        return self._compute()
-
-    def _add(self, outputs, targets: list[dict], sizes: list[tuple[int, int]]) -> None:
         if self.task == "semantic":
-            maps = self.processor.post_process_semantic_segmentation(outputs, target_sizes=sizes)
+            predictions = self.processor.post_process_semantic_segmentation(outputs, target_sizes=sizes)
             references = [semantic_map(target) for target in targets]
-            self.metric.add_batch(predictions=[m.cpu() for m in maps], references=references)
         elif self.task == "panoptic":
-            results = self.processor.post_process_panoptic_segmentation(
+            predictions = self.processor.post_process_panoptic_segmentation(
                 outputs, target_sizes=sizes, threshold=self.threshold, stuff_classes=self.stuff_ids
             )
-            self.metric.add_batch(predictions=results, references=[segments(target) for target in targets])
+            references = [segments(target) for target in targets]
         else:
             # COCO AP ranks all top-100 detections: no score threshold.
-            results = self.processor.post_process_instance_segmentation(
+            predictions = self.processor.post_process_instance_segmentation(
                 outputs, target_sizes=sizes, threshold=0.0, return_binary_maps=True
             )
-            self.metric.add_batch(predictions=results, references=[segments(target) for target in targets])
+            references = [segments(target) for target in targets]
+        encode = self.metric.encode_example
+        return [(encode(p, "predictions"), encode(r, "references")) for p, r in zip(predictions, references)]
 
-    def _compute(self) -> dict[str, float]:
+    def add(self, records: Sequence[tuple[dict, dict]]) -> None:
+        self.metric.add_encoded_batch(
+            predictions=[prediction for prediction, _ in records], references=[reference for _, reference in records]
+        )
+
+    def compute(self) -> dict[str, float]:
+        """The metrics of every record added since the last call."""
         if self.task == "semantic":
             results = self.metric.compute(num_labels=self.num_labels, ignore_index=IGNORE_INDEX)
             results["miou"] = results.pop("mean_iou")

@@ -15,6 +15,7 @@ Use either `Trainer(..., optimizers=build_optimizer_and_scheduler(model, max_ste
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from functools import partial
@@ -167,11 +168,15 @@ def build_optimizer_and_scheduler(
 @dataclass
 class EomtTrainingArguments(TrainingArguments):
     """
-    `TrainingArguments` with the EoMT recipe's defaults (lr 1e-4, weight decay 0.05, gradient clip 0.01) and its
-    extra knobs. `lr_scheduler_type` and `warmup_steps` are not used by [`EomtTrainer`]: the schedule is the
+    `TrainingArguments` with the EoMT recipe's defaults (lr 1e-4, weight decay 0.05, gradient clip 0.01, seed 0) and
+    its extra knobs. `lr_scheduler_type` and `warmup_steps` are not used by [`EomtTrainer`]: the schedule is the
     recipe's two-stage warmup + poly decay.
     """
 
+    seed: int = field(default=0, metadata={"help": "Random seed (the recipe's is 0)."})
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "Every parameter gets a gradient at every step, so DDP need not search."}
+    )
     learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate of the head and the last block."})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay, applied to every parameter."})
     max_grad_norm: float = field(default=0.01, metadata={"help": "Gradient clipping norm (the recipe uses 0.01)."})
@@ -197,10 +202,14 @@ class EomtTrainingArguments(TrainingArguments):
     attn_mask_annealing_power: float = field(default=0.9, metadata={"help": "Power of the annealing decay."})
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        # Pinned memory only speeds up copies to an accelerator; without one, torch warns in every data loader.
         if not torch.accelerator.is_available():
+            # Pinned memory only speeds up copies to an accelerator; without one, torch warns in every data loader.
             self.dataloader_pin_memory = False
+            # Without `use_cpu`, accelerate runs a CPU-only torchrun as independent processes: no DDP wrapper, no
+            # gradient averaging, each process training its own model.
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                self.use_cpu = True
+        super().__post_init__()
 
 
 class EomtTrainer(Trainer):

@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from transformers import HfArgumentParser, TrainerCallback, set_seed
 from transformers.utils import logging
 
@@ -25,7 +26,7 @@ from ..modeling import EomtForUniversalSegmentation
 from .augmentation import TrainTransform
 from .collator import SegmentationCollator
 from .data import TASKS, SegmentationDataset, benchmark_key, load_segmentation_dataset
-from .evaluation import HEADLINE, EvalCollator, SegmentationMetrics, predict_for_metrics
+from .evaluation import HEADLINE, EvalCollator, SegmentationMetrics
 from .optim import EomtTrainer, EomtTrainingArguments
 
 logger = logging.get_logger(__name__)
@@ -115,10 +116,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Eom
         compute_metrics = SegmentationMetrics(
             processor, data_args.task, train_raw.id2label, train_raw.stuff_ids, data_args.panoptic_threshold
         )
-    # Targets are variable-sized lists: evaluate batch by batch, never concatenated.
-    training_args.batch_eval_metrics = True
-    training_args.eval_do_concat_batches = False
-    training_args.remove_unused_columns = False
+    training_args.remove_unused_columns = False  # the collators read the examples' own fields
 
     trainer = SegmentationTrainer(
         model=model,
@@ -161,7 +159,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Eom
 
 
 class SegmentationTrainer(EomtTrainer):
-    """[`EomtTrainer`] whose evaluation feeds processor-prepared images to the model and targets to the metrics."""
+    """[`EomtTrainer`] whose evaluation feeds processor-prepared images to the model and, with a
+    [`SegmentationMetrics`] as `compute_metrics`, reports the task's metrics."""
 
     def __init__(self, *args, eval_collator=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -175,8 +174,22 @@ class SegmentationTrainer(EomtTrainer):
             self.data_collator = train_collator
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        predictions, targets = predict_for_metrics(model, inputs)
-        return None, predictions, targets
+        targets = inputs.pop("targets")
+        with torch.no_grad():
+            outputs = model(**inputs)
+        if isinstance(self.compute_metrics, SegmentationMetrics):
+            # Post-processed where predicted, then gathered as whole images (padding duplicates dropped). The
+            # Trainer's own gathering of predictions and labels would pad and cut the targets' tensors.
+            records = self.compute_metrics.encode(outputs, targets)
+            self.compute_metrics.add(self.accelerator.gather_for_metrics(records, use_gather_object=True))
+        return None, None, None
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):  # fmt: skip
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if isinstance(self.compute_metrics, SegmentationMetrics):
+            metrics = self.compute_metrics.compute()
+            output.metrics.update({f"{metric_key_prefix}_{name}": value for name, value in metrics.items()})
+        return output
 
 
 def main(argv: list[str] | None = None) -> None:
