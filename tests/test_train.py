@@ -163,6 +163,14 @@ def test_epoch_callback_reseeds_augmentation_per_epoch():
     callback.on_epoch_begin(None, SimpleNamespace(epoch=1.0), None)
     assert dataset.epoch == 1 and not torch.equal(first, dataset[0]["image"])
 
+    # persistent workers keep their copy of the dataset across epochs, and still follow the epoch
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=1, persistent_workers=True)
+    images = []
+    for epoch in (0, 1):
+        callback.on_epoch_begin(None, SimpleNamespace(epoch=float(epoch)), None)
+        images.append(next(iter(loader))["image"])
+    assert torch.equal(images[0], first) and not torch.equal(images[1], first)
+
 
 def test_demo_trains_caches_and_writes_overlays(tmp_path, capsys):
     from modeling_eomt.training import demo

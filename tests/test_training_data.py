@@ -148,6 +148,8 @@ def test_coco_panoptic_layout(coco_panoptic_root):
     assert dataset.id2label == {0: "person", 1: "train", 2: "banner"}
     assert dataset.stuff_ids == (2,)
     assert len(dataset) == 2
+    # `datasets`' name for the split (the Trainer's default) finds COCO's "val"
+    assert len(load_segmentation_dataset(coco_panoptic_root, "panoptic", "validation")) == 2
     for seed in range(2):
         _check_panoptic(dataset[seed], seed, _image(seed))
 
@@ -326,6 +328,7 @@ def test_cityscapes_folders_and_table(tmp_path):
         _save(_image(0), root / "leftImg8bit" / "val" / "aachen" / "aachen_000000_000019_leftImg8bit.png")
         _save(mask, root / "gtFine" / "val" / "aachen" / f"aachen_000000_000019_gtFine_{suffix}.png")
         example = load_segmentation_dataset(root, "semantic", "val")[0]
+        assert torch.equal(load_segmentation_dataset(root, "semantic", "validation")[0]["masks"], example["masks"])
         assert example["class_labels"].tolist() == sorted(set(np.unique(train_ids).tolist()) - {255})
         for mask_, label in zip(example["masks"], example["class_labels"]):
             assert torch.equal(mask_, torch.from_numpy(train_ids == int(label)))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
@@ -54,6 +55,33 @@ CITYSCAPES_ID_TO_TRAIN_ID = {
 # ----------------------------------------------------------------------------------------------------------------
 # The dataset object
 # ----------------------------------------------------------------------------------------------------------------
+
+
+class SharedInt:
+    """An int in shared memory that worker processes started with it (DataLoader workers, persistent ones too) see
+    change; pickled in any other way (a deep copy, a cache) it is copied by value."""
+
+    def __init__(self, value: int = 0):
+        self._shared = multiprocessing.RawValue("q", value)
+
+    @property
+    def value(self) -> int:
+        return self._shared.value
+
+    @value.setter
+    def value(self, value: int) -> None:
+        self._shared.value = value
+
+    def __reduce__(self):
+        if multiprocessing.context.get_spawning_popen() is not None:  # pickled to start a process: share
+            return _shared_int, (self._shared,)
+        return SharedInt, (self.value,)
+
+
+def _shared_int(shared) -> SharedInt:
+    value = SharedInt.__new__(SharedInt)
+    value._shared = shared
+    return value
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
@@ -108,7 +136,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.task = task
         self.transform = transform
         self.seed = seed
-        self.epoch = 0
+        # Shared: persistent DataLoader workers keep their copy of the dataset across epochs.
+        self._epoch = SharedInt()
         stuff_ids = set(stuff_ids)
         id2label = {int(k): v for k, v in id2label.items()}
         # Instance training from panoptic data keeps the thing classes, renumbered 0..K-1 in their original order.
@@ -135,14 +164,15 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def with_transform(self, transform: Callable[..., Example] | None, seed: int | None = None) -> SegmentationDataset:
         """A view of the same data with another transform (e.g. augmentation for training, resizing for eval)."""
-        view = copy.copy(self)
-        view.transform, view.seed, view.epoch = transform, seed, 0
+        view = self._view()
+        view.transform, view.seed = transform, seed
+        view.set_epoch(0)
         return view
 
     def select(self, indices: Iterable[int]) -> SegmentationDataset:
         """A view of the examples at `indices` (e.g. `range(100)` for the first hundred)."""
         indices = list(indices)
-        view = copy.copy(self)
+        view = self._view()
         # A `datasets.Dataset` sliced with [] would give a dict of columns; it has its own `select`.
         view.records = (
             self.records.select(indices) if hasattr(self.records, "select") else [self.records[i] for i in indices]
@@ -150,8 +180,18 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return view
 
     def set_epoch(self, epoch: int):
-        """Called by the Trainer/accelerate at each epoch; changes the seeded augmentations (see `seed`)."""
-        self.epoch = epoch
+        """Called by the Trainer/accelerate at each epoch; changes the seeded augmentations (see `seed`), in the
+        DataLoader's worker processes too."""
+        self._epoch.value = epoch
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
+
+    def _view(self) -> SegmentationDataset:
+        view = copy.copy(self)
+        view._epoch = SharedInt(self.epoch)  # its own epoch, not the original's
+        return view
 
     @property
     def label2id(self) -> dict[str, int]:
@@ -913,17 +953,32 @@ def _local_folder(path: Path, task, split, key, classes, ignore_index, image_dir
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
         dataset = datasets.load_from_disk(str(path))
         if isinstance(dataset, datasets.DatasetDict):
+            split = split if split in dataset else _SPLIT_ALIASES.get(split, split)
             if split not in dataset:
                 raise ValueError(f"{path} has splits {list(dataset)}, not {split!r}; pass one of them as `split`.")
             dataset = dataset[split]
         return hf_dataset(dataset, task, key, classes, ignore_index)
+    # `datasets` calls it "validation", COCO and Cityscapes folders "val": either name finds either.
+    for name in dict.fromkeys([split, _SPLIT_ALIASES.get(split, split)]):
+        dataset = _known_layout(path, task, name, classes, ignore_index, image_dir, mask_dir)
+        if dataset is not None:
+            return dataset
+    dataset = datasets.load_dataset(str(path), split=split, **load_kwargs)
+    return hf_dataset(dataset, task, key, classes, ignore_index)
+
+
+_SPLIT_ALIASES = {"validation": "val", "val": "validation"}
+
+
+def _known_layout(path: Path, task, split, classes, ignore_index, image_dir, mask_dir) -> SegmentationDataset | None:
+    """`split` of a COCO, Cityscapes, COCO-JSON or images + masks folder; None for other layouts."""
     # COCO layout; instance and semantic training can also use the other kind of annotation file.
     kinds = {"panoptic": ("panoptic",), "instance": ("instances", "panoptic"), "semantic": ("panoptic", "instances")}
     for kind in kinds[task]:
         coco = path / "annotations" / f"{kind}_{split}2017.json"
         if coco.is_file():
             return coco_json_dataset(coco, task, image_dir, mask_dir, split)
-    if (path / "leftImg8bit").is_dir() and (path / "gtFine").is_dir():
+    if (path / "leftImg8bit" / split).is_dir() and (path / "gtFine" / split).is_dir():
         return cityscapes_dataset(path, split)
     own_json = [p for p in (path / f"{split}.json", path / "annotations.json") if p.is_file()]
     if own_json:
@@ -934,5 +989,4 @@ def _local_folder(path: Path, task, split, key, classes, ignore_index, image_dir
         and any((path / name).is_dir() for name in ("masks", "annotations", "labels"))
     ):
         return semantic_folder_dataset(path, split, classes, ignore_index, image_dir, mask_dir)
-    dataset = datasets.load_dataset(str(path), split=split, **load_kwargs)
-    return hf_dataset(dataset, task, key, classes, ignore_index)
+    return None
