@@ -22,6 +22,7 @@ from modeling_eomt.training.augmentation import (
 from modeling_eomt.training.collator import SegmentationCollator
 from modeling_eomt.training.data import (
     SegmentationDataset,
+    hf_dataset,
     load_segmentation_dataset,
     polygons_to_mask,
     rle_to_mask,
@@ -257,6 +258,31 @@ def test_panoptic_table_saved_to_disk(tmp_path):
         load_segmentation_dataset(tmp_path / "saved", "panoptic", "train", classes=CATEGORIES)
     with pytest.raises(ValueError, match="classes="):
         load_segmentation_dataset(tmp_path / "saved", "panoptic", "validation")
+
+
+def test_panoptic_table_with_class_labels_keeps_the_benchmarks_stuff_classes():
+    """A Hub panoptic table whose `category_id` is a ClassLabel (names only): things and stuff by the benchmark."""
+    from modeling_eomt.configuration.labels import stuff_ids
+
+    names = list(benchmark_labels("coco_panoptic").values())
+    segment_map = _segment_map(0)
+    info = [{"id": 300, "category_id": names.index("train"), "iscrowd": 0},
+            {"id": 70000, "category_id": names.index("banner"), "iscrowd": 0},
+            {"id": 5, "category_id": names.index("person"), "iscrowd": 1}]  # fmt: skip
+    category = datasets.ClassLabel(names=names)
+    table = datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(_image(0))], "label": [Image.fromarray(_panoptic_png(segment_map))],
+         "segments_info": [info]},
+        features=datasets.Features({
+            "image": datasets.Image(), "label": datasets.Image(),
+            "segments_info": datasets.List({"id": datasets.Value("int64"), "category_id": category,
+                                            "iscrowd": datasets.Value("int64")}),
+        }),
+    )  # fmt: skip
+    panoptic = hf_dataset(table, "panoptic", dataset_key="coco_panoptic")
+    assert panoptic.stuff_ids == stuff_ids("coco_panoptic") and names.index("banner") in panoptic.stuff_ids
+    instance = hf_dataset(table, "instance", dataset_key="coco_panoptic")
+    assert "banner" not in instance.id2label.values() and len(instance.id2label) == 80
 
 
 def test_panoptic_imagefolder_with_metadata(tmp_path):

@@ -822,11 +822,18 @@ def _table_categories(dataset, classes, dataset_key, path: tuple[str, str]) -> l
     feature = inner.get(path[1]) if isinstance(inner, Mapping) else None
     feature = getattr(feature, "feature", feature)  # dict-of-lists layout wraps the ClassLabel
     names = getattr(feature, "names", None)
-    if names:
-        return [{"id": k, "name": n} for k, n in enumerate(names)]
-    if dataset_key is not None:
-        from ..configuration.labels import stuff_ids
+    from ..configuration.labels import stuff_ids
 
+    if names:
+        categories = [{"id": k, "name": n} for k, n in enumerate(names)]
+        stuff = {_labels_for(dataset_key)[k] for k in stuff_ids(dataset_key)} if dataset_key is not None else set()
+        if stuff:  # a ClassLabel says nothing of things and stuff: the benchmark's stuff classes, by name
+            if not stuff & set(names):
+                logger.warning(f"No class of the table is a {dataset_key} stuff class by name; all are things.")
+            for category in categories:
+                category["isthing"] = category["name"] not in stuff
+        return categories
+    if dataset_key is not None:
         stuff = set(stuff_ids(dataset_key))
         return [{"id": k, "name": n, "isthing": k not in stuff} for k, n in _labels_for(dataset_key).items()]
     raise ValueError(
