@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConversionError as error:
         print(f"eomt-convert: error: {error}", file=sys.stderr)
         return 1
-    except OSError as error:  # a full disk, permissions: the output folder is left as it was
-        print(f"eomt-convert: error: cannot write the output: {error}", file=sys.stderr)
+    except OSError as error:  # reading the source or writing the output (a full disk, permissions)
+        print(f"eomt-convert: error: {error}", file=sys.stderr)
         return 1
     figure = "skipped" if result.max_abs_difference is None else f"max |Δlogit| = {result.max_abs_difference:.2e}"
     print(

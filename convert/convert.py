@@ -17,6 +17,7 @@ import re
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -386,6 +387,10 @@ def resolve_target(
     original_size = original_config.get("image_size", original_config.get("img_size"))
     original_backbone = original_config.get("backbone", original_config.get("backbone_name"))
     patch_size = original_config.get("patch_size")
+    if isinstance(patch_size, (list, tuple)):
+        if len(set(patch_size)) != 1:
+            raise ConversionError(f"Only square patches are supported, the original config has {patch_size}.")
+        patch_size = patch_size[0]
     if isinstance(original_size, (list, tuple)):
         if len(set(original_size)) != 1:
             raise ConversionError(f"Only square image sizes are supported, the original config has {original_size}.")
@@ -577,8 +582,9 @@ def convert_checkpoint(
 
     created = _first_missing(output_dir.parent)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private (0700); the result is an ordinary folder
+    # Not mkdtemp, whose folders are private (0700): the result is an ordinary folder, with the umask's permissions.
+    staging = output_dir.parent / f".{output_dir.name}.{uuid.uuid4().hex}"
+    staging.mkdir()
     try:
         config.architectures = ["EomtForUniversalSegmentation"]
         config.dtype = DTYPES[dtype]
@@ -591,7 +597,7 @@ def convert_checkpoint(
 
         difference = None
         if verify:
-            with _progress_bars(progress):
+            with contextlib.nullcontext() if progress else _without_progress_bars():
                 difference = _verify(staging, VERIFY_DTYPES[verify_dtype], reference, pixels, mean, std)
             if not difference <= atol:
                 hint = " (or float32 rounding: check with --verify-dtype float64)" if verify_dtype != "float64" else ""
@@ -687,31 +693,29 @@ def _replace_folder(new: Path, target: Path) -> None:
     if not target.exists():
         os.replace(new, target)
         return
-    aside = target.with_name(f".{target.name}.replaced-{os.getpid()}")
-    os.replace(target, aside)
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.replaced.", dir=target.parent))
+    os.replace(target, aside)  # onto the empty folder mkdtemp made
     try:
         os.replace(new, target)
     except BaseException:
         os.replace(aside, target)
         raise
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    try:
+        shutil.rmtree(aside)
+    except OSError as error:
+        logger.warning(f"The new folder is in place, but the replaced one, {aside}, could not be deleted: {error}")
 
 
 @contextlib.contextmanager
-def _progress_bars(enabled: bool) -> Iterator[None]:
-    """transformers' progress bars (e.g. "Loading weights") on or off for the block."""
+def _without_progress_bars() -> Iterator[None]:
+    """transformers' progress bars (e.g. "Loading weights") off for the block."""
     was_enabled = logging.is_progress_bar_enabled()
-    (logging.enable_progress_bar if enabled else logging.disable_progress_bar)()
+    logging.disable_progress_bar()
     try:
         yield
     finally:
-        (logging.enable_progress_bar if was_enabled else logging.disable_progress_bar)()
+        if was_enabled:
+            logging.enable_progress_bar()
 
 
 def _first_missing(path: Path) -> Path | None:

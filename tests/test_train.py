@@ -143,7 +143,29 @@ def test_two_process_torchrun_trains_one_model_and_evaluates_every_image_once(tm
     command = [sys.executable, "-m", "modeling_eomt.train", *single]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((tmp_path / "single" / "eval_results.json").read_text())["eval_miou"] == distributed
+    assert json.loads((tmp_path / "single" / "eval_results.json").read_text())["eval_miou"] == distributed > 0
+
+
+def test_segmentation_metrics_count_each_record_once():
+    from types import SimpleNamespace
+
+    from modeling_eomt import EomtImageProcessor
+    from modeling_eomt.training.evaluation import SegmentationMetrics
+
+    processor = EomtImageProcessor(size={"shortest_edge": 16, "longest_edge": 16})
+    metrics = SegmentationMetrics(processor, "semantic", {0: "sky", 1: "grass"})
+    assert metrics.compute() == {}  # nothing evaluated (an empty eval set)
+    masks = torch.zeros(2, 16, 16)
+    masks[0, :8], masks[1, 8:] = 1, 1  # sky above, grass below
+    target = {"masks": masks, "class_labels": torch.tensor([0, 1]), "is_crowd": torch.zeros(2, dtype=torch.bool)}
+    mask_logits = (masks * 20 - 10)[None]  # query 0 covers the sky, query 1 the grass
+    class_logits = torch.tensor([[[9.0, 0.0, 0.0], [0.0, 9.0, 0.0]]])
+    outputs = SimpleNamespace(class_queries_logits=class_logits, masks_queries_logits=mask_logits, patch_offsets=None)
+    metrics.add(metrics.encode(outputs, [target]))
+    assert metrics.compute()["miou"] == 1.0
+    metrics.add(metrics.encode(outputs, [target]))
+    metrics.reset()  # an interrupted evaluation leaves nothing behind
+    assert metrics.compute() == {}
 
 
 def test_epoch_callback_reseeds_augmentation_per_epoch():

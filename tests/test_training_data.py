@@ -264,7 +264,7 @@ def test_panoptic_table_with_class_labels_keeps_the_benchmarks_stuff_classes():
     """A Hub panoptic table whose `category_id` is a ClassLabel (names only): things and stuff by the benchmark."""
     from modeling_eomt.configuration.labels import stuff_ids
 
-    names = list(benchmark_labels("coco_panoptic").values())
+    names = list(benchmark_labels("coco_panoptic").values())[::-1]  # another order than the benchmark's
     segment_map = _segment_map(0)
     info = [{"id": 300, "category_id": names.index("train"), "iscrowd": 0},
             {"id": 70000, "category_id": names.index("banner"), "iscrowd": 0},
@@ -280,7 +280,9 @@ def test_panoptic_table_with_class_labels_keeps_the_benchmarks_stuff_classes():
         }),
     )  # fmt: skip
     panoptic = hf_dataset(table, "panoptic", dataset_key="coco_panoptic")
-    assert panoptic.stuff_ids == stuff_ids("coco_panoptic") and names.index("banner") in panoptic.stuff_ids
+    stuff_names = {benchmark_labels("coco_panoptic")[k] for k in stuff_ids("coco_panoptic")}
+    assert {panoptic.id2label[k] for k in panoptic.stuff_ids} == stuff_names
+    assert names.index("banner") in panoptic.stuff_ids and names.index("train") not in panoptic.stuff_ids
     instance = hf_dataset(table, "instance", dataset_key="coco_panoptic")
     assert "banner" not in instance.id2label.values() and len(instance.id2label) == 80
 
@@ -355,6 +357,8 @@ def test_cityscapes_folders_and_table(tmp_path):
         _save(mask, root / "gtFine" / "val" / "aachen" / f"aachen_000000_000019_gtFine_{suffix}.png")
         example = load_segmentation_dataset(root, "semantic", "val")[0]
         assert torch.equal(load_segmentation_dataset(root, "semantic", "validation")[0]["masks"], example["masks"])
+        with pytest.raises(ValueError, match=r"has splits \['val'\], not 'test'"):
+            load_segmentation_dataset(root, "semantic", "test")
         assert example["class_labels"].tolist() == sorted(set(np.unique(train_ids).tolist()) - {255})
         for mask_, label in zip(example["masks"], example["class_labels"]):
             assert torch.equal(mask_, torch.from_numpy(train_ids == int(label)))
@@ -629,6 +633,8 @@ def test_split_subfolders_and_pickling_for_workers(tmp_path):
         _save(mask, tmp_path / "masks" / split / f"{name}.png")
     dataset = load_segmentation_dataset(tmp_path, "semantic", "val", classes={0: "floor", 1: "wall"})
     assert len(dataset) == 1 and dataset.records[0][0].name == "v.png"
+    validation = load_segmentation_dataset(tmp_path, "semantic", "validation", classes={0: "floor", 1: "wall"})
+    assert [record[0].name for record in validation.records] == ["v.png"]  # "val", not every image
     assert len(load_segmentation_dataset("shapes", num_examples=5).select(range(3))) == 3
     # DataLoader workers receive the dataset pickled: every source must survive the round trip.
     augmented = load_segmentation_dataset("shapes", num_examples=2, image_size=32).with_transform(

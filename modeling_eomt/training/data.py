@@ -965,16 +965,24 @@ def _local_folder(path: Path, task, split, key, classes, ignore_index, image_dir
                 raise ValueError(f"{path} has splits {list(dataset)}, not {split!r}; pass one of them as `split`.")
             dataset = dataset[split]
         return hf_dataset(dataset, task, key, classes, ignore_index)
-    # `datasets` calls it "validation", COCO and Cityscapes folders "val": either name finds either.
-    for name in dict.fromkeys([split, _SPLIT_ALIASES.get(split, split)]):
-        dataset = _known_layout(path, task, name, classes, ignore_index, image_dir, mask_dir)
-        if dataset is not None:
-            return dataset
+    dataset = _known_layout(path, task, _folder_split(path, split), classes, ignore_index, image_dir, mask_dir)
+    if dataset is not None:
+        return dataset
     dataset = datasets.load_dataset(str(path), split=split, **load_kwargs)
     return hf_dataset(dataset, task, key, classes, ignore_index)
 
 
 _SPLIT_ALIASES = {"validation": "val", "val": "validation"}
+
+
+def _folder_split(path: Path, split: str) -> str:
+    """`split` or its other name (`datasets` says "validation", COCO and Cityscapes folders "val"), whichever the
+    folder has files or a subfolder for."""
+    for name in dict.fromkeys([split, _SPLIT_ALIASES.get(split, split)]):
+        markers = [path / "leftImg8bit" / name, path / f"{name}.json", path / "images" / name]
+        if any(marker.exists() for marker in markers) or any((path / "annotations").glob(f"*_{name}2017.json")):
+            return name
+    return split
 
 
 def _known_layout(path: Path, task, split, classes, ignore_index, image_dir, mask_dir) -> SegmentationDataset | None:
@@ -985,7 +993,10 @@ def _known_layout(path: Path, task, split, classes, ignore_index, image_dir, mas
         coco = path / "annotations" / f"{kind}_{split}2017.json"
         if coco.is_file():
             return coco_json_dataset(coco, task, image_dir, mask_dir, split)
-    if (path / "leftImg8bit" / split).is_dir() and (path / "gtFine" / split).is_dir():
+    if (path / "leftImg8bit").is_dir() and (path / "gtFine").is_dir():
+        if not (path / "leftImg8bit" / split).is_dir():
+            splits = sorted(p.name for p in (path / "leftImg8bit").iterdir() if p.is_dir())
+            raise ValueError(f"Cityscapes folder {path} has splits {splits}, not {split!r}; pass one of them.")
         return cityscapes_dataset(path, split)
     own_json = [p for p in (path / f"{split}.json", path / "annotations.json") if p.is_file()]
     if own_json:

@@ -57,8 +57,13 @@ class SegmentationMetrics:
         self.num_labels = len(id2label)
         self.stuff_ids = list(stuff_ids)
         self.threshold = threshold
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every record (e.g. of an evaluation that was interrupted)."""
         # In memory: every process of a distributed run holds its own copy (a shared cache file would clash).
-        self.metric = load_metric(METRIC_OF_TASK[task], keep_in_memory=True)
+        self.metric = load_metric(METRIC_OF_TASK[self.task], keep_in_memory=True)
+        self.num_images = 0
 
     def encode(self, outputs, targets: list[dict]) -> list[tuple[dict, dict]]:
         """Per image of a batch: its post-processed prediction and its reference, encoded as the metric stores them
@@ -66,18 +71,16 @@ class SegmentationMetrics:
         sizes = [tuple(target["masks"].shape[-2:]) for target in targets]
         if self.task == "semantic":
             predictions = self.processor.post_process_semantic_segmentation(outputs, target_sizes=sizes)
-            references = [semantic_map(target) for target in targets]
         elif self.task == "panoptic":
             predictions = self.processor.post_process_panoptic_segmentation(
                 outputs, target_sizes=sizes, threshold=self.threshold, stuff_classes=self.stuff_ids
             )
-            references = [segments(target) for target in targets]
         else:
             # COCO AP ranks all top-100 detections: no score threshold.
             predictions = self.processor.post_process_instance_segmentation(
                 outputs, target_sizes=sizes, threshold=0.0, return_binary_maps=True
             )
-            references = [segments(target) for target in targets]
+        references = [(semantic_map if self.task == "semantic" else segments)(target) for target in targets]
         encode = self.metric.encode_example
         return [(encode(p, "predictions"), encode(r, "references")) for p, r in zip(predictions, references)]
 
@@ -85,9 +88,13 @@ class SegmentationMetrics:
         self.metric.add_encoded_batch(
             predictions=[prediction for prediction, _ in records], references=[reference for _, reference in records]
         )
+        self.num_images += len(records)
 
     def compute(self) -> dict[str, float]:
-        """The metrics of every record added since the last call."""
+        """The metrics of every record added since the last `compute` or `reset` (none without records)."""
+        if self.num_images == 0:
+            return {}
+        self.num_images = 0
         if self.task == "semantic":
             results = self.metric.compute(num_labels=self.num_labels, ignore_index=IGNORE_INDEX)
             results["miou"] = results.pop("mean_iou")

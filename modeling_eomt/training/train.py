@@ -160,10 +160,16 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Eom
 
 class SegmentationTrainer(EomtTrainer):
     """[`EomtTrainer`] whose evaluation feeds processor-prepared images to the model and, with a
-    [`SegmentationMetrics`] as `compute_metrics`, reports the task's metrics."""
+    [`SegmentationMetrics`] as `compute_metrics`, reports the task's metrics. Its prediction step returns no
+    predictions: they are post-processed and counted where they are made (`predict()` gives metrics only)."""
 
     def __init__(self, *args, eval_collator=None, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.compute_metrics is not None and not isinstance(self.compute_metrics, SegmentationMetrics):
+            raise TypeError(
+                f"SegmentationTrainer evaluates with SegmentationMetrics, got compute_metrics="
+                f"{type(self.compute_metrics).__name__}; pass SegmentationMetrics(processor, task, id2label, ...)."
+            )
         self.eval_collator = eval_collator
 
     def get_eval_dataloader(self, eval_dataset=None):
@@ -177,7 +183,7 @@ class SegmentationTrainer(EomtTrainer):
         targets = inputs.pop("targets")
         with torch.no_grad():
             outputs = model(**inputs)
-        if isinstance(self.compute_metrics, SegmentationMetrics):
+        if self.compute_metrics is not None:
             # Post-processed where predicted, then gathered as whole images (padding duplicates dropped). The
             # Trainer's own gathering of predictions and labels would pad and cut the targets' tensors.
             records = self.compute_metrics.encode(outputs, targets)
@@ -185,8 +191,10 @@ class SegmentationTrainer(EomtTrainer):
         return None, None, None
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):  # fmt: skip
+        if self.compute_metrics is not None:
+            self.compute_metrics.reset()
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-        if isinstance(self.compute_metrics, SegmentationMetrics):
+        if self.compute_metrics is not None:
             metrics = self.compute_metrics.compute()
             output.metrics.update({f"{metric_key_prefix}_{name}": value for name, value in metrics.items()})
         return output
