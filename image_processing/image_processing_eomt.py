@@ -354,15 +354,8 @@ class EomtImageProcessor(BaseImageProcessor):
             `SemanticSegmentationPostProcessorOutput` (`segmentation`, `segmentation_scores` `(num_labels, h, w)`).
         """
         _check_options(kwargs, "post_process_semantic_segmentation")
-        target_sizes = _sizes(target_sizes)
-        resized, placements = self.placements(target_sizes, _field(outputs, "patch_offsets"), size)
-        return semantic_segmentation(
-            _field(outputs, "class_queries_logits"),
-            _field(outputs, "masks_queries_logits"),
-            placements,
-            resized,
-            target_sizes,
-            return_segmentation_scores=return_segmentation_scores,
+        return self._apply(
+            semantic_segmentation, outputs, target_sizes, size, return_segmentation_scores=return_segmentation_scores
         )
 
     def post_process_panoptic_segmentation(
@@ -388,17 +381,13 @@ class EomtImageProcessor(BaseImageProcessor):
             segment per class of the semantic map.
         """
         _check_options(kwargs, "post_process_panoptic_segmentation")
-        target_sizes = _sizes(target_sizes)
-        patch_offsets = _field(outputs, "patch_offsets")
-        if patch_offsets is not None and len(patch_offsets) > 0:
+        if _has_windows(outputs):
             return self.post_process_semantic_segments(outputs, target_sizes, size)
-        resized, placements = self.placements(target_sizes, None, size)
-        return panoptic_segmentation(
-            _field(outputs, "class_queries_logits"),
-            _field(outputs, "masks_queries_logits"),
-            placements,
-            resized,
+        return self._apply(
+            panoptic_segmentation,
+            outputs,
             target_sizes,
+            size,
             threshold=threshold,
             mask_threshold=mask_threshold,
             overlap_mask_area_threshold=overlap_mask_area_threshold,
@@ -430,17 +419,13 @@ class EomtImageProcessor(BaseImageProcessor):
             `segments_info`, a list of `{"id", "label_id", "score"}`.
         """
         _check_options(kwargs, "post_process_instance_segmentation")
-        target_sizes = _sizes(target_sizes)
-        patch_offsets = _field(outputs, "patch_offsets")
-        if patch_offsets is not None and len(patch_offsets) > 0:
+        if _has_windows(outputs):
             return self.post_process_semantic_segments(outputs, target_sizes, size, return_binary_maps)
-        resized, placements = self.placements(target_sizes, None, size)
-        return instance_segmentation(
-            _field(outputs, "class_queries_logits"),
-            _field(outputs, "masks_queries_logits"),
-            placements,
-            resized,
+        return self._apply(
+            instance_segmentation,
+            outputs,
             target_sizes,
+            size,
             threshold=threshold,
             mask_threshold=mask_threshold,
             top_k=top_k,
@@ -464,15 +449,20 @@ class EomtImageProcessor(BaseImageProcessor):
             One dict per image: `segmentation` `(height, width)` of segment ids, or `(num_segments, height, width)`
             booleans with `return_binary_maps`, and `segments_info`, a list of `{"id", "label_id", "score"}`.
         """
+        return self._apply(semantic_segments, outputs, target_sizes, size, return_binary_maps=return_binary_maps)
+
+    def _apply(self, function, outputs, target_sizes, size: dict | None, **options) -> list:
+        """`function(class logits, mask logits, placements, resized sizes, target sizes, **options)` on `outputs`:
+        the post-processings of `post_processing`, given where each model input lies in its image."""
         target_sizes = _sizes(target_sizes)
         resized, placements = self.placements(target_sizes, _field(outputs, "patch_offsets"), size)
-        return semantic_segments(
+        return function(
             _field(outputs, "class_queries_logits"),
             _field(outputs, "masks_queries_logits"),
             placements,
             resized,
             target_sizes,
-            return_binary_maps=return_binary_maps,
+            **options,
         )
 
 
@@ -652,6 +642,11 @@ def _check_options(options: dict[str, Any], method: str) -> None:
             f"{method}() got unknown option(s) {unknown}; options: target_sizes, size, "
             f"{', '.join(sorted(POST_PROCESSING_OPTIONS))}."
         )
+
+
+def _has_windows(outputs) -> bool:
+    patch_offsets = _field(outputs, "patch_offsets")
+    return patch_offsets is not None and len(patch_offsets) > 0
 
 
 def _field(outputs, name: str):
