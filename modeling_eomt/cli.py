@@ -51,7 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--mask-threshold", type=float, help="panoptic, instance: mask probability cut (default: 0.5)"
     )
     segment.add_argument("--overlap-threshold", type=float, help="panoptic: kept share of a mask (default: 0.8)")
-    segment.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default)")
+    segment.add_argument(
+        "--device",
+        default="auto",
+        help="cpu, cuda, cuda:1, mps, xpu or auto (default: the accelerator torch finds, else cpu)",
+    )
     segment.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default: 1)")
     segment.add_argument(
         "--mask-format", choices=("rle", "png"), default="rle",
@@ -328,8 +332,8 @@ def _first_line(error: BaseException) -> str:
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "auto":  # whichever accelerator torch was built for and finds (CUDA, ROCm, MPS, XPU, ...)
+        return torch.accelerator.current_accelerator() if torch.accelerator.is_available() else torch.device("cpu")
     try:
         device = torch.device(name)
         torch.empty(0, device=device)
