@@ -98,6 +98,8 @@ def semantic_segments(
     size; at the target size, a band of rows at a time (a 3000×1500 target would need 2.7 GB for 150 classes)."""
     results = []
     for windows, resized, size in _image_windows(class_logits, mask_logits, placements, resized_sizes, target_sizes):
+        # The labels of `semantic_segmentation` to the tie (an argmax of the banded scores below could differ from
+        # them at float ties), at the price of a second pass over the sigmoid masks.
         labels = _pruned_argmax(windows, *resized, size)
         shares = _label_shares(_stitched_scores(windows, *resized), labels)
         results.append(_segments_from_semantic(labels, shares, return_binary_maps))

@@ -99,8 +99,8 @@ def run_segment(args: argparse.Namespace) -> int:
     options = {OPTION_FLAGS[flag]: getattr(args, flag) for flag in given}
     if given and (task == "semantic" or processor.do_split_image):  # see post_process_semantic_segments
         flags = ", ".join(f"--{flag.replace('_', '-')}" for flag in given)
-        print(f"eomt: note: {flags} not used: {task} segments here are the classes of the semantic map.",
-              file=sys.stderr)  # fmt: skip
+        note = f"{flags} not used: {task} segments here are the classes of the semantic map."
+        print(f"eomt: note: {note}", file=sys.stderr)
     id2label = {int(k): v for k, v in model.config.id2label.items()}
     names = _unique_names(files)
 

@@ -57,13 +57,15 @@ class SegmentationMetrics:
         self.num_labels = len(id2label)
         self.stuff_ids = list(stuff_ids)
         self.threshold = threshold
+        self.metric, self.num_images = None, 0
         self.reset()
 
     def reset(self) -> None:
-        """Forget every record (e.g. of an evaluation that was interrupted)."""
-        # In memory: every process of a distributed run holds its own copy (a shared cache file would clash).
-        self.metric = load_metric(METRIC_OF_TASK[self.task], keep_in_memory=True)
-        self.num_images = 0
+        """Forget the records not computed yet (e.g. of an evaluation that was interrupted)."""
+        if self.metric is None or self.num_images:  # `evaluate` cannot drop added examples: a fresh module
+            # In memory: every process of a distributed run holds its own copy (a shared cache file would clash).
+            self.metric = load_metric(METRIC_OF_TASK[self.task], keep_in_memory=True)
+            self.num_images = 0
 
     def encode(self, outputs, targets: list[dict]) -> list[tuple[dict, dict]]:
         """Per image of a batch: its post-processed prediction and its reference, encoded as the metric stores them
