@@ -595,6 +595,22 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.patch_embeddings
 
+    @torch.no_grad()
+    def set_attn_mask_probs(self, probs: torch.Tensor | list[float]) -> None:
+        """Set the masked-attention probability of each query block (annealing writes it before every step)."""
+        self.attn_mask_probs.copy_(torch.as_tensor(probs, dtype=self.attn_mask_probs.dtype))
+
+    @classmethod
+    def from_backbone(cls, name_or_path: str, **config_fields) -> EomtForUniversalSegmentation:
+        """EoMT whose ViT holds a pretrained DINOv2/DINOv3 backbone's weights; queries and heads start fresh.
+
+        `name_or_path`: a Hub id or local folder in transformers' format, or a timm-format DINOv2 state dict file;
+        `config_fields` override the EoMT config (`image_size`, `patch_size`, `num_queries`, `id2label`, ...).
+        """
+        from .backbones import from_backbone  # the backbone readers pull in transformers' DINO models
+
+        return from_backbone(cls, name_or_path, **config_fields)
+
     @torch.compiler.disable  # compiled code calls it eagerly and specialises on the flags it returns
     def masking_blocks(self) -> tuple[bool, ...]:
         """Per query block, whether it masks attention (its annealing probability is above 0).
