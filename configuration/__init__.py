@@ -1,5 +1,17 @@
-from .configuration_eomt import EomtConfig
+from .configuration_eomt import EomtBaseConfig, EomtConfig, EomtDinov3Config
 from .constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, TASKS
-from .presets import PRESETS, SIZES, Preset
+from .presets import DINOV3_SIZES, PRESETS, SIZES, Preset
 
-__all__ = ["IGNORE_INDEX", "IMAGENET_MEAN", "IMAGENET_STD", "PRESETS", "SIZES", "TASKS", "EomtConfig", "Preset"]
+__all__ = [
+    "DINOV3_SIZES",
+    "IGNORE_INDEX",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "PRESETS",
+    "SIZES",
+    "TASKS",
+    "EomtBaseConfig",
+    "EomtConfig",
+    "EomtDinov3Config",
+    "Preset",
+]

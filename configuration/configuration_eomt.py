@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from transformers import PretrainedConfig
 
-from .presets import PRESETS, SIZES
+from .presets import DINOV3_SIZES, PRESETS, SIZES
 
 
-class EomtConfig(PretrainedConfig):
+class EomtBaseConfig(PretrainedConfig):
     r"""
-    Configuration of an EoMT model ([`EomtForUniversalSegmentation`]). Fields, names and defaults match the
-    `config.json` files of the released checkpoints (model type `"eomt"`); the defaults describe EoMT-L at 640.
+    Fields shared by both backbone families of EoMT ([`EomtConfig`] for DINOv2, [`EomtDinov3Config`] for DINOv3);
+    names and defaults match the `config.json` files of the released checkpoints and of transformers' built-in EoMT.
+    The defaults describe EoMT-L at 640.
 
     Args:
         hidden_size (`int`, defaults to 1024):
@@ -24,17 +27,15 @@ class EomtConfig(PretrainedConfig):
         hidden_dropout_prob (`float`, defaults to 0.0):
             Dropout applied to the embeddings.
         initializer_range (`float`, defaults to 0.02):
-            Standard deviation of the truncated normal used for the CLS token.
+            Standard deviation of the truncated normal used for the CLS token and fresh weights.
         layer_norm_eps (`float`, defaults to 1e-6):
-            Epsilon of every LayerNorm.
+            Epsilon of the ViT's LayerNorms (the upscale blocks always use 1e-6).
         image_size (`int`, defaults to 640):
-            Native input size (square). Position embeddings are stored for this grid and interpolated for others.
+            Native input size (square); other sizes work too (multiples of `patch_size` keep every pixel).
         patch_size (`int`, defaults to 16):
             Side of the square patches.
         num_channels (`int`, defaults to 3):
             Channels of the input images.
-        mlp_ratio (`int`, defaults to 4):
-            MLP hidden size as a multiple of `hidden_size` (SwiGLU keeps two thirds of it, rounded up to 8).
         layerscale_value (`float`, defaults to 1.0):
             Initial value of the LayerScale factors.
         drop_path_rate (`float`, defaults to 0.0):
@@ -43,8 +44,6 @@ class EomtConfig(PretrainedConfig):
             Number of ×2 upscale blocks turning the patch grid into the mask grid.
         attention_dropout (`float`, defaults to 0.0):
             Dropout on the attention probabilities.
-        use_swiglu_ffn (`bool`, defaults to `False`):
-            Use a SwiGLU feed-forward network (the giant backbone) instead of the GELU MLP.
         num_blocks (`int`, defaults to 4):
             Number of final blocks that also process the queries (and use masked attention in training).
         no_object_weight (`float`, defaults to 0.1):
@@ -65,17 +64,7 @@ class EomtConfig(PretrainedConfig):
             Number of learned queries, i.e. the maximum number of predicted segments.
         num_register_tokens (`int`, defaults to 4):
             Number of register tokens of the ViT.
-
-    Example:
-
-    ```python
-    >>> from modeling_eomt import EomtConfig, EomtForUniversalSegmentation
-    >>> config = EomtConfig.from_preset("coco_panoptic_eomt_large_640")
-    >>> model = EomtForUniversalSegmentation(config)
-    ```
     """
-
-    model_type = "eomt"
 
     # The ViT backbone.
     image_size: int = 640
@@ -84,8 +73,6 @@ class EomtConfig(PretrainedConfig):
     hidden_size: int = 1024
     num_hidden_layers: int = 24
     num_attention_heads: int = 16
-    mlp_ratio: int = 4
-    use_swiglu_ffn: bool = False
     hidden_act: str = "gelu"
     layer_norm_eps: float = 1e-6
     layerscale_value: float = 1.0
@@ -108,14 +95,46 @@ class EomtConfig(PretrainedConfig):
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
 
+    # How the modeling file builds the backbone family (derived, never saved): rotary position embeddings instead of
+    # learned absolute ones; the MLP; biases of the q/k/v/output projections.
+    uses_rope: ClassVar[bool] = False
+
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self.image_size = _square(self.image_size, "image_size")
         self.patch_size = _square(self.patch_size, "patch_size")
         self.check()
 
+    @property
+    def mlp_hidden_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def gated_mlp(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def mlp_activation(self) -> str:
+        return self.hidden_act
+
+    @property
+    def attention_bias(self) -> tuple[bool, bool, bool, bool]:
+        """Whether the q, k, v and output projections have a bias."""
+        return True, True, True, True
+
+    @property
+    def mlp_bias_enabled(self) -> bool:
+        return True
+
     def check(self) -> None:
-        """Raise a `ValueError` naming the first inconsistent field (called on construction)."""
+        """Raise a `TypeError`/`ValueError` naming the first ill-typed or inconsistent field (called on construction)."""
+        for name, kind in _FIELD_TYPES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise TypeError(
+                    f"`{name}` must be {'an integer' if kind is int else 'a number'}, got {value!r} "
+                    f"({type(value).__name__}); write it without quotes in config.json."
+                )
         for name in (
             "hidden_size",
             "num_hidden_layers",
@@ -159,23 +178,175 @@ class EomtConfig(PretrainedConfig):
         return side, side
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> EomtConfig:
-        """Config of a released checkpoint (see [`list_presets`]); `overrides` replace any field."""
+    def from_preset(cls, name: str, **overrides) -> EomtBaseConfig:
+        """Config of a released checkpoint (see [`list_presets`]); `overrides` replace any field. DINOv3 presets give
+        an [`EomtDinov3Config`] whichever class this is called on."""
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}. Available presets: {', '.join(sorted(PRESETS))}.")
-        return cls(**{**PRESETS[name].config_kwargs(), **overrides})
+        preset = PRESETS[name]
+        config_class = EomtDinov3Config if preset.backbone == "dinov3" else EomtConfig
+        return config_class(**{**preset.config_kwargs(), **overrides})
 
     @staticmethod
-    def list_presets() -> list[str]:
-        """Names of the released checkpoints (the Hub repos `tue-mps/<name>`)."""
-        return sorted(PRESETS)
+    def list_presets(details: bool = False) -> list[str] | list[dict]:
+        """Names of the released checkpoints (the Hub repos `tue-mps/<name>`), or with `details=True` one dict per
+        checkpoint: task, label set, queries, blocks, processor settings, backbone family and base backbone id."""
+        if not details:
+            return sorted(PRESETS)
+        return [PRESETS[name].describe() for name in sorted(PRESETS)]
 
     @classmethod
-    def from_size(cls, size: str, **overrides) -> EomtConfig:
-        """Config of a backbone size: "small", "base", "large" or "giant"."""
-        if size not in SIZES:
-            raise ValueError(f"Unknown backbone size {size!r}; choose one of {', '.join(SIZES)}.")
-        return cls(**{**SIZES[size], **overrides})
+    def from_size(cls, size: str, **overrides) -> EomtBaseConfig:
+        """Config of a backbone size: "small", "base", "large" or "giant" (DINOv2); "small", "base", "large" with
+        `EomtDinov3Config.from_size`."""
+        sizes = DINOV3_SIZES if cls.uses_rope else SIZES
+        if size not in sizes:
+            raise ValueError(f"Unknown backbone size {size!r}; choose one of {', '.join(sizes)}.")
+        return cls(**{**sizes[size], **overrides})
+
+
+class EomtConfig(EomtBaseConfig):
+    r"""
+    Configuration of an EoMT model with a DINOv2 backbone ([`EomtForUniversalSegmentation`], model type `"eomt"`):
+    learned absolute position embeddings (patch tokens only), a GELU MLP or SwiGLU. Shares the fields of
+    [`EomtBaseConfig`], plus:
+
+    Args:
+        mlp_ratio (`int`, defaults to 4):
+            MLP hidden size as a multiple of `hidden_size` (SwiGLU keeps two thirds of it, rounded up to 8).
+        use_swiglu_ffn (`bool`, defaults to `False`):
+            Use a SwiGLU feed-forward network (the giant backbone) instead of the GELU MLP.
+
+    Example:
+
+    ```python
+    >>> from modeling_eomt import EomtConfig, EomtForUniversalSegmentation
+    >>> config = EomtConfig.from_preset("coco_panoptic_eomt_large_640")
+    >>> model = EomtForUniversalSegmentation(config)
+    ```
+    """
+
+    model_type = "eomt"
+
+    mlp_ratio: int = 4
+    use_swiglu_ffn: bool = False
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        if self.use_swiglu_ffn:
+            # Two thirds of the MLP width keeps the parameter count of a GELU MLP; DINOv2 rounds up to a multiple of 8.
+            return (int(self.hidden_size * self.mlp_ratio * 2 / 3) + 7) // 8 * 8
+        return int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def gated_mlp(self) -> bool:
+        return self.use_swiglu_ffn
+
+    @property
+    def mlp_activation(self) -> str:
+        return "silu" if self.use_swiglu_ffn else self.hidden_act
+
+
+class EomtDinov3Config(EomtBaseConfig):
+    r"""
+    Configuration of an EoMT model with a DINOv3 backbone (model type `"eomt_dinov3"`; the same fields, meanings and
+    defaults as transformers' `EomtDinov3Config`, so Hub `config.json` files load unchanged): rotary position
+    embeddings on the patch tokens instead of absolute ones, a key projection without bias, a plain or gated MLP.
+    Shares the fields of [`EomtBaseConfig`], plus:
+
+    Args:
+        intermediate_size (`int`, defaults to 4096):
+            Hidden width of the MLP.
+        rope_parameters (`dict`, *optional*):
+            `{"rope_theta": 100.0, "rope_type": "default"}` when not given; only the default RoPE type exists.
+        query_bias, key_bias, value_bias, proj_bias (`bool`, defaults to `True`, `False`, `True`, `True`):
+            Whether the q, k, v and output projections of attention have a bias.
+        mlp_bias (`bool`, defaults to `True`):
+            Whether the MLP's projections have a bias.
+        use_gated_mlp (`bool`, defaults to `False`):
+            Use a gated MLP `down(act(gate x) · up x)` instead of `down(act(up x))`.
+        pos_embed_shift (`float`, *optional*):
+            Training only: shift the patch coordinates by a uniform value in [-shift, shift].
+        pos_embed_jitter (`float`, *optional*):
+            Training only: scale each coordinate axis by a log-uniform factor in [1/jitter, jitter].
+        pos_embed_rescale (`float`, *optional*, defaults to 2.0):
+            Training only: scale both axes by one log-uniform factor in [1/rescale, rescale].
+    """
+
+    model_type = "eomt_dinov3"
+    uses_rope = True
+
+    intermediate_size: int = 4096
+    rope_parameters: dict | None = None
+    query_bias: bool = True
+    key_bias: bool = False
+    value_bias: bool = True
+    proj_bias: bool = True
+    mlp_bias: bool = True
+    use_gated_mlp: bool = False
+    pos_embed_shift: float | None = None
+    pos_embed_jitter: float | None = None
+    pos_embed_rescale: float | None = 2.0
+
+    def __post_init__(self, **kwargs):
+        if self.rope_parameters is None:
+            self.rope_parameters = {"rope_theta": 100.0, "rope_type": "default"}
+        super().__post_init__(**kwargs)
+
+    def check(self) -> None:
+        super().check()
+        rope_type = self.rope_parameters.get("rope_type", "default")
+        if rope_type != "default":
+            raise ValueError(
+                f"`rope_parameters['rope_type']` is {rope_type!r}, but EoMT with DINOv3 only uses the 'default' RoPE; "
+                "set it to 'default' (or drop `rope_parameters`)."
+            )
+        if self.head_dim % 4:
+            raise ValueError(
+                f"The attention head size ({self.head_dim}) must be a multiple of 4: RoPE rotates (y, x) pairs."
+            )
+        for name in ("pos_embed_shift", "pos_embed_jitter", "pos_embed_rescale"):
+            value = getattr(self, name)
+            if value is not None and (value <= 0 or (name != "pos_embed_shift" and value < 1)):
+                raise ValueError(f"`{name}` must be None or {'positive' if name.endswith('shift') else '>= 1'}.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rope_theta(self) -> float:
+        return float(self.rope_parameters.get("rope_theta", 100.0))
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        return self.intermediate_size
+
+    @property
+    def gated_mlp(self) -> bool:
+        return self.use_gated_mlp
+
+    @property
+    def attention_bias(self) -> tuple[bool, bool, bool, bool]:
+        return self.query_bias, self.key_bias, self.value_bias, self.proj_bias
+
+    @property
+    def mlp_bias_enabled(self) -> bool:
+        return self.mlp_bias
+
+
+# Fields whose type a hand-edited config.json can get wrong ("32" for 32): checked on construction.
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    **dict.fromkeys(
+        ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
+         "num_register_tokens", "num_queries", "num_blocks", "num_upscale_blocks", "train_num_points"), int,
+    ),
+    **dict.fromkeys(
+        ("layer_norm_eps", "layerscale_value", "hidden_dropout_prob", "attention_dropout", "drop_path_rate",
+         "initializer_range", "class_weight", "mask_weight", "dice_weight", "no_object_weight", "oversample_ratio",
+         "importance_sample_ratio"), (int, float),
+    ),
+}  # fmt: skip
 
 
 def _square(value: int | list[int] | tuple[int, int], name: str) -> int:
@@ -183,4 +354,4 @@ def _square(value: int | list[int] | tuple[int, int], name: str) -> int:
         if len(value) != 2 or value[0] != value[1]:
             raise ValueError(f"`{name}` must be square, got {value}.")
         value = value[0]
-    return int(value)
+    return value

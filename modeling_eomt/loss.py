@@ -10,7 +10,6 @@ query. The model scores each prediction as soon as it is made (`EomtLoss.forward
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -18,29 +17,8 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from .configuration import EomtConfig
-
-
-def compute_mask_logits(mask_embeddings: torch.Tensor, pixel_embeddings: torch.Tensor) -> torch.Tensor:
-    """Mask logits `(..., Q, H, W)`: mask embeddings `(..., Q, D)` dotted with pixel embeddings `(..., H, W, D)`."""
-    pixels = pixel_embeddings.flatten(-3, -2).transpose(-1, -2)
-    return torch.matmul(mask_embeddings, pixels).unflatten(-1, pixel_embeddings.shape[-3:-1])
-
-
-class MaskPrediction(NamedTuple):
-    """One prediction of the head, with its mask logits left factored (`mask_logits()` multiplies them out)."""
-
-    mask_embeddings: torch.Tensor  # (B, Q, D)
-    pixel_embeddings: torch.Tensor  # (B, H, W, D)
-    class_logits: torch.Tensor  # (B, Q, num_labels + 1)
-    # `(mask embeddings, pixel_embeddings) -> mask logits`, differentiable. The model passes one that differentiates
-    # through the upscale layer without autograd holding the pixel embeddings (they may then carry no gradient).
-    logits_function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = compute_mask_logits
-
-    def mask_logits(self, mask_embeddings: torch.Tensor | None = None) -> torch.Tensor:
-        """Mask logits `(B, Q', H, W)` of all queries, or of the given mask embeddings `(B, Q', D)`."""
-        queries = self.mask_embeddings if mask_embeddings is None else mask_embeddings
-        return self.logits_function(queries, self.pixel_embeddings)
+from .configuration import EomtBaseConfig
+from .head import MaskPrediction
 
 
 class LossTargets(NamedTuple):
@@ -99,7 +77,7 @@ class EomtLoss(nn.Module):
     Returns the weighted terms `loss_cross_entropy`, `loss_mask` and `loss_dice`.
     """
 
-    def __init__(self, config: EomtConfig):
+    def __init__(self, config: EomtBaseConfig):
         super().__init__()
         self.config = config
         self.num_labels = config.num_labels

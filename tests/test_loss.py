@@ -9,11 +9,10 @@ import torch.nn.functional as F
 
 from modeling_eomt import EomtConfig, EomtForUniversalSegmentation
 from modeling_eomt import loss as loss_module
+from modeling_eomt.head import MaskPrediction, compute_mask_logits
 from modeling_eomt.loss import (
     EomtLoss,
-    MaskPrediction,
     bce_cost,
-    compute_mask_logits,
     dice_loss,
     point_sample,
     point_sample_logits,
