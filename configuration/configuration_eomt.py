@@ -291,16 +291,19 @@ class EomtDinov3Config(EomtBaseConfig):
     def __post_init__(self, **kwargs):
         if self.rope_parameters is None:
             self.rope_parameters = {"rope_theta": 100.0, "rope_type": "default"}
+        # Before transformers standardises the RoPE parameters, which fails on other types with an unrelated error.
+        rope_type = (
+            self.rope_parameters.get("rope_type", "default") if isinstance(self.rope_parameters, dict) else None
+        )
+        if rope_type != "default":
+            raise ValueError(
+                f"`rope_parameters` is {self.rope_parameters!r}, but EoMT with DINOv3 only uses the 'default' RoPE; "
+                'set `"rope_type": "default"` (or drop `rope_parameters`).'
+            )
         super().__post_init__(**kwargs)
 
     def check(self) -> None:
         super().check()
-        rope_type = self.rope_parameters.get("rope_type", "default")
-        if rope_type != "default":
-            raise ValueError(
-                f"`rope_parameters['rope_type']` is {rope_type!r}, but EoMT with DINOv3 only uses the 'default' RoPE; "
-                "set it to 'default' (or drop `rope_parameters`)."
-            )
         if self.head_dim % 4:
             raise ValueError(
                 f"The attention head size ({self.head_dim}) must be a multiple of 4: RoPE rotates (y, x) pairs."

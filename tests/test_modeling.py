@@ -477,3 +477,70 @@ def test_masking_follows_the_annealing_buffer_at_the_documented_moments():
     with Reads():
         assert masking_blocks() == 0
     assert reads == []
+
+
+def test_attention_implementation_switches_after_loading(tmp_path):
+    # As with the built-in: `set_attn_implementation` after `from_pretrained` switches every layer, and the eager
+    # path returns the attention probabilities (SDPA returns none).
+    ours, builtin = make_pair("eager")
+    ours.save_pretrained(tmp_path)
+    loaded = EomtForUniversalSegmentation.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    builtin.eval()
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert all(a is None for a in loaded(pixels, output_attentions=True).attentions or ())
+        loaded.set_attn_implementation("eager")
+        got, want = loaded(pixels, output_attentions=True), builtin(pixels, output_attentions=True)
+    assert len(got.attentions) == len(want.attentions) == TINY["num_hidden_layers"]
+    for a, b in zip(got.attentions, want.attentions, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("selection", [True, 1, [0, -1]])
+def test_hidden_states_are_recorded_as_in_the_builtin(selection):
+    ours, builtin = make_pair()
+    ours.eval(), builtin.eval()
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        got, want = ours(pixels, output_hidden_states=selection), builtin(pixels, output_hidden_states=selection)
+    assert len(got.hidden_states) == len(want.hidden_states) > 0
+    for a, b in zip(got.hidden_states, want.hidden_states, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_swiglu_checkpoints_we_save_load_in_stock_transformers(tmp_path):
+    import subprocess
+    import sys
+
+    ours, _ = make_pair(use_swiglu_ffn=True)
+    ours.set_attn_mask_probs([0.0] * TINY["num_blocks"])
+    ours.eval().save_pretrained(tmp_path)
+    names = set(load_file(tmp_path / "model.safetensors"))
+    assert any(".mlp.gate_proj." in name for name in names) and not any("weights_in" in name for name in names)
+    # A process that never imported us.
+    script = f"""
+import torch, transformers
+model, info = transformers.models.eomt.EomtForUniversalSegmentation.from_pretrained(
+    {str(tmp_path)!r}, output_loading_info=True)
+assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+torch.manual_seed(0)
+with torch.no_grad():
+    torch.save(model.eval()(torch.randn(1, 3, 64, 64)).masks_queries_logits, {str(tmp_path / "logits.pt")!r})
+"""
+    subprocess.run([sys.executable, "-c", script], check=True)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        expected = ours(torch.randn(1, 3, 64, 64)).masks_queries_logits
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt", weights_only=True), expected, atol=1e-5, rtol=0)
+
+
+def test_importing_us_leaves_the_builtin_save_and_load_unchanged(tmp_path):
+    # Our legacy-name mapping exists only while our from_pretrained runs; the built-in keeps today's names.
+    ours, builtin = make_pair(use_swiglu_ffn=True)
+    ours.save_pretrained(tmp_path / "ours")
+    EomtForUniversalSegmentation.from_pretrained(tmp_path / "ours")
+    builtin.save_pretrained(tmp_path)
+    names = set(load_file(tmp_path / "model.safetensors"))
+    assert names == set(builtin.state_dict()) and not any("weights_in" in name for name in names)
+    reloaded, info = BuiltinModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
