@@ -542,5 +542,5 @@ def test_importing_us_leaves_the_builtin_save_and_load_unchanged(tmp_path):
     builtin.save_pretrained(tmp_path)
     names = set(load_file(tmp_path / "model.safetensors"))
     assert names == set(builtin.state_dict()) and not any("weights_in" in name for name in names)
-    reloaded, info = BuiltinModel.from_pretrained(tmp_path, output_loading_info=True)
+    _, info = BuiltinModel.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
