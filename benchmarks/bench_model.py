@@ -26,16 +26,22 @@ import torch
 import transformers
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from modeling_eomt import EomtConfig, EomtForUniversalSegmentation
+from modeling_eomt import (
+    EomtConfig,
+    EomtDinov3Config,
+    EomtDinov3ForUniversalSegmentation,
+    EomtForUniversalSegmentation,
+)
 
-_ARCH_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_blocks", "use_swiglu_ffn")
+_ARCH_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_blocks")
+_FAMILY_FIELDS = {"dinov2": ("use_swiglu_ffn",), "dinov3": ("intermediate_size", "layer_norm_eps")}
 
 
-def config_for(size: str, image_size: int) -> dict:
+def config_for(size: str, image_size: int, family: str = "dinov2") -> dict:
     """Architecture of a backbone size with 200 queries and 133 classes (COCO panoptic)."""
-    config = EomtConfig.from_size(size)
+    config = (EomtDinov3Config if family == "dinov3" else EomtConfig).from_size(size)
     return {
-        **{name: getattr(config, name) for name in _ARCH_FIELDS},
+        **{name: getattr(config, name) for name in _ARCH_FIELDS + _FAMILY_FIELDS[family]},
         "image_size": image_size,
         "num_queries": 200,
         "num_labels": 133,
@@ -65,11 +71,24 @@ def interleaved_medians(
 
 
 def build(kind: str, kwargs: dict) -> torch.nn.Module:
+    """A model of `kwargs`' architecture: "ours", "builtin" or "bare_vit" (the floor: a plain ViT with registers of
+    the same size), for the DINOv3 family when `kwargs` has `intermediate_size`."""
+    dinov3 = "intermediate_size" in kwargs
     if kind == "ours":
-        model = EomtForUniversalSegmentation(EomtConfig(**kwargs))
+        model = EomtDinov3ForUniversalSegmentation(EomtDinov3Config(**kwargs)) if dinov3 else (
+            EomtForUniversalSegmentation(EomtConfig(**kwargs)))  # fmt: skip
+        model.set_selective_recompute(True)  # as eomt-train runs it
+    elif kind == "builtin" and dinov3:
+        model = transformers.models.eomt_dinov3.EomtDinov3ForUniversalSegmentation(
+            transformers.models.eomt_dinov3.EomtDinov3Config(**kwargs)
+        )
     elif kind == "builtin":
         model = transformers.models.eomt.EomtForUniversalSegmentation(transformers.models.eomt.EomtConfig(**kwargs))
-    else:  # the floor: a plain ViT with registers of the same size
+    elif dinov3:
+        vit = {key: kwargs[key] for key in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                            "intermediate_size", "image_size")}  # fmt: skip
+        model = transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(**vit, patch_size=16, num_register_tokens=4))
+    else:
         model = transformers.Dinov2WithRegistersModel(
             transformers.Dinov2WithRegistersConfig(
                 hidden_size=kwargs["hidden_size"],
@@ -81,7 +100,17 @@ def build(kind: str, kwargs: dict) -> torch.nn.Module:
                 use_swiglu_ffn=kwargs.get("use_swiglu_ffn", False),
             )
         )
+    if kind in ("ours", "builtin"):
+        anneal(model)
     return model.eval()
+
+
+def anneal(model: torch.nn.Module) -> None:
+    """Masked attention off, as in every released checkpoint."""
+    if hasattr(model, "set_attn_mask_probs"):
+        model.set_attn_mask_probs([0.0] * model.config.num_blocks)
+    else:
+        model.attn_mask_probs.zero_()
 
 
 def _cpu_flash_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
@@ -101,8 +130,6 @@ def bench_forward(
     """
     pixels = torch.randn(batch, 3, kwargs["image_size"], kwargs["image_size"])
     models = {kind: build(kind, kwargs) for kind in ("bare_vit", "builtin", "ours")}
-    for kind in ("builtin", "ours"):
-        models[kind].attn_mask_probs.zero_()
     models.update(extra or {})
     flops = {}
     with torch.inference_mode():
@@ -112,6 +139,17 @@ def bench_forward(
             flops[kind] = float(counter.get_total_flops())
         calls = {kind: lambda model=model: model(pixels) for kind, model in models.items()}
         return interleaved_medians(calls, repeats, warm_up=False), flops
+
+
+def bench_compiled(kwargs: dict, batch: int, repeats: int) -> dict[str, Timing]:
+    """Median forward time of ours and the built-in, each under `torch.compile` (inductor; the built-in compiles
+    with graph breaks at its data-dependent branches), after compiling."""
+    pixels = torch.randn(batch, 3, kwargs["image_size"], kwargs["image_size"])
+    torch._dynamo.reset()
+    models = {kind: torch.compile(build(kind, kwargs)) for kind in ("builtin", "ours")}
+    with torch.inference_mode():
+        calls = {kind: lambda model=model: model(pixels) for kind, model in models.items()}
+        return interleaved_medians(calls, repeats)
 
 
 def _status_mb(field: str) -> float:
@@ -138,6 +176,9 @@ def train_step_child(kind: str, kwargs: dict, steps: int) -> None:
     floor = reset_peak_rss()
     torch.manual_seed(0)
     model = build(kind, kwargs).train()
+    if kind in ("ours", "builtin"):
+        model.attn_mask_probs.fill_(1.0)  # masked attention on, as early in training
+        model.train()
     size = kwargs["image_size"]
     pixels = torch.randn(2, 3, size, size)
     mask_labels = [

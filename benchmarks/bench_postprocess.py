@@ -92,7 +92,7 @@ def time_end_to_end(repeats: int, config) -> dict[str, dict[str, Timing]]:
 
     torch.manual_seed(0)
     model = EomtForUniversalSegmentation(config).eval()
-    model.attn_mask_probs.zero_()  # annealed, as in every released checkpoint: no masked attention at inference
+    model.set_attn_mask_probs([0.0] * config.num_blocks)  # annealed, as in every released checkpoint
     builtin_model = transformers.EomtForUniversalSegmentation(transformers.EomtConfig(**config.to_dict())).eval()
     builtin_model.load_state_dict(model.state_dict(), strict=False)
     image = np.random.default_rng(0).integers(0, 256, (*TARGET, 3), dtype=np.uint8)

@@ -30,7 +30,16 @@ from pathlib import Path
 
 import torch
 import transformers
-from bench_model import Timing, bench_forward, bench_train, build, config_for, peak_rss, reset_peak_rss
+from bench_model import (
+    Timing,
+    bench_compiled,
+    bench_forward,
+    bench_train,
+    build,
+    config_for,
+    peak_rss,
+    reset_peak_rss,
+)
 from bench_postprocess import time_end_to_end, time_post_processing
 from tqdm import tqdm
 
@@ -99,8 +108,6 @@ def inference_memory_child(kind: str, kwargs: dict, batch: int, quick: bool) -> 
     size = kwargs["image_size"]
     torch.manual_seed(0)
     model = mask2former(size, quick) if kind == "mask2former" else build(kind, kwargs)
-    if kind in ("ours", "builtin"):
-        model.attn_mask_probs.zero_()
     pixels = torch.randn(batch, 3, size, size)
     with torch.inference_mode():
         model(pixels)
@@ -163,26 +170,52 @@ def run_all(args: argparse.Namespace) -> dict:
     absolute: dict[str, dict[str, float]] = {}
 
     def forward(name: str, kwargs: dict, batch: int) -> None:
-        extra = {"mask2former": mask2former(kwargs["image_size"], args.quick)} if batch == 1 else None
+        dinov3 = "intermediate_size" in kwargs
+        extra = {"mask2former": mask2former(kwargs["image_size"], args.quick)} if batch == 1 and not dinov3 else None
         seconds, flops = bench_forward(kwargs, batch, repeats, extra)
         setting = f"{name} {size_640}, batch {batch}"
+        if dinov3:
+            absolute[f"forward ms, {setting}"] = {kind: s.cpu * 1e3 for kind, s in seconds.items()}
+            rows.append(time_row("DINOv3 forward vs built-in eomt_dinov3", setting, seconds["ours"],
+                                 seconds["builtin"], "built-in", 1.0))  # fmt: skip
+            rows.append(time_row("DINOv3 forward vs bare DINOv3 ViT", setting, seconds["ours"], seconds["bare_vit"],
+                                 "bare ViT"))  # fmt: skip
+            return
+        # Time per FLOP against the bare ViT's: what our forward costs beyond its extra arithmetic.
+        per_flop = {kind: Timing(t.cpu / flops[kind], t.wall / flops[kind]) for kind, t in seconds.items()}
+        rows.append(Row("forward time per FLOP vs bare ViT", setting, per_flop["ours"].cpu * 1e12,
+                        per_flop["bare_vit"].cpu * 1e12, "bare ViT", "ms/TFLOP", 1.03,
+                        per_flop["ours"].wall / per_flop["bare_vit"].wall))  # fmt: skip
         absolute[f"forward ms, {setting}"] = {kind: s.cpu * 1e3 for kind, s in seconds.items()}
         absolute[f"arithmetic GFLOP, {setting}"] = {kind: f / 1e9 for kind, f in flops.items()}
         if batch == 1:  # the arithmetic scales with the batch: one row per backbone size
             rows.append(Row("arithmetic vs bare ViT (FLOPs)", setting, flops["ours"] / 1e9, flops["bare_vit"] / 1e9,
                             "bare ViT", "GFLOP"))  # fmt: skip
         rows.append(time_row("forward vs bare ViT", setting, seconds["ours"], seconds["bare_vit"], "bare ViT", 1.10))
-        rows.append(time_row("forward vs built-in", setting, seconds["ours"], seconds["builtin"], "built-in"))
+        rows.append(time_row("forward vs built-in", setting, seconds["ours"], seconds["builtin"], "built-in", 1.0))
         if extra:
             rows.append(time_row("forward vs Mask2Former Swin-T", setting, seconds["ours"], seconds["mask2former"],
                                  "Mask2Former"))  # fmt: skip
+
+    def compiled() -> None:
+        seconds = bench_compiled(small, 1, repeats)
+        setting = f"{small_name} {size_640}, batch 1, torch.compile"
+        rows.append(time_row("compiled forward vs compiled built-in", setting, seconds["ours"], seconds["builtin"],
+                             "built-in"))  # fmt: skip
 
     def post_processing() -> None:
         sizes_post = TINY_POST if args.quick else {}
         setting = "20 queries, 32² masks → 48×64" if args.quick else "200 queries, 160² masks → 480×640"
         for task, seconds in time_post_processing(repeats, **sizes_post).items():
             rows.append(
-                time_row(f"{task} post-processing", setting, seconds["ours"], seconds["builtin"], "built-in", 0.2)
+                time_row(
+                    f"{task} post-processing",
+                    setting,
+                    seconds["ours"],
+                    seconds["builtin"],
+                    "built-in",
+                    0.6 if task == "semantic" else 0.2,
+                )
             )
 
     def end_to_end() -> None:
@@ -194,7 +227,7 @@ def run_all(args: argparse.Namespace) -> dict:
             setting = "ViT-S 640, 480×640 image, panoptic"
         seconds = time_end_to_end(repeats, config)
         rows.append(time_row("end to end (image → segments)", setting, seconds["ours"]["end_to_end"],
-                             seconds["builtin"]["end_to_end"], "built-in", 0.7))  # fmt: skip
+                             seconds["builtin"]["end_to_end"], "built-in", 0.8))  # fmt: skip
 
     def training() -> None:
         # Each model starts one round: a step's page faults cost more or less with what ran before it.
@@ -207,7 +240,7 @@ def run_all(args: argparse.Namespace) -> dict:
         absolute[f"training step ms, {setting}"] = {k: v["seconds"] * 1e3 for k, v in result.items()}
         absolute[f"training step peak MB (with imports), {setting}"] = {k: v["peak_mb"] for k, v in result.items()}
         ours, builtin = (Timing(result[kind]["seconds"], result[kind]["wall_seconds"]) for kind in ("ours", "builtin"))
-        rows.append(time_row("training step time", setting, ours, builtin, "built-in", 0.6))
+        rows.append(time_row("training step time", setting, ours, builtin, "built-in", 0.7))
         rows.append(Row("training step peak memory", setting, result["ours"]["added_mb"], result["builtin"]["added_mb"],
                         "built-in", "MB", 0.7))  # fmt: skip
 
@@ -221,7 +254,12 @@ def run_all(args: argparse.Namespace) -> dict:
 
     stages = [(f"forward {name} batch {batch}", lambda n=name, k=kwargs, b=batch: forward(n, k, b))
               for name, kwargs in sizes.items() for batch in batches]  # fmt: skip
-    stages += [("post-processing", post_processing), ("end to end", end_to_end), ("training step", training)]
+    dinov3_sizes = {"tiny DINOv3": {**{k: v for k, v in TINY.items() if k != "use_swiglu_ffn"},
+                                     "image_size": 64, "intermediate_size": 64}} if args.quick else {
+        f"ViT-{name[0].upper()} DINOv3": config_for(name, 640, "dinov3") for name in ("small", "base")}  # fmt: skip
+    stages += [(f"forward {name}", lambda n=name, k=kwargs: forward(n, k, 1)) for name, kwargs in dinov3_sizes.items()]
+    stages += [("compiled forward", compiled), ("post-processing", post_processing), ("end to end", end_to_end)]
+    stages += [("training step", training)]
     # the quick run keeps subprocesses (seconds of imports each) to a minimum
     stages += [(f"inference memory batch {b}", lambda b=b: memory(b)) for b in batches[: 1 if args.quick else None]]
     start_load = load_average()

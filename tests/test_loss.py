@@ -176,7 +176,7 @@ def test_mask_terms_are_a_mean_over_target_masks():
         train_num_points=256,
     )
     model = EomtForUniversalSegmentation(config).eval()
-    model.attn_mask_probs.zero_()
+    model.set_attn_mask_probs([0.0])
     image, masks, classes = torch.randn(1, 3, 32, 32), quadrant_masks()[:2], torch.tensor([0, 3])
     torch.manual_seed(1)
     single = model(image, mask_labels=[masks], class_labels=[classes]).loss_dict
