@@ -475,7 +475,7 @@ class EomtImageProcessorPil(EomtImageProcessor):
 def _size_dict(size: dict[str, int | None] | int | None) -> dict[str, int | None]:
     if size is None:
         return {"shortest_edge": 640, "longest_edge": 640}
-    if isinstance(size, int):
+    if not isinstance(size, Mapping):
         size = {"shortest_edge": size, "longest_edge": size}
     size = dict(size)
     if "shortest_edge" not in size and {"height", "width"} <= set(size) and size["height"] == size["width"]:
