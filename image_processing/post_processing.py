@@ -95,7 +95,7 @@ def panoptic_segmentation(
     probs = class_logits.float().softmax(-1)
     scores, labels = probs.max(-1)
     no_object = probs.shape[-1] - 1
-    stuff = set(stuff_classes or ())
+    stuff = {int(c) for c in stuff_classes} if stuff_classes is not None else set()
     results = []
     for index, (placement, size) in enumerate(zip(layout.placements, layout.target_sizes)):
         kept = ((labels[index] != no_object) & (scores[index] > threshold)).nonzero()[:, 0]

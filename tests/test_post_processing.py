@@ -69,6 +69,12 @@ def processors():
 def test_panoptic_matches_builtin(processors, options, target_sizes):
     ours, builtin = processors
     outputs = fake_outputs(2)
+    if "stuff_classes" in options:  # any form of class ids
+        tensor = {**options, "stuff_classes": torch.tensor(options["stuff_classes"])}
+        assert_same_segments(
+            ours.post_process_panoptic_segmentation(outputs, target_sizes, **tensor),
+            ours.post_process_panoptic_segmentation(outputs, target_sizes, **options),
+        )
     result = ours.post_process_panoptic_segmentation(outputs, target_sizes, **options)
     assert_same_segments(result, builtin.post_process_panoptic_segmentation(outputs, target_sizes, **options))
     assert sum(len(r["segments_info"]) for r in result) >= 3  # the comparison covered real segments
