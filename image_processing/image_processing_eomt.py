@@ -61,8 +61,9 @@ class EomtImageProcessor(BaseImageProcessor):
         resample (`int`, defaults to 2 (bilinear)):
             PIL resampling code: 0 nearest, 2 bilinear or 3 bicubic (antialiased when downscaling, like PIL).
         do_rescale (`bool`, defaults to `True`):
-            Multiply integer images by `rescale_factor`. Floating-point images with values in [0, 1] are taken as
-            already rescaled; other floating-point images are rescaled like integer ones.
+            Multiply 8-bit images by `rescale_factor` and others by the factor of the same scale: 16-bit images by
+            `rescale_factor · 255 / 65535`. Floating-point images with values in [0, 1] are taken as already
+            rescaled; other floating-point images as 0-255 levels, with a warning saying so.
         rescale_factor (`float`, defaults to 1/255):
             Factor of `do_rescale`.
         do_normalize (`bool`, defaults to `True`):
@@ -196,21 +197,25 @@ class EomtImageProcessor(BaseImageProcessor):
         Turn images (and optionally their segmentation maps) into model inputs.
 
         Args:
-            images: One image or a list of images: PIL images, numpy arrays or torch tensors, HWC or CHW, uint8 or
-                float, grayscale, RGB or RGBA. A 4-d array or tensor is a batch.
+            images: One image or a list of images: PIL images, numpy arrays or torch tensors, HWC or CHW, 8-bit,
+                16-bit (`uint16`, PNG mode "I;16") or float (see `do_rescale`), grayscale, RGB or RGBA. A 4-d array or
+                tensor is a batch. NaN or infinite pixels are an error naming the image.
             segmentation_maps: One 2-d label map per image (class ids, or instance ids with
                 `instance_id_to_semantic_id`), at the image's size.
             instance_id_to_semantic_id: Class id of each instance id, for all images or one dict per image.
-            return_tensors (`str`, defaults to `"pt"`): `"pt"` or `"np"`.
+            return_tensors (`str`, defaults to `"pt"`): `"pt"`, `"np"` (everything as numpy arrays) or `None` (as
+                transformers' processor: `pixel_values` a list of float32 arrays, the rest tensors).
             input_data_format (`str`, *optional*): `"channels_first"` or `"channels_last"` when the layout of an
                 array is ambiguous.
             device: Where to run the resizing (e.g. `"cuda"`).
             overrides: Any constructor option (`do_pad`, `size`, `do_split_image`, ...) for this call only.
 
         Returns:
-            [`BatchFeature`] with `pixel_values` `(num_inputs, 3, height, width)`, `patch_offsets` (one `[image_index,
-            start, end]` tensor per window) when splitting, and per input `mask_labels` `(num_masks, height, width)`
-            and `class_labels` `(num_masks,)` when segmentation maps are given.
+            [`BatchFeature`] with `pixel_values` `(num_inputs, 3, height, width)`; `patch_offsets` (one `[image_index,
+            start, end]` entry per window) exactly when images are split into windows (`do_split_image`), whatever
+            `return_tensors`: the model hands them to its output unchanged, where post-processing reads them; and per
+            input `mask_labels` `(num_masks, height, width)` and `class_labels` `(num_masks,)` when segmentation maps
+            are given.
         """
         opts = self._options(overrides)
         images = _image_list(images)
