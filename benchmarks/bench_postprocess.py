@@ -3,8 +3,10 @@ measured in the same run, plus the memory that post-processing a 3000×1500 imag
 
     python benchmarks/bench_postprocess.py [--repeats 5] [--model-size small]
 
-Targets (issue 3): each post-processing ≤ 0.2× the built-in's time at 200 queries, 160×160 masks, 133 classes and
-a 480×640 target; image → panoptic segments ≤ 0.7× end to end; a 3000×1500 post-processing adds well under 1 GB.
+Targets (issues 3, 14): panoptic and instance post-processing ≤ 0.2× the built-in's time at 200 queries, 160×160
+masks, 133 classes and a 480×640 target, semantic ≤ 0.6× there and on noisy outputs where pruning classes helps
+little (150 confident queries, noise masks); image → panoptic segments ≤ 0.7× end to end; a 3000×1500
+post-processing adds well under 1 GB.
 Times are medians of interleaved repeats (ours, built-in, ours, ...) in process CPU time, which other processes on a
 shared machine stretch far less than wall time (also reported).
 """
@@ -24,17 +26,25 @@ import torch
 from bench_model import Timing, interleaved_medians
 
 QUERIES, CLASSES, GRID, TARGET = 200, 133, 160, (480, 640)
+TARGETS = {"panoptic": 0.2, "instance": 0.2, "semantic": 0.6}  # largest acceptable ratio to the built-in's time
 SIZE = {"shortest_edge": 640, "longest_edge": 640}
 
 
 def fake_outputs(
-    confident: int = 30, seed: int = 0, target=TARGET, queries: int = QUERIES, classes: int = CLASSES, grid: int = GRID
+    confident: int = 30,
+    seed: int = 0,
+    target=TARGET,
+    queries: int = QUERIES,
+    classes: int = CLASSES,
+    grid: int = GRID,
+    noisy: bool = False,
 ) -> SimpleNamespace:
-    """COCO-like outputs: `confident` queries with a clear class and a blob-shaped mask, the rest "no object"."""
+    """COCO-like outputs: `confident` queries with a clear class and a blob-shaped mask, the rest "no object";
+    `noisy`: every mask is noise around 0 (sigmoid near 0.5 everywhere), so many classes can win somewhere."""
     g = torch.Generator().manual_seed(seed)
     class_logits = torch.randn(1, queries, classes + 1, generator=g)
     class_logits[..., -1] += 4
-    mask_logits = torch.randn(1, queries, grid, grid, generator=g) - 4
+    mask_logits = torch.randn(1, queries, grid, grid, generator=g) * (3 if noisy else 1) - (0 if noisy else 4)
     # mask area of the image content inside the padded canvas
     rows = grid * min(1.0, target[0] / target[1])
     cols = grid * min(1.0, target[1] / target[0])
@@ -52,7 +62,9 @@ def report(name: str, ours: Timing, builtin: Timing, target: float) -> None:
           f"(target ≤ {target}: {verdict}; wall ratio {ours.wall / builtin.wall:5.2f})")  # fmt: skip
 
 
-def time_post_processing(repeats: int, **sizes) -> dict[str, dict[str, Timing]]:
+def time_post_processing(
+    repeats: int, tasks: tuple[str, ...] = ("panoptic", "instance", "semantic"), **sizes
+) -> dict[str, dict[str, Timing]]:
     """{task: {"ours": Timing, "builtin": Timing}} on `fake_outputs(**sizes)` (default: COCO panoptic at 640)."""
     from transformers.models.eomt.image_processing_pil_eomt import EomtImageProcessorPil
 
@@ -61,7 +73,7 @@ def time_post_processing(repeats: int, **sizes) -> dict[str, dict[str, Timing]]:
     ours, builtin = EomtImageProcessor(size=SIZE), EomtImageProcessorPil(size=SIZE, do_pad=True)
     outputs, target_sizes = fake_outputs(**sizes), [sizes.get("target", TARGET)]
     results = {}
-    for task in ("panoptic", "instance", "semantic"):
+    for task in tasks:
         name = f"post_process_{task}_segmentation"
         results[task] = interleaved_medians(
             {
@@ -79,7 +91,11 @@ def bench_post_processing(repeats: int) -> None:
     print(f"post-processing: {QUERIES} queries ({kept} above 0.8), {GRID}×{GRID} masks, {CLASSES} classes, "
           f"target {TARGET[0]}×{TARGET[1]}")  # fmt: skip
     for task, times in time_post_processing(repeats).items():
-        report(f"{task} post-processing", times["ours"], times["builtin"], 0.2)
+        report(f"{task} post-processing", times["ours"], times["builtin"], TARGETS[task])
+    noisy = {"confident": 150, "noisy": True}
+    print(f"noisy outputs: {noisy['confident']} confident queries, noise masks")
+    times = time_post_processing(repeats, tasks=("semantic",), **noisy)["semantic"]
+    report("semantic, noisy", times["ours"], times["builtin"], TARGETS["semantic"])
 
 
 def time_end_to_end(repeats: int, config) -> dict[str, dict[str, Timing]]:

@@ -1,17 +1,14 @@
-"""EoMT image processing: preprocessing, training targets and post-processing."""
+"""EoMT image processing: preprocessing, training targets and post-processing.
 
+`geometry`: where model inputs (padded canvases, sliding windows) lie in their images; `post_processing`: the plain
+panoptic, instance and semantic algorithms; `semantic_fast`: the same semantic results in bounded memory, which the
+processor runs (chosen in `image_processing_eomt.SEMANTIC`); `checks`: the post-processing arguments, checked against
+the outputs before any work."""
+
+from .geometry import Layout, Placement
 from .image_processing_eomt import EomtImageProcessor, EomtImageProcessorPil
-from .post_processing import Placement, instance_segmentation, panoptic_segmentation, semantic_segmentation
 
-__all__ = [
-    "EomtImageProcessor",
-    "EomtImageProcessorPil",
-    "Placement",
-    "instance_segmentation",
-    "panoptic_segmentation",
-    "register_image_processor",
-    "semantic_segmentation",
-]
+__all__ = ["EomtImageProcessor", "EomtImageProcessorPil", "Layout", "Placement", "register_image_processor"]
 
 
 def register_image_processor() -> None:

@@ -3,8 +3,7 @@ targets, and the three post-processings. Pure torch; reads the Hub's `preprocess
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -15,18 +14,22 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import logging
 
-from .post_processing import (
-    Placement,
-    instance_segmentation,
-    panoptic_segmentation,
-    semantic_segmentation,
-    semantic_segments,
-)
+from ..configuration import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, TASKS
+from . import geometry, semantic_fast
+from .checks import checked_arguments, has_windows, positive_int
+from .geometry import Layout, Placement
+from .post_processing import instance_segmentation, panoptic_segmentation
 
 logger = logging.get_logger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# The one place that picks the semantic implementation: `semantic_fast` gives the labels of the plain
+# `post_processing.semantic_*` (its reference, same signatures) in bounded memory.
+SEMANTIC = semantic_fast
+# Constructor options, which `preprocess` also takes for one call.
+OPTIONS = (
+    "do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std",
+    "do_split_image", "do_pad", "ignore_index", "do_reduce_labels",
+)  # fmt: skip
 # PIL resampling codes (the `resample` field of the Hub configs) → torch interpolation modes.
 RESAMPLE_MODES = {0: "nearest-exact", 2: "bilinear", 3: "bicubic"}
 
@@ -58,8 +61,9 @@ class EomtImageProcessor(BaseImageProcessor):
         resample (`int`, defaults to 2 (bilinear)):
             PIL resampling code: 0 nearest, 2 bilinear or 3 bicubic (antialiased when downscaling, like PIL).
         do_rescale (`bool`, defaults to `True`):
-            Multiply integer images by `rescale_factor`. Floating-point images with values in [0, 1] are taken as
-            already rescaled; other floating-point images are rescaled like integer ones.
+            Multiply 8-bit images by `rescale_factor` and others by the factor of the same scale: 16-bit images by
+            `rescale_factor · 255 / 65535`. Floating-point images with values in [0, 1] are taken as already
+            rescaled; other floating-point images as 0-255 levels, with a warning saying so.
         rescale_factor (`float`, defaults to 1/255):
             Factor of `do_rescale`.
         do_normalize (`bool`, defaults to `True`):
@@ -135,11 +139,11 @@ class EomtImageProcessor(BaseImageProcessor):
                 do_pad=False,
                 image_mean=image_mean,
                 image_std=image_std,
-                ignore_index=255,
+                ignore_index=IGNORE_INDEX,
                 do_reduce_labels=do_reduce_labels,
             )
-        if task not in ("panoptic", "instance"):
-            raise ValueError(f"Unknown task {task!r}; choose panoptic, instance or semantic.")
+        if task not in TASKS:
+            raise ValueError(f"Unknown task {task!r}; choose one of {', '.join(TASKS)}.")
         return cls(
             size={"shortest_edge": image_size, "longest_edge": image_size},
             do_split_image=False,
@@ -160,32 +164,22 @@ class EomtImageProcessor(BaseImageProcessor):
         size = self.size if size is None else _size_dict(size)
         return size["shortest_edge"], size.get("longest_edge") or size["shortest_edge"]
 
-    def placements(
+    def layout(
         self,
         target_sizes: Sequence[tuple[int, int]],
         patch_offsets: Sequence | None = None,
         size: dict | None = None,
         do_pad: bool | None = None,
-    ) -> tuple[list[tuple[int, int]], list[Placement]]:
-        """Resized size of each image and where each model input (canvas or window) lies in it."""
+    ) -> Layout:
+        """Where each model input (canvas or window, `patch_offsets` if given) lies in its image of `target_sizes`
+        (the original sizes), for post-processing."""
         do_pad = self.do_pad if do_pad is None else do_pad
-        pad_h, pad_w = self.pad_size(size)
         resized = [self.resized_size(int(h), int(w), size) for h, w in target_sizes]
-
-        def canvas(height: int, width: int) -> tuple[int, int]:
-            return (max(height, pad_h), max(width, pad_w)) if do_pad else (height, width)
-
         if patch_offsets is None or len(patch_offsets) == 0:
-            return resized, [Placement(i, 0, 0, h, w, canvas(h, w)) for i, (h, w) in enumerate(resized)]
-        placements = []
-        for offset in patch_offsets:
-            index, start, end = (int(v) for v in offset)
-            if index >= len(resized):
-                raise ValueError(f"`patch_offsets` refer to image {index} but only {len(resized)} target sizes given.")
-            rh, rw = resized[index]
-            top, left, height, width = (start, 0, end - start, rw) if rh > rw else (0, start, rh, end - start)
-            placements.append(Placement(index, top, left, height, width, canvas(height, width)))
-        return resized, placements
+            offsets = geometry.window_offsets(resized, None)
+        else:
+            offsets = [tuple(int(v) for v in offset) for offset in patch_offsets]
+        return geometry.layout(target_sizes, resized, offsets, self.pad_size(size) if do_pad else None)
 
     # ------------------------------------------------------------------ preprocessing
 
@@ -203,37 +197,45 @@ class EomtImageProcessor(BaseImageProcessor):
         Turn images (and optionally their segmentation maps) into model inputs.
 
         Args:
-            images: One image or a list of images: PIL images, numpy arrays or torch tensors, HWC or CHW, uint8 or
-                float, grayscale, RGB or RGBA. A 4-d array or tensor is a batch.
+            images: One image or a list of images: PIL images, numpy arrays or torch tensors, HWC or CHW, 8-bit,
+                16-bit (`uint16`, PNG mode "I;16") or float (see `do_rescale`), grayscale, RGB or RGBA. A 4-d array or
+                tensor is a batch. NaN or infinite pixels are an error naming the image.
             segmentation_maps: One 2-d label map per image (class ids, or instance ids with
                 `instance_id_to_semantic_id`), at the image's size.
             instance_id_to_semantic_id: Class id of each instance id, for all images or one dict per image.
-            return_tensors (`str`, defaults to `"pt"`): `"pt"` or `"np"`.
+            return_tensors (`str`, defaults to `"pt"`): `"pt"`, `"np"` (everything as numpy arrays) or `None` (as
+                transformers' processor: `pixel_values` a list of float32 arrays, the rest tensors).
             input_data_format (`str`, *optional*): `"channels_first"` or `"channels_last"` when the layout of an
                 array is ambiguous.
             device: Where to run the resizing (e.g. `"cuda"`).
             overrides: Any constructor option (`do_pad`, `size`, `do_split_image`, ...) for this call only.
 
         Returns:
-            [`BatchFeature`] with `pixel_values` `(num_inputs, 3, height, width)`, `patch_offsets` (one `[image_index,
-            start, end]` tensor per window) when splitting, and per input `mask_labels` `(num_masks, height, width)`
-            and `class_labels` `(num_masks,)` when segmentation maps are given.
+            [`BatchFeature`] with `pixel_values` `(num_inputs, 3, height, width)`; `patch_offsets` (one `[image_index,
+            start, end]` entry per window) exactly when images are split into windows (`do_split_image`), whatever
+            `return_tensors`: the model hands them to its output unchanged, where post-processing reads them; and per
+            input `mask_labels` `(num_masks, height, width)` and `class_labels` `(num_masks,)` when segmentation maps
+            are given.
         """
         opts = self._options(overrides)
-        pixels = [_to_chw(image, input_data_format) for image in _image_list(images)]
+        images = _image_list(images)
+        inputs = [_to_chw(image, index, input_data_format, opts["do_rescale"]) for index, image in enumerate(images)]
+        pixels, whites = [pixels for pixels, _ in inputs], [white for _, white in inputs]
         if device is not None:
             pixels = [p.to(device) for p in pixels]
         original_sizes = [tuple(p.shape[-2:]) for p in pixels]
         resized = [self.resized_size(h, w, opts["size"]) if opts["do_resize"] else (h, w) for h, w in original_sizes]
         mode = _resample_mode(opts["resample"])
         pixels = [_resize(p, hw, mode) for p, hw in zip(pixels, resized)]
-        pixels = [self._normalize(p, opts) for p in pixels]
-        fill = self._normalize(torch.zeros(3, 1, 1, dtype=torch.uint8, device=pixels[0].device), opts)
+        pixels = [self._normalize(p, opts, white) for p, white in zip(pixels, whites)]
+        fill = self._normalize(torch.zeros(3, 1, 1, dtype=torch.uint8, device=pixels[0].device), opts, 255.0)
 
-        windows = self._windows(resized, opts)
-        data: dict[str, Any] = {"pixel_values": self._assemble(pixels, windows, fill, opts)}
+        offsets = geometry.window_offsets(resized, opts["size"]["shortest_edge"] if opts["do_split_image"] else None)
+        pad_to = self.pad_size(opts["size"]) if opts["do_pad"] else None
+        placements = geometry.layout(original_sizes, resized, offsets, pad_to).placements
+        data: dict[str, Any] = {"pixel_values": _assemble(pixels, placements, fill, opts["do_pad"])}
         if opts["do_split_image"]:
-            data["patch_offsets"] = [torch.tensor([i, start, end]) for i, start, end, _ in windows]
+            data["patch_offsets"] = [torch.tensor(offset) for offset in offsets]
 
         if segmentation_maps is not None:
             maps = [_to_label_map(m) for m in _map_list(segmentation_maps, len(pixels))]
@@ -248,12 +250,12 @@ class EomtImageProcessor(BaseImageProcessor):
                 maps = [torch.where(m == 0, ignore, m - 1) for m in maps]
             maps = [_resize(m[None].to(pixels[0].device), hw, "nearest-exact")[0] for m, hw in zip(maps, resized)]
             void = torch.full((1, 1, 1), -1 if ignore is None else ignore)
-            canvases = self._assemble([m[None] for m in maps], windows, void, opts)
+            canvases = _assemble([m[None] for m in maps], placements, void, opts["do_pad"])
             mask_labels, class_labels = [], []
-            for canvas, (index, *_rest) in zip(canvases, windows):
+            for canvas, placement in zip(canvases, placements):
                 mapping = instance_id_to_semantic_id
                 if isinstance(mapping, (list, tuple)):
-                    mapping = mapping[index]
+                    mapping = mapping[placement.image_index]
                 masks, classes = _binary_masks(canvas[0], mapping, ignore, opts["do_reduce_labels"])
                 mask_labels.append(masks)
                 class_labels.append(classes)
@@ -263,19 +265,17 @@ class EomtImageProcessor(BaseImageProcessor):
             data = {
                 k: v.cpu().numpy() if torch.is_tensor(v) else [t.cpu().numpy() for t in v] for k, v in data.items()
             }
-        elif return_tensors not in (None, "pt"):
-            raise ValueError(f"`return_tensors` must be 'pt' or 'np', got {return_tensors!r}.")
+        elif return_tensors is None:  # as transformers' processors: a list of arrays per image, targets as tensors
+            data["pixel_values"] = [t.cpu().numpy() for t in data["pixel_values"]]
+        elif return_tensors != "pt":
+            raise ValueError(f"`return_tensors` must be 'pt', 'np' or None, got {return_tensors!r}.")
         return BatchFeature(data=data)
 
     def _options(self, overrides: dict[str, Any]) -> dict[str, Any]:
-        names = (
-            "do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
-            "image_std", "do_split_image", "do_pad", "ignore_index", "do_reduce_labels",
-        )  # fmt: skip
-        unknown = set(overrides) - set(names)
+        unknown = set(overrides) - set(OPTIONS)
         if unknown:
-            raise ValueError(f"Unknown option(s) {sorted(unknown)}; valid options: {', '.join(names)}.")
-        opts = {name: overrides[name] if overrides.get(name) is not None else getattr(self, name) for name in names}
+            raise ValueError(f"Unknown option(s) {sorted(unknown)}; valid options: {', '.join(OPTIONS)}.")
+        opts = {name: overrides[name] if overrides.get(name) is not None else getattr(self, name) for name in OPTIONS}
         opts["size"] = _size_dict(opts["size"])
         if opts["do_reduce_labels"] is None:  # the Hub configs' meaning of `ignore_index`
             opts["do_reduce_labels"] = opts["ignore_index"] is not None
@@ -283,12 +283,12 @@ class EomtImageProcessor(BaseImageProcessor):
             raise ValueError("`do_reduce_labels=True` needs an `ignore_index` (e.g. 255).")
         return opts
 
-    def _normalize(self, image: torch.Tensor, opts: dict[str, Any]) -> torch.Tensor:
-        """Rescale and normalise in one multiply-add per pixel, on a float32 copy."""
-        floating = image.is_floating_point()
-        # Floats in [0, 1] are already rescaled; rescaling them again would turn every image black.
-        rescale = opts["do_rescale"] and (not floating or image.numel() == 0 or bool(image.max() > 1))
-        scale = torch.full((3,), opts["rescale_factor"] if rescale else 1.0, dtype=torch.float64)
+    def _normalize(self, image: torch.Tensor, opts: dict[str, Any], white: float | None) -> torch.Tensor:
+        """Rescale and normalise in one multiply-add per pixel, on a float32 copy. `white` is the value of full
+        intensity (255 for 8-bit levels, 65535 for 16-bit) or `None` for floats already in [0, 1]: `rescale_factor`
+        is the factor of 8-bit levels, other ranges are scaled to match, as `do_rescale` does for 8-bit ones."""
+        factor = opts["rescale_factor"] * 255 / white if opts["do_rescale"] and white else 1.0
+        scale = torch.full((3,), factor, dtype=torch.float64)
         shift = torch.zeros(3, dtype=torch.float64)
         if opts["do_normalize"]:
             mean = torch.tensor(opts["image_mean"], dtype=torch.float64)
@@ -297,44 +297,32 @@ class EomtImageProcessor(BaseImageProcessor):
         scale, shift = (t.to(image.device, torch.float32).view(-1, 1, 1) for t in (scale, shift))
         return image.to(torch.float32, copy=True).mul_(scale).add_(shift)
 
-    def _windows(self, resized: list[tuple[int, int]], opts: dict[str, Any]) -> list[tuple[int, int, int, bool]]:
-        """Per model input: (image index, start, end, tall) along the long side; the whole image unless splitting."""
-        if not opts["do_split_image"]:
-            return [(i, 0, max(h, w), h > w) for i, (h, w) in enumerate(resized)]
-        crop = opts["size"]["shortest_edge"]
-        windows = []
-        for index, (h, w) in enumerate(resized):
-            long_side = max(h, w)
-            count = math.ceil(long_side / crop)
-            step = crop - ((count * crop - long_side) / (count - 1) if count > 1 else 0)
-            windows += [(index, int(i * step), int(i * step) + crop, h > w) for i in range(count)]
-        return windows
-
-    def _assemble(
-        self, images: list[torch.Tensor], windows: list[tuple[int, int, int, bool]], fill: torch.Tensor, opts: dict
-    ) -> torch.Tensor | list[torch.Tensor]:
-        """Cut the windows out of the images and paste each on its canvas filled with `fill`."""
-        crops = []
-        for index, start, end, tall in windows:
-            image = images[index]
-            crops.append(image[:, start:end] if tall else image[:, :, start:end])
-        if opts["do_pad"]:
-            pad_h, pad_w = self.pad_size(opts["size"])
-            height = max([pad_h] + [c.shape[1] for c in crops])
-            width = max([pad_w] + [c.shape[2] for c in crops])
-        elif len({tuple(c.shape) for c in crops}) > 1:
-            raise ValueError(
-                "Images of different sizes cannot be batched without padding; pass `do_pad=True` or one image at a time."
-            )
-        else:
-            return torch.stack(crops)
-        channels = crops[0].shape[0]
-        batch = fill.to(crops[0].dtype).expand(len(crops), channels, height, width).clone()
-        for out, crop in zip(batch, crops):
-            out[:, : crop.shape[1], : crop.shape[2]] = crop
-        return batch
-
     # ------------------------------------------------------------------ post-processing
+
+    def post_process(
+        self,
+        outputs,
+        task: str,
+        target_sizes: Sequence[tuple[int, int]] | torch.Tensor,
+        as_segments: bool = False,
+        **options,
+    ) -> list:
+        """
+        The post-processing of `task` (one of `TASKS`): "panoptic" → [`post_process_panoptic_segmentation`],
+        "instance" → [`post_process_instance_segmentation`], "semantic" → [`post_process_semantic_segmentation`] (class
+        maps) or, with `as_segments`, [`post_process_semantic_segments`] (one segment per class, in the format of the
+        other two). `options` (`size`, `threshold`, ...) go to that method, which ignores the other tasks' options.
+        """
+        if task not in TASKS:
+            raise ValueError(f"Unknown task {task!r}; choose one of {', '.join(TASKS)}.")
+        method = {
+            "panoptic": self.post_process_panoptic_segmentation,
+            "instance": self.post_process_instance_segmentation,
+            "semantic": self.post_process_semantic_segments
+            if as_segments
+            else self.post_process_semantic_segmentation,
+        }[task]
+        return method(outputs, target_sizes, **options)
 
     def post_process_semantic_segmentation(
         self,
@@ -346,16 +334,22 @@ class EomtImageProcessor(BaseImageProcessor):
     ):
         """
         Per-pixel classes: per model input `einsum(sigmoid(masks), softmax(classes)[..., :-1])`, windows averaged
-        where they overlap, padding cropped, resized to `target_sizes` (the original `(height, width)` of each image).
-        The panoptic and instance options (`threshold`, ...) are accepted and unused; unknown options are an error.
+        where they overlap, padding cropped, resized to `target_sizes` (the original `(height, width)` of each image),
+        argmax. `outputs` is the model's output or a mapping with its `class_queries_logits` and `masks_queries_logits`
+        (and `patch_offsets` for windows) as tensors or numpy arrays, e.g. onnxruntime's outputs by name. The panoptic
+        and instance options (`threshold`, ...) are accepted and unused; unknown options are an error.
 
         Returns:
             `list[torch.LongTensor]` of `(height, width)` class maps, or with `return_segmentation_scores` a list of
             `SemanticSegmentationPostProcessorOutput` (`segmentation`, `segmentation_scores` `(num_labels, h, w)`).
         """
-        _check_options(kwargs, "post_process_semantic_segmentation")
         return self._apply(
-            semantic_segmentation, outputs, target_sizes, size, return_segmentation_scores=return_segmentation_scores
+            SEMANTIC.semantic_segmentation,
+            outputs,
+            target_sizes,
+            size,
+            kwargs,
+            return_segmentation_scores=return_segmentation_scores,
         )
 
     def post_process_panoptic_segmentation(
@@ -373,26 +367,23 @@ class EomtImageProcessor(BaseImageProcessor):
         Non-overlapping segments: queries whose best class is an object with probability > `threshold` compete
         per pixel (class probability × mask probability); a query keeps the pixels it wins where its mask
         probability ≥ `mask_threshold`, if they are more than `overlap_mask_area_threshold` of its own mask.
-        Segments of a class in `stuff_classes` are fused into one.
+        Segments of a class in `stuff_classes` are fused into one. `outputs` as in
+        [`post_process_semantic_segmentation`].
 
         Returns:
             One dict per image: `segmentation` `(height, width)` of segment ids (-1 where no segment) and
             `segments_info`, a list of `{"id", "label_id", "score"}`. Sliding-window (semantic) outputs give one
             segment per class of the semantic map.
         """
-        _check_options(kwargs, "post_process_panoptic_segmentation")
-        if _has_windows(outputs):
-            return self.post_process_semantic_segments(outputs, target_sizes, size)
-        return self._apply(
-            panoptic_segmentation,
-            outputs,
-            target_sizes,
-            size,
-            threshold=threshold,
-            mask_threshold=mask_threshold,
-            overlap_mask_area_threshold=overlap_mask_area_threshold,
-            stuff_classes=stuff_classes,
-        )
+        options = {
+            "threshold": threshold,
+            "mask_threshold": mask_threshold,
+            "overlap_mask_area_threshold": overlap_mask_area_threshold,
+            "stuff_classes": stuff_classes,
+        }
+        if has_windows(outputs):
+            return self.post_process_semantic_segments(outputs, target_sizes, size, **options, **kwargs)
+        return self._apply(panoptic_segmentation, outputs, target_sizes, size, kwargs, **options)
 
     def post_process_instance_segmentation(
         self,
@@ -400,7 +391,7 @@ class EomtImageProcessor(BaseImageProcessor):
         target_sizes: Sequence[tuple[int, int]] | torch.Tensor,
         threshold: float = 0.8,
         mask_threshold: float = 0.5,
-        overlap_mask_area_threshold: float | None = None,
+        overlap_mask_area_threshold: float = 0.8,
         size: dict[str, int] | None = None,
         top_k: int | None = None,
         return_binary_maps: bool = False,
@@ -411,25 +402,28 @@ class EomtImageProcessor(BaseImageProcessor):
         (query, class) pairs of the image, the original release's evaluation rule); mask = logit > 0 (sigmoid >
         `mask_threshold`); score = class probability × mean mask probability inside the mask; kept when
         non-empty and score ≥ `threshold`. `overlap_mask_area_threshold` is accepted (the pipeline passes it) and
-        unused. For `threshold` ≥ 0.5 both rules select the same instances.
+        unused. For `threshold` ≥ 0.5 both rules select the same instances. `outputs` as in
+        [`post_process_semantic_segmentation`].
 
         Returns:
             One dict per image: `segmentation` `(height, width)` of instance ids (later instances drawn over earlier
             ones; -1 where none), or `(num_instances, height, width)` booleans with `return_binary_maps`, and
             `segments_info`, a list of `{"id", "label_id", "score"}`.
         """
-        _check_options(kwargs, "post_process_instance_segmentation")
-        if _has_windows(outputs):
-            return self.post_process_semantic_segments(outputs, target_sizes, size, return_binary_maps)
+        options = {"threshold": threshold, "mask_threshold": mask_threshold, "top_k": top_k}
+        unused = {**kwargs, "overlap_mask_area_threshold": overlap_mask_area_threshold}
+        if has_windows(outputs):
+            return self.post_process_semantic_segments(
+                outputs, target_sizes, size, return_binary_maps, **options, **unused
+            )
         return self._apply(
             instance_segmentation,
             outputs,
             target_sizes,
             size,
-            threshold=threshold,
-            mask_threshold=mask_threshold,
-            top_k=top_k,
+            unused,
             return_binary_maps=return_binary_maps,
+            **options,
         )
 
     def post_process_semantic_segments(
@@ -438,37 +432,43 @@ class EomtImageProcessor(BaseImageProcessor):
         target_sizes: Sequence[tuple[int, int]] | torch.Tensor,
         size: dict[str, int] | None = None,
         return_binary_maps: bool = False,
+        **kwargs,
     ) -> list[dict[str, Any]]:
         """
         The semantic segmentation as segments, one per class present, in the panoptic format. A segment's score is
         the mean over its pixels of its class's share of the pixel's class scores. Panoptic and instance
         post-processing return these for sliding-window (semantic) outputs, whose queries are unrelated across
-        windows. The scores of all classes never exist at the target size at once.
+        windows. The scores of all classes never exist at the target size at once. The other post-processings'
+        options are accepted and unused.
 
         Returns:
             One dict per image: `segmentation` `(height, width)` of segment ids, or `(num_segments, height, width)`
             booleans with `return_binary_maps`, and `segments_info`, a list of `{"id", "label_id", "score"}`.
         """
-        return self._apply(semantic_segments, outputs, target_sizes, size, return_binary_maps=return_binary_maps)
-
-    def _apply(self, function, outputs, target_sizes, size: dict | None, **options) -> list:
-        """`function(class logits, mask logits, placements, resized sizes, target sizes, **options)` on `outputs`:
-        the post-processings of `post_processing`, given where each model input lies in its image."""
-        target_sizes = _sizes(target_sizes)
-        resized, placements = self.placements(target_sizes, _field(outputs, "patch_offsets"), size)
-        return function(
-            _field(outputs, "class_queries_logits"),
-            _field(outputs, "masks_queries_logits"),
-            placements,
-            resized,
-            target_sizes,
-            **options,
+        return self._apply(
+            SEMANTIC.semantic_segments, outputs, target_sizes, size, kwargs, return_binary_maps=return_binary_maps
         )
+
+    def _apply(self, function, outputs, target_sizes, size: dict | None, unused: dict[str, Any], **options) -> list:
+        """`function(class logits, mask logits, layout, **options)` on `outputs`, after checking, in this one place,
+        the outputs, the target sizes against them, and the options (`unused`: accepted, checked, not passed on)."""
+        class_logits, mask_logits, patch_offsets, sizes = checked_arguments(outputs, target_sizes, unused, options)
+        return function(class_logits, mask_logits, self.layout(sizes, patch_offsets, size), **options)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every option, `None` included (transformers drops `None` values, and `do_reduce_labels=None` differs from
+        `False`), under the class name transformers saves for every backend of its EoMT processor."""
+        return {
+            **super().to_dict(),
+            **{name: getattr(self, name) for name in OPTIONS},
+            "image_processor_type": "EomtImageProcessor",
+        }
 
 
 class EomtImageProcessorPil(EomtImageProcessor):
     """`EomtImageProcessor` under the name transformers gives its PIL-backend EoMT processor, so that
-    `preprocessor_config.json` files naming that class load ours too (`AutoImageProcessor` resolves names first)."""
+    `preprocessor_config.json` files naming that class load ours too (`AutoImageProcessor` resolves names first). It
+    saves as "EomtImageProcessor", as transformers' does."""
 
 
 # ---------------------------------------------------------------------- helpers
@@ -477,17 +477,18 @@ class EomtImageProcessorPil(EomtImageProcessor):
 def _size_dict(size: dict[str, int | None] | int | None) -> dict[str, int | None]:
     if size is None:
         return {"shortest_edge": 640, "longest_edge": 640}
-    if isinstance(size, int):
-        return {"shortest_edge": size, "longest_edge": size}
+    if not isinstance(size, Mapping):
+        size = {"shortest_edge": size, "longest_edge": size}
     size = dict(size)
     if "shortest_edge" not in size and {"height", "width"} <= set(size) and size["height"] == size["width"]:
-        return {"shortest_edge": size["height"], "longest_edge": size["height"]}
-    if not size.get("shortest_edge"):
+        size = {"shortest_edge": size["height"], "longest_edge": size["height"]}
+    shortest, longest = size.get("shortest_edge"), size.get("longest_edge")
+    if not positive_int(shortest) or not (longest is None or positive_int(longest)):
         raise ValueError(
-            f"`size` must give a positive `shortest_edge` (and optionally `longest_edge`), got {size}; "
-            'e.g. {"shortest_edge": 640, "longest_edge": 640}.'
+            f"`size` must give a positive integer `shortest_edge` (and optionally `longest_edge`), got {size}; "
+            'e.g. {"shortest_edge": 640, "longest_edge": 640} or 640.'
         )
-    return {"shortest_edge": int(size["shortest_edge"]), "longest_edge": size.get("longest_edge")}
+    return {"shortest_edge": int(shortest), "longest_edge": None if longest is None else int(longest)}
 
 
 def _scaled_size(height: int, width: int, shortest: int, longest: int | None) -> tuple[int, int]:
@@ -530,6 +531,26 @@ def _resize(image: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tens
     return F.interpolate(work[None], size=size, mode=mode, antialias=True, align_corners=False)[0]
 
 
+def _assemble(
+    images: list[torch.Tensor], placements: Sequence[Placement], fill: torch.Tensor, do_pad: bool
+) -> torch.Tensor:
+    """Cut each model input out of its resized image and paste it on its canvas filled with `fill`."""
+    crops = [
+        images[p.image_index][:, p.top : p.top + p.height, p.left : p.left + p.width] for p in placements
+    ]  # fmt: skip
+    if not do_pad:
+        if len({tuple(c.shape) for c in crops}) > 1:
+            raise ValueError(
+                "Images of different sizes cannot be batched without padding; pass `do_pad=True` or one image at a time."
+            )
+        return torch.stack(crops)
+    height, width = (max(p.canvas[axis] for p in placements) for axis in (0, 1))
+    batch = fill.to(crops[0].dtype).expand(len(crops), crops[0].shape[0], height, width).clone()
+    for out, crop in zip(batch, crops):
+        out[:, : crop.shape[1], : crop.shape[2]] = crop
+    return batch
+
+
 def _image_list(images) -> list:
     if isinstance(images, (list, tuple)):
         if not images:
@@ -540,16 +561,28 @@ def _image_list(images) -> list:
     return [images]
 
 
-def _to_chw(image, data_format: str | None = None) -> torch.Tensor:
-    """Any single image → `(3, H, W)` tensor, uint8 kept as uint8 (the fast resize path), other types as float32."""
+# PIL modes read as arrays of their own dtype (16-bit integers, 32-bit integers and floats); other modes go to RGB.
+PIL_ARRAY_MODES = ("RGB", "L", "RGBA", "I;16", "I;16L", "I;16B", "I", "F")
+
+
+def _to_chw(
+    image, index: int, data_format: str | None = None, warn_range: bool = True
+) -> tuple[torch.Tensor, float | None]:
+    """Image `index` of a call → `(3, H, W)` tensor and its value of full intensity (see `_normalize`): uint8 kept
+    (the fast resize path) with 255; 16-bit integers (PNG mode "I;16", `uint16` arrays) with 65535; other integers as
+    8-bit levels; floats as float32, `None` when within [0, 1], else taken as 8-bit levels (255, with a warning if
+    `warn_range`)."""
     if isinstance(image, Image.Image):
-        if image.mode not in ("RGB", "L", "RGBA"):
-            image = image.convert("RGB")
-        image = np.asarray(image)
+        image = np.asarray(image if image.mode in PIL_ARRAY_MODES else image.convert("RGB"))
     if isinstance(image, np.ndarray):
         if image.dtype == bool:
             image = image.astype(np.uint8) * 255
-        tensor = torch.from_numpy(np.array(image) if not image.flags.writeable else np.ascontiguousarray(image))
+        if image.dtype.kind not in "uif":
+            raise TypeError(
+                f"Image {index} is a numpy array of dtype {image.dtype}; pass numbers (uint8, uint16 or float)."
+            )
+        image = image.astype(image.dtype.newbyteorder("="), copy=False)  # big-endian "I;16B" PNGs
+        tensor = torch.from_numpy(np.ascontiguousarray(image) if image.flags.writeable else np.array(image))
     elif isinstance(image, torch.Tensor):
         tensor = image.detach()
     else:
@@ -565,28 +598,58 @@ def _to_chw(image, data_format: str | None = None) -> torch.Tensor:
         elif data_format is None and first == last:
             if not first:
                 raise ValueError(
-                    f"Cannot find the channel axis of an image of shape {tuple(tensor.shape)}: expected 1, 3 or 4 "
-                    "channels first or last. For a batch of grayscale images pass a list of 2-d arrays."
+                    f"Cannot find the channel axis of image {index} of shape {tuple(tensor.shape)}: expected 1, 3 "
+                    "or 4 channels first or last. For a batch of grayscale images pass a list of 2-d arrays."
                 )
             tensor = tensor.permute(2, 0, 1)  # ambiguous (e.g. 3×4×3): HWC, the PIL/numpy convention
     else:
-        raise ValueError(f"An image must have 2 or 3 dimensions, got shape {tuple(tensor.shape)}.")
+        raise ValueError(f"An image must have 2 or 3 dimensions, got shape {tuple(tensor.shape)} for image {index}.")
     channels = tensor.shape[0]
     if channels == 1:
         tensor = tensor.expand(3, -1, -1)
     elif channels == 4:
         tensor = tensor[:3]
     elif channels != 3:
-        raise ValueError(f"Images need 1 (grayscale), 3 (RGB) or 4 (RGBA) channels, got {channels}.")
+        raise ValueError(f"Images need 1 (grayscale), 3 (RGB) or 4 (RGBA) channels, got {channels} for image {index}.")
     if min(tensor.shape[1:]) == 0:
-        raise ValueError(f"Empty image of shape {tuple(tensor.shape)}.")
-    if tensor.dtype != torch.uint8 and not tensor.is_floating_point():
-        tensor = tensor.float()
-    return tensor
+        raise ValueError(f"Image {index} is empty (shape {tuple(tensor.shape)}).")
+    if tensor.dtype == torch.uint8:
+        return tensor, 255.0
+    if tensor.dtype == torch.bool:
+        return tensor.to(torch.uint8) * 255, 255.0
+    if tensor.is_floating_point():
+        tensor = tensor.float()  # also float16/bfloat16, which CPU resizing does not take
+        if not bool(tensor.isfinite().all()):
+            raise ValueError(f"Image {index} has NaN or infinite pixel values; replace them before processing.")
+        low, high = float(tensor.min()), float(tensor.max())
+        if 0 <= low and high <= 1:
+            return tensor, None
+        if warn_range:
+            logger.warning(
+                f"Float image {index} has values in [{low:g}, {high:g}], outside [0, 1]: taken as 0-255 levels (as "
+                "uint8). Pass floats in [0, 1], or `do_rescale=False` for values already on the model's scale."
+            )
+        return tensor, 255.0
+    if tensor.is_complex():
+        raise TypeError(f"Image {index} has complex values ({tensor.dtype}); pass real pixel values.")
+    dtype, tensor = tensor.dtype, tensor.to(torch.int64)  # uint16 and friends have few kernels
+    low, high = int(tensor.min()), int(tensor.max())
+    sixteen_bit = dtype == torch.uint16 or (dtype == torch.int32 and 255 < high <= 65535)
+    if not sixteen_bit and (low < 0 or high > 255):
+        raise ValueError(
+            f"Image {index} ({tensor.dtype}) has values in [{low}, {high}], outside the 8-bit range 0-255: pass "
+            "16-bit images as uint16, others as uint8 or as floats in [0, 1]."
+        )
+    return tensor.float(), 65535.0 if sixteen_bit else 255.0
 
 
 def _map_list(maps, count: int) -> list:
     if isinstance(maps, (np.ndarray, torch.Tensor)) and maps.ndim == 3:
+        if maps.shape[0] != count and maps.shape[-1] in (3, 4):
+            raise ValueError(
+                f"Got a segmentation map of shape {tuple(maps.shape)} for {count} image(s): an RGB-encoded label map? "
+                "Convert it to one integer id per pixel first (COCO panoptic: R + 256·G + 256²·B)."
+            )
         maps = list(maps)
     elif not isinstance(maps, (list, tuple)):
         maps = [maps]
@@ -625,39 +688,3 @@ def _binary_masks(
     except KeyError as error:
         raise ValueError(f"Instance id {error.args[0]} is missing from `instance_id_to_semantic_id`.") from None
     return masks, torch.tensor(classes, dtype=torch.long, device=label_map.device)
-
-
-# Options of the three post-processings. Each accepts (and ignores) the others' so that one set of options, such as
-# the pipeline's, can go to any of them; anything else is a mistake worth an error.
-POST_PROCESSING_OPTIONS = {
-    "threshold", "mask_threshold", "overlap_mask_area_threshold", "stuff_classes", "top_k", "return_binary_maps",
-    "return_segmentation_scores",
-}  # fmt: skip
-
-
-def _check_options(options: dict[str, Any], method: str) -> None:
-    unknown = sorted(set(options) - POST_PROCESSING_OPTIONS)
-    if unknown:
-        raise TypeError(
-            f"{method}() got unknown option(s) {unknown}; options: target_sizes, size, "
-            f"{', '.join(sorted(POST_PROCESSING_OPTIONS))}."
-        )
-
-
-def _has_windows(outputs) -> bool:
-    patch_offsets = _field(outputs, "patch_offsets")
-    return patch_offsets is not None and len(patch_offsets) > 0
-
-
-def _field(outputs, name: str):
-    if isinstance(outputs, dict):
-        return outputs.get(name)
-    return getattr(outputs, name, None)
-
-
-def _sizes(target_sizes) -> list[tuple[int, int]]:
-    if target_sizes is None:
-        raise ValueError("`target_sizes` is required: the original (height, width) of each image.")
-    if torch.is_tensor(target_sizes):
-        target_sizes = target_sizes.tolist()
-    return [(int(h), int(w)) for h, w in target_sizes]

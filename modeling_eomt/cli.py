@@ -208,12 +208,7 @@ def predict(
     pixel_values = inputs["pixel_values"].to(device, model.dtype)
     outputs = model(pixel_values=pixel_values, patch_offsets=inputs.get("patch_offsets"))
     sizes = [(image.height, image.width) for image in images]
-    if task == "semantic":
-        results = processor.post_process_semantic_segments(outputs, sizes)
-    elif task == "panoptic":
-        results = processor.post_process_panoptic_segmentation(outputs, sizes, **options)
-    else:
-        results = processor.post_process_instance_segmentation(outputs, sizes, **options)
+    results = processor.post_process(outputs, task, sizes, as_segments=True, **options)
     return [(r["segmentation"].cpu(), r["segments_info"]) for r in results]
 
 

@@ -10,6 +10,7 @@ from PIL import Image
 from transformers import AutoImageProcessor
 from transformers.image_transforms import get_size_with_aspect_ratio
 from transformers.models.eomt.image_processing_pil_eomt import EomtImageProcessorPil as BuiltinProcessor
+from transformers.utils import logging as transformers_logging
 
 from modeling_eomt import EomtConfig, EomtForUniversalSegmentation, EomtImageProcessor
 
@@ -268,3 +269,146 @@ def test_clear_errors(rgb):
         EomtImageProcessor(do_reduce_labels=True)
     with pytest.raises(TypeError, match="Unsupported image type"):
         processor("image.png")
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_return_tensors_none_gives_what_the_builtin_gives(rgb, split):
+    """Without `return_tensors`, as transformers' processor: `pixel_values` a list of float32 arrays, one per model
+    input; targets and window offsets as tensors."""
+    size = {"shortest_edge": 16, "longest_edge": None} if split else SMALL
+    label_map = np.random.default_rng(5).integers(0, 4, rgb.shape[:2])
+    ours = EomtImageProcessor(size=size, do_split_image=split, do_pad=not split)
+    builtin = BuiltinProcessor(size=size, do_split_image=split, do_pad=not split)
+    mine = ours([rgb, rgb[:30]] if not split else rgb, segmentation_maps=None, return_tensors=None)
+    theirs = builtin(images=[rgb, rgb[:30]] if not split else [rgb], return_tensors=None)
+    assert isinstance(mine["pixel_values"], list) and len(mine["pixel_values"]) == len(theirs["pixel_values"])
+    for array, expected in zip(mine["pixel_values"], theirs["pixel_values"]):
+        assert type(array) is type(expected) is np.ndarray and array.dtype == expected.dtype == np.float32
+        assert array.shape == expected.shape and np.abs(array - expected).max() <= ONE_GREY_LEVEL
+    if split:
+        assert [o.tolist() for o in mine["patch_offsets"]] == [o.tolist() for o in theirs["patch_offsets"]]
+        assert all(torch.is_tensor(o) for o in mine["patch_offsets"])
+    targets = ours(rgb, segmentation_maps=label_map, return_tensors=None)
+    reference = builtin(images=[rgb], segmentation_maps=[label_map], return_tensors=None)
+    for name in ("mask_labels", "class_labels"):
+        assert all(torch.is_tensor(t) for t in targets[name] + reference[name]), name
+        assert [t.shape for t in targets[name]] == [t.shape for t in reference[name]], name
+
+
+def test_patch_offsets_are_present_exactly_when_splitting(rgb):
+    """One rule for every `return_tensors`: `patch_offsets` exist when the processor cuts windows, and the model hands
+    them to its output unchanged, where post-processing finds them."""
+    config = EomtConfig(
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, num_blocks=1, image_size=16
+    )
+    model = EomtForUniversalSegmentation(config).eval()
+    for split in (False, True):
+        processor = EomtImageProcessor(
+            size={"shortest_edge": 16, "longest_edge": None if split else 16}, do_split_image=split, do_pad=not split
+        )
+        for return_tensors in (None, "pt", "np"):
+            assert ("patch_offsets" in processor(rgb, return_tensors=return_tensors)) == split, return_tensors
+        inputs = processor(rgb)
+        with torch.no_grad():
+            outputs = model(**inputs)
+        assert outputs.patch_offsets is inputs.get("patch_offsets")
+        assert processor.post_process_semantic_segmentation(outputs, [rgb.shape[:2]])[0].shape == rgb.shape[:2]
+
+
+def test_none_options_survive_a_save_round_trip(tmp_path):
+    """transformers' `to_dict` drops `None` values; ours keeps every option, so an explicit `None` (no cap on the long
+    side, no ignore index, label reduction left to follow `ignore_index`) comes back as `None`."""
+    processor = EomtImageProcessor(
+        size={"shortest_edge": 32, "longest_edge": None}, ignore_index=None, do_reduce_labels=None, do_split_image=True
+    )
+    saved = processor.to_dict()
+    assert (
+        saved["ignore_index"] is None and saved["do_reduce_labels"] is None and saved["size"]["longest_edge"] is None
+    )
+    assert EomtImageProcessor.from_dict(saved).to_dict() == saved
+    processor.save_pretrained(tmp_path)
+    stored = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert stored["ignore_index"] is None and stored["do_reduce_labels"] is None
+    assert AutoImageProcessor.from_pretrained(tmp_path).to_dict() == saved
+    explicit = EomtImageProcessor(ignore_index=255, do_reduce_labels=False)
+    assert EomtImageProcessor.from_dict(explicit.to_dict()).do_reduce_labels is False
+
+
+def test_pil_alias_saves_the_type_transformers_saves(tmp_path):
+    from modeling_eomt.image_processing import EomtImageProcessorPil
+
+    expected = BuiltinProcessor().to_dict()["image_processor_type"]  # transformers' PIL backend saves this name
+    EomtImageProcessorPil(size=SMALL).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "preprocessor_config.json").read_text())["image_processor_type"] == expected
+    assert EomtImageProcessor().to_dict()["image_processor_type"] == expected
+    assert isinstance(AutoImageProcessor.from_pretrained(tmp_path), EomtImageProcessor)
+
+
+def test_16_bit_images_are_scaled_by_their_range(rgb):
+    """16-bit images (uint16 arrays, PNG mode "I;16") mean what the 8-bit image of the same picture means."""
+    processor = EomtImageProcessor(size=SMALL)
+    expected = processor(rgb)["pixel_values"]
+    wide = rgb.astype(np.uint16) * 257  # 255 → 65535
+    for image in (wide, torch.from_numpy(wide.astype(np.int32)).permute(2, 0, 1)):
+        assert (processor(image)["pixel_values"] - expected).abs().max() <= ONE_GREY_LEVEL
+    grey = rgb[..., 0]
+    png = Image.fromarray(grey.astype(np.uint16) * 257)
+    assert png.mode == "I;16"
+    got, reference = processor(png)["pixel_values"], processor(grey)["pixel_values"]
+    assert (got - reference).abs().max() <= ONE_GREY_LEVEL
+
+
+def test_float_images_outside_unit_range_say_what_was_assumed(rgb, caplog):
+    processor = EomtImageProcessor(size=SMALL)
+    expected = processor(rgb)["pixel_values"]
+    levels = rgb.astype(np.float32)  # 0-255 floats, e.g. a 32-bit float TIFF
+    transformers_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            from_array = processor([rgb, levels])["pixel_values"][1]
+            from_tiff = processor(Image.fromarray(levels[..., 0], mode="F"))["pixel_values"][0]
+    finally:
+        transformers_logging.disable_propagation()
+    assert (from_array - expected[0]).abs().max() <= ONE_GREY_LEVEL
+    assert (from_tiff - processor(rgb[..., 0])["pixel_values"][0]).abs().max() <= ONE_GREY_LEVEL
+    warnings = [r.getMessage() for r in caplog.records if "outside [0, 1]" in r.getMessage()]
+    assert len(warnings) == 2 and "Float image 1 has values in [0, 25" in warnings[0] and "0-255 levels" in warnings[0]
+    unit = Image.fromarray(levels[..., 0] / 255, mode="F")  # a float TIFF in [0, 1] is taken as it is
+    assert (processor(unit)["pixel_values"] - processor(rgb[..., 0])["pixel_values"]).abs().max() <= ONE_GREY_LEVEL
+    half = torch.from_numpy(rgb).permute(2, 0, 1).half() / 255  # float16 tensors are read as float32
+    assert (processor(half)["pixel_values"] - expected).abs().max() <= 2 * ONE_GREY_LEVEL
+
+
+def _with_nan(rgb):
+    image = rgb.astype(np.float32) / 255
+    image[3, 4, 1] = np.nan
+    return image
+
+
+BAD_IMAGES = {
+    # case: (call arguments, error type, message pattern)
+    "NaN pixel": (lambda rgb: ([rgb, _with_nan(rgb)],), ValueError, r"Image 1 has NaN or infinite pixel values"),
+    "inf pixel": (lambda rgb: (np.full((8, 8, 3), np.inf, np.float32),), ValueError, r"Image 0 has NaN or infinite"),
+    "object array": (lambda rgb: (np.array([[None] * 4] * 4, dtype=object),), TypeError, r"dtype object"),
+    "int above 8 bits": (lambda rgb: (rgb.astype(np.int64) * 4,), ValueError, r"outside the 8-bit range 0-255"),
+    "negative ints": (lambda rgb: (rgb.astype(np.int16) - 300,), ValueError, r"outside the 8-bit range"),
+    "two channels": (lambda rgb: (np.zeros((20, 20, 2), np.uint8),), ValueError, r"channel axis of image 0"),
+    "empty image": (lambda rgb: (np.zeros((0, 20, 3), np.uint8),), ValueError, r"Image 0 is empty"),
+    "RGB label map": (lambda rgb: (rgb, rgb), ValueError, r"RGB-encoded label map"),
+    "map of wrong size": (lambda rgb: (rgb, np.zeros((10, 10), np.int64)), ValueError, r"has size \(10, 10\)"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_IMAGES)
+def test_bad_images_are_named(rgb, case):
+    arguments, error, message = BAD_IMAGES[case]
+    with pytest.raises(error, match=message):
+        EomtImageProcessor(size=SMALL)(*arguments(rgb))
+
+
+@pytest.mark.parametrize("size", [-5, 0, {"shortest_edge": -5}, {"shortest_edge": 32, "longest_edge": -1}, 2.5])
+def test_bad_sizes_are_named(rgb, size):
+    with pytest.raises(ValueError, match=r"`size` must give a positive integer"):
+        EomtImageProcessor(size=size)
+    with pytest.raises(ValueError, match=r"`size` must give a positive integer"):
+        EomtImageProcessor()(rgb, size=size)

@@ -1,12 +1,15 @@
-"""Post-processing: parity with transformers' built-in EoMT processor (the oracle) on the same model outputs,
-chunking, the kept-queries-only rule, top-k instances and sliding-window outputs."""
+"""Post-processing: parity with transformers' built-in EoMT processor (the oracle) on the same model outputs, the fast
+semantic path against the plain one, chunking, top-k instances, sliding-window outputs, runtime (numpy) outputs,
+`post_process(task)` and argument checks."""
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from modeling_eomt.image_processing import post_processing
+from modeling_eomt.configuration import TASKS
+from modeling_eomt.image_processing import Layout, Placement, post_processing, semantic_fast
 from transformers.models.eomt.image_processing_pil_eomt import EomtImageProcessorPil as BuiltinProcessor
 
 from modeling_eomt import EomtImageProcessor
@@ -66,6 +69,12 @@ def processors():
 def test_panoptic_matches_builtin(processors, options, target_sizes):
     ours, builtin = processors
     outputs = fake_outputs(2)
+    if "stuff_classes" in options:  # any form of class ids
+        tensor = {**options, "stuff_classes": torch.tensor(options["stuff_classes"])}
+        assert_same_segments(
+            ours.post_process_panoptic_segmentation(outputs, target_sizes, **tensor),
+            ours.post_process_panoptic_segmentation(outputs, target_sizes, **options),
+        )
     result = ours.post_process_panoptic_segmentation(outputs, target_sizes, **options)
     assert_same_segments(result, builtin.post_process_panoptic_segmentation(outputs, target_sizes, **options))
     assert sum(len(r["segments_info"]) for r in result) >= 3  # the comparison covered real segments
@@ -103,7 +112,7 @@ def test_instance_mask_threshold_by_hand(processors):
     """The built-in has no `mask_threshold` for instances (it cuts at 0.5): checked by hand at 0.3 and 0.7."""
     ours, _ = processors
     outputs = fake_outputs(1, seed=8)
-    placement = ours.placements(TARGET_SIZES[:1])[1][0]
+    placement = ours.layout(TARGET_SIZES[:1]).placements[0]
     probs = outputs.class_queries_logits[0].softmax(-1)[:, :-1]
     masks = post_processing.upsample_masks(outputs.masks_queries_logits[0], placement, TARGET_SIZES[0]).sigmoid()
     for mask_threshold in (0.3, 0.7):
@@ -159,22 +168,11 @@ def test_semantic_sliding_windows_match_builtin():
 
 @pytest.mark.parametrize("fraction", [0.0, 0.1, 1.0])
 @pytest.mark.parametrize("band_elements", [1, 2**21])
-def test_semantic_labels_match_builtin_with_windows(monkeypatch, fraction, band_elements):
-    """Labels only (the class-pruning path): overlapping windows along either side, padded square images, at the
-    resized size and resized up or down. Candidate fractions from all classes (nothing pruned) to only the best (most
-    pixels re-checked) and one-row bands must not change a label."""
-    monkeypatch.setattr(post_processing, "CANDIDATE_FRACTION", fraction)
-    monkeypatch.setattr(post_processing, "BAND_ELEMENTS", band_elements)
-    widths, resized_rechecks = [], []  # (pixels re-checked or None, classes contracted); pixels re-checked at `size`
-    average, scores_at = post_processing._average, post_processing._scores_at
-
-    def spy(*args):
-        result = average(*args)
-        widths.append((len(args[3]) if len(args) > 3 else None, result.shape[1]))
-        return result
-
-    monkeypatch.setattr(post_processing, "_average", spy)
-    monkeypatch.setattr(post_processing, "_scores_at", lambda *a: resized_rechecks.append(len(a[3])) or scores_at(*a))
+def test_fast_semantic_matches_plain_and_builtin(fraction, band_elements):
+    """The fast semantic path (`semantic_fast`, what the processor runs) against the plain one and the built-in:
+    overlapping windows along either side and padded squares, at the resized size and resized up or down. Candidate
+    fractions from all classes (nothing pruned) to only the best (most pixels re-checked) and one-row bands must not
+    change a label, a score or a segment."""
     ours = EomtImageProcessor(size=SEMANTIC_SIZE, do_split_image=True, do_pad=False)
     builtin = BuiltinProcessor(size=SEMANTIC_SIZE, do_split_image=True)
     # windows of 32 overlap along the long side; short side 32: resized = original size, else resized up or down
@@ -182,27 +180,32 @@ def test_semantic_labels_match_builtin_with_windows(monkeypatch, fraction, band_
     images = [torch.randint(0, 256, (3, *size), dtype=torch.uint8) for size in sizes]
     offsets = builtin(images=images, return_tensors="pt")["patch_offsets"]
     assert len(offsets) == 12
-    outputs = fake_outputs(len(offsets), classes=12, grid=8, seed=8)
-    outputs.patch_offsets = offsets
-    reference = builtin.post_process_semantic_segmentation(outputs, sizes, return_segmentation_scores=True)
-    for mine, theirs in zip(ours.post_process_semantic_segmentation(outputs, sizes), reference):
-        assert_labels_match(mine, theirs.segmentation_scores)
-
-    square = fake_outputs(2, classes=12, seed=9)
-    squares = [(64, 64), (100, 100)]
-    theirs = BuiltinProcessor(size=PANOPTIC_SIZE, do_pad=True).post_process_semantic_segmentation(
-        square, squares, return_segmentation_scores=True
-    )
-    mine = EomtImageProcessor(size=PANOPTIC_SIZE).post_process_semantic_segmentation(square, squares)
-    for labels, reference_output in zip(mine, theirs):
-        assert_labels_match(labels, reference_output.segmentation_scores)
-
-    rechecked = sum(pixels for pixels, _ in widths if pixels is not None)
-    candidates = max(classes for pixels, classes in widths if pixels is None) - 1  # the last column is a norm
-    if fraction == 0.0:
-        assert candidates == 12 and rechecked == 0 and not resized_rechecks
-    elif fraction == 1.0:  # only each window's best class everywhere: the others re-checked where they might win
-        assert candidates < 12 and rechecked > 0 and sum(resized_rechecks) > 0
+    windows = fake_outputs(len(offsets), classes=12, grid=8, seed=8)
+    squares = fake_outputs(2, classes=12, seed=9)
+    cases = [
+        (windows, sizes, ours.layout(sizes, offsets), builtin),
+        (squares, [(64, 64), (100, 100)], EomtImageProcessor(size=PANOPTIC_SIZE).layout([(64, 64), (100, 100)]),
+         BuiltinProcessor(size=PANOPTIC_SIZE, do_pad=True)),
+    ]  # fmt: skip
+    tuning = {"band_elements": band_elements, "candidate_fraction": fraction}
+    for outputs, target_sizes, layout, oracle in cases:
+        logits = outputs.class_queries_logits, outputs.masks_queries_logits
+        outputs.patch_offsets = offsets if oracle is builtin else None
+        reference = oracle.post_process_semantic_segmentation(outputs, target_sizes, return_segmentation_scores=True)
+        plain = post_processing.semantic_segmentation(*logits, layout, return_segmentation_scores=True)
+        fast = semantic_fast.semantic_segmentation(*logits, layout, **tuning)
+        fast_scores = semantic_fast.semantic_segmentation(*logits, layout, return_segmentation_scores=True, **tuning)
+        for labels, scores, expected, theirs in zip(fast, fast_scores, plain, reference):
+            torch.testing.assert_close(expected.segmentation_scores, theirs.segmentation_scores, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(scores.segmentation_scores, expected.segmentation_scores, rtol=1e-5, atol=1e-6)
+            assert_labels_match(labels, expected.segmentation_scores)
+            assert_labels_match(expected.segmentation, theirs.segmentation_scores)
+        plain_segments = post_processing.semantic_segments(*logits, layout)
+        for mine, expected in zip(semantic_fast.semantic_segments(*logits, layout, **tuning), plain_segments):
+            assert [s["label_id"] for s in mine["segments_info"]] == [s["label_id"] for s in expected["segments_info"]]
+            scores = [s["score"] for s in mine["segments_info"]]
+            assert scores == pytest.approx([s["score"] for s in expected["segments_info"]], abs=1e-5)
+            assert (mine["segmentation"] != expected["segmentation"]).float().mean() <= 1e-3
 
 
 @pytest.mark.parametrize("target", [(8, 8), (12, 10)])
@@ -214,16 +217,19 @@ def test_semantic_label_pruning_survives_float32_underflow(target):
     class_logits[0, 0, 0] = class_logits[0, 1, 3] = 0.0
     class_logits[0, 1, 2] = -55.0
     mask_logits = torch.stack([torch.full((2, 2), -80.0), torch.full((2, 2), 10.0)])[None]
-    placement = [post_processing.Placement(0, 0, 0, 8, 8, (8, 8))]
-    (labels,) = post_processing.semantic_segmentation(class_logits, mask_logits, placement, [(8, 8)], [target])
-    assert labels.shape == target and (labels == 2).all()
+    layout = Layout((Placement(0, 0, 0, 8, 8, (8, 8)),), ((8, 8),), (target,))
+    for fraction in (0.1, 1.0):
+        (labels,) = semantic_fast.semantic_segmentation(class_logits, mask_logits, layout, candidate_fraction=fraction)
+        assert labels.shape == target and (labels == 2).all()
+    (plain,) = post_processing.semantic_segmentation(class_logits, mask_logits, layout)
+    assert (plain == 2).all()
 
 
 def test_interpolation_weights_match_interpolate():
     for size_in, size_out, stop in [(16, 64, 64), (16, 64, 40), (10, 25, 25), (7, 3, 3), (5, 5, 5)]:
         values = torch.randn(2, size_in, generator=torch.Generator().manual_seed(size_out))
         expected = F.interpolate(values[None], size=size_out, mode="linear", align_corners=False)[0, :, :stop]
-        weights = post_processing._interpolation_weights(size_in, size_out, stop)
+        weights = semantic_fast._interpolation_weights(size_in, size_out, stop)
         torch.testing.assert_close(values @ weights.T, expected, rtol=1e-6, atol=1e-6)
         assert bool((weights >= 0).all()) and torch.allclose(weights.sum(1), torch.ones(stop))
 
@@ -255,33 +261,19 @@ def test_semantic_crops_padding():
     assert segmentation.shape == (30, 60) and bool((segmentation == 0).all())
 
 
-def test_chunked_results_equal_and_only_kept_queries_upsampled(processors, monkeypatch):
+def test_chunked_results_equal(processors):
+    """Panoptic and instance post-processing upsample a bounded number of queries at a time: any chunk size gives the
+    same segments."""
     ours, _ = processors
     outputs = fake_outputs(2, seed=5)
-    expected = (
-        ours.post_process_panoptic_segmentation(outputs, TARGET_SIZES, threshold=0.5),
-        ours.post_process_instance_segmentation(outputs, TARGET_SIZES, threshold=0.5),
-        ours.post_process_semantic_segmentation(outputs, TARGET_SIZES),
-    )
-    calls = []
-    upsample = post_processing.upsample_masks
-    monkeypatch.setattr(post_processing, "CHUNK_ELEMENTS", 3 * 90 * 40)
-    monkeypatch.setattr(post_processing, "upsample_masks", lambda m, *a: calls.append(m.shape[0]) or upsample(m, *a))
-    panoptic = ours.post_process_panoptic_segmentation(outputs, TARGET_SIZES, threshold=0.5)
-    probs = outputs.class_queries_logits.softmax(-1)
-    scores, labels = probs.max(-1)
-    kept = int(((scores > 0.5) & (labels != probs.shape[-1] - 1)).sum())
-    assert sum(calls) == kept < outputs.class_queries_logits.shape[:2].numel()
-    assert max(calls) <= 3
-    for mine, theirs in zip(panoptic, expected[0]):
-        assert mine["segments_info"] == theirs["segments_info"]
-        assert torch.equal(mine["segmentation"], theirs["segmentation"])
-    instance = ours.post_process_instance_segmentation(outputs, TARGET_SIZES, threshold=0.5)
-    for mine, theirs in zip(instance, expected[1]):
-        assert mine["segments_info"] == theirs["segments_info"]
-        assert torch.equal(mine["segmentation"], theirs["segmentation"])
-    semantic = ours.post_process_semantic_segmentation(outputs, TARGET_SIZES)
-    assert all(torch.equal(a, b) for a, b in zip(semantic, expected[2]))
+    logits, layout = (outputs.class_queries_logits, outputs.masks_queries_logits), ours.layout(TARGET_SIZES)
+    for function in (post_processing.panoptic_segmentation, post_processing.instance_segmentation):
+        expected = function(*logits, layout, threshold=0.5)
+        assert sum(len(r["segments_info"]) for r in expected) >= 3
+        for chunk_elements in (1, 3 * 90 * 40):
+            for mine, theirs in zip(function(*logits, layout, threshold=0.5, chunk_elements=chunk_elements), expected):
+                assert mine["segments_info"] == theirs["segments_info"]
+                assert torch.equal(mine["segmentation"], theirs["segmentation"])
 
 
 def test_instance_top_k_pairs(processors):
@@ -302,7 +294,7 @@ def test_instance_top_k_pairs(processors):
     probs = outputs.class_queries_logits[0].softmax(-1)[:, :-1]
     best = probs.flatten().argmax()
     query, label = divmod(int(best), probs.shape[1])
-    placement = ours.placements(TARGET_SIZES[:1])[1][0]
+    placement = ours.layout(TARGET_SIZES[:1]).placements[0]
     logits = post_processing.upsample_masks(outputs.masks_queries_logits[0, [query]], placement, TARGET_SIZES[0])[0]
     inside = logits > 0
     expected = float(probs.flatten()[best] * logits.sigmoid()[inside].sum() / (inside.sum() + 1e-6))
@@ -393,3 +385,117 @@ def test_every_post_processing_takes_the_others_options_but_not_typos(processors
         assert len(method(outputs, TARGET_SIZES[:1], **shared)) == 1
         with pytest.raises(TypeError, match=r"unknown option\(s\) \['treshold'\]"):
             method(outputs, TARGET_SIZES[:1], treshold=0.5)
+
+
+def test_post_process_dispatches_by_task():
+    panoptic = EomtImageProcessor(size=PANOPTIC_SIZE)
+    windowed = EomtImageProcessor(size=SEMANTIC_SIZE, do_split_image=True, do_pad=False)
+    outputs = fake_outputs(2, seed=11)
+    options = {"threshold": 0.5, "stuff_classes": [0, 1]}
+    expected = {
+        "panoptic": panoptic.post_process_panoptic_segmentation(outputs, TARGET_SIZES, **options),
+        "instance": panoptic.post_process_instance_segmentation(outputs, TARGET_SIZES, **options),
+        "semantic": panoptic.post_process_semantic_segmentation(outputs, TARGET_SIZES, **options),
+    }
+    assert set(expected) == set(TASKS)
+    for task, reference in expected.items():
+        result = panoptic.post_process(outputs, task, TARGET_SIZES, **options)
+        for mine, theirs in zip(result, reference):
+            if task == "semantic":
+                assert torch.equal(mine, theirs)
+            else:
+                assert mine["segments_info"] == theirs["segments_info"] and len(theirs["segments_info"]) >= 2
+                assert torch.equal(mine["segmentation"], theirs["segmentation"])
+    # semantic as segments: the panoptic format, from padded and from sliding-window outputs alike
+    window_outputs = fake_outputs(3, grid=8, seed=12)
+    window_outputs.patch_offsets = windowed(torch.zeros(3, 32, 80, dtype=torch.uint8))["patch_offsets"]
+    for processor, out, sizes in ((panoptic, outputs, TARGET_SIZES), (windowed, window_outputs, [(32, 80)])):
+        segments = processor.post_process(out, "semantic", sizes, as_segments=True, threshold=0.5)
+        for result, theirs in zip(segments, processor.post_process_semantic_segments(out, sizes)):
+            assert result["segments_info"] == theirs["segments_info"]
+            assert torch.equal(result["segmentation"], theirs["segmentation"])
+    with pytest.raises(ValueError, match="Unknown task 'depth'"):
+        panoptic.post_process(outputs, "depth", TARGET_SIZES)
+
+
+@pytest.mark.parametrize("windows", [False, True])
+def test_runtime_outputs_as_numpy_dicts_give_the_same_segments(windows):
+    """onnxruntime returns numpy arrays by output name: the processor takes them as they come."""
+    if windows:
+        processor = EomtImageProcessor(size=SEMANTIC_SIZE, do_split_image=True, do_pad=False)
+        offsets = processor(torch.zeros(3, 40, 90, dtype=torch.uint8))["patch_offsets"]
+        outputs, sizes = fake_outputs(len(offsets), grid=8, seed=13), [(40, 90)]
+        outputs.patch_offsets = offsets
+    else:
+        processor, sizes = EomtImageProcessor(size=PANOPTIC_SIZE), TARGET_SIZES
+        outputs = fake_outputs(2, seed=13)
+    runtime = {
+        "class_queries_logits": outputs.class_queries_logits.numpy(),
+        "masks_queries_logits": outputs.masks_queries_logits.numpy(),
+    }
+    if windows:
+        runtime["patch_offsets"] = np.stack([o.numpy() for o in outputs.patch_offsets])
+    for task in TASKS:
+        name = f"post_process_{task}_segmentation"
+        options = {} if task == "semantic" else {"threshold": 0.5}
+        expected, result = (getattr(processor, name)(o, target_sizes=sizes, **options) for o in (outputs, runtime))
+        for mine, theirs in zip(result, expected):
+            if task == "semantic":
+                assert torch.equal(mine, theirs)
+                continue
+            assert mine["segments_info"] == theirs["segments_info"] and mine["segments_info"]
+            assert torch.equal(mine["segmentation"], theirs["segmentation"])
+
+
+def _nan_logits(outputs, name):
+    getattr(outputs, name)[0, 3, ..., 0] = float("nan")
+    return outputs
+
+
+BAD_POST_PROCESSING = {
+    # case: (target sizes, options, outputs change, error type, message pattern)
+    "one size for two images": ([(48, 80)], {}, None, ValueError, r"1 target sizes for 2 image"),
+    "two sizes for one image": ([(48, 80)] * 3, {}, None, ValueError, r"3 target sizes for 2 image"),
+    "bare (H, W) tuple": ((48, 80), {}, None, ValueError, r"bare pair \(48, 80\); wrap it in a list"),
+    "zero size": ([(0, 0), (48, 80)], {}, None, ValueError, r"positive integers, got \(0, 0\)"),
+    "negative size": ([(48, -80), (48, 80)], {}, None, ValueError, r"positive integers, got \(48, -80\)"),
+    "no sizes": (None, {}, None, ValueError, r"`target_sizes` is required"),
+    "threshold as a string": (TARGET_SIZES, {"threshold": "0.5"}, None, TypeError, r"`threshold` must be a number"),
+    "threshold above 1": (TARGET_SIZES, {"threshold": 1.5}, None, ValueError, r"`threshold` must be between 0 and 1"),
+    "mask threshold NaN": (TARGET_SIZES, {"mask_threshold": float("nan")}, None, ValueError, r"`mask_threshold`"),
+    "top_k = -1": (TARGET_SIZES, {"top_k": -1}, None, ValueError, r"`top_k` must be a positive integer"),
+    "stuff classes by name": (TARGET_SIZES, {"stuff_classes": ["sky"]}, None, TypeError, r"`stuff_classes`"),
+    "NaN class logits": (TARGET_SIZES, {}, "class_queries_logits", ValueError, r"`class_queries_logits` has NaN"),
+    "NaN mask logits": (TARGET_SIZES, {}, "masks_queries_logits", ValueError, r"`masks_queries_logits` has NaN"),
+    "not model outputs": (TARGET_SIZES, {}, "list", TypeError, r"must carry `class_queries_logits`"),
+    "mismatched logits": (TARGET_SIZES, {}, "shapes", ValueError, r"got shapes \(2, 24, 7\) and \(2, 23, 16, 16\)"),
+}
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("case", BAD_POST_PROCESSING)
+def test_bad_post_processing_arguments_are_named(processors, task, case):
+    """Each bad argument fails before any work with an error naming it, in every post-processing (an option one task
+    ignores is still checked)."""
+    ours, _ = processors
+    target_sizes, options, change, error, message = BAD_POST_PROCESSING[case]
+    outputs = fake_outputs(2)
+    if change == "list":
+        outputs = [outputs.class_queries_logits, outputs.masks_queries_logits]
+    elif change == "shapes":
+        outputs.masks_queries_logits = outputs.masks_queries_logits[:, 1:]
+    elif change:
+        _nan_logits(outputs, change)
+    with pytest.raises(error, match=message):
+        ours.post_process(outputs, task, target_sizes, **options)
+
+
+def test_window_offsets_must_match_the_inputs():
+    processor = EomtImageProcessor(size=SEMANTIC_SIZE, do_split_image=True, do_pad=False)
+    outputs = fake_outputs(2, grid=8)
+    outputs.patch_offsets = processor(torch.zeros(3, 32, 80, dtype=torch.uint8))["patch_offsets"]  # 3 windows
+    with pytest.raises(ValueError, match=r"3 `patch_offsets` for 2 model inputs"):
+        processor.post_process_semantic_segmentation(outputs, [(32, 80)])
+    outputs.patch_offsets = outputs.patch_offsets[:2]  # two windows of one image: one size
+    with pytest.raises(ValueError, match=r"2 target sizes for 1 image"):
+        processor.post_process_semantic_segmentation(outputs, [(32, 80), (32, 80)])

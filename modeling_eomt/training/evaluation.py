@@ -71,17 +71,12 @@ class SegmentationMetrics:
         """Per image of a batch: its post-processed prediction and its reference, encoded as the metric stores them
         (small Python objects, cheap to gather across processes)."""
         sizes = [tuple(target["masks"].shape[-2:]) for target in targets]
-        if self.task == "semantic":
-            predictions = self.processor.post_process_semantic_segmentation(outputs, target_sizes=sizes)
-        elif self.task == "panoptic":
-            predictions = self.processor.post_process_panoptic_segmentation(
-                outputs, target_sizes=sizes, threshold=self.threshold, stuff_classes=self.stuff_ids
-            )
-        else:
-            # COCO AP ranks all top-100 detections: no score threshold.
-            predictions = self.processor.post_process_instance_segmentation(
-                outputs, target_sizes=sizes, threshold=0.0, return_binary_maps=True
-            )
+        options = {
+            "panoptic": {"threshold": self.threshold, "stuff_classes": self.stuff_ids},
+            "instance": {"threshold": 0.0, "return_binary_maps": True},  # COCO AP ranks every detection: no threshold
+            "semantic": {},
+        }[self.task]
+        predictions = self.processor.post_process(outputs, self.task, sizes, **options)
         references = [(semantic_map if self.task == "semantic" else segments)(target) for target in targets]
         encode = self.metric.encode_example
         return [(encode(p, "predictions"), encode(r, "references")) for p, r in zip(predictions, references)]
