@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from typing import ClassVar
 
 from transformers import PretrainedConfig
@@ -100,6 +102,7 @@ class EomtBaseConfig(PretrainedConfig):
     uses_rope: ClassVar[bool] = False
 
     def __post_init__(self, **kwargs):
+        _refuse_misspelled_fields(self, kwargs)
         super().__post_init__(**kwargs)
         self.image_size = _square(self.image_size, "image_size")
         self.patch_size = _square(self.patch_size, "patch_size")
@@ -350,6 +353,16 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
          "importance_sample_ratio"), (int, float),
     ),
 }  # fmt: skip
+
+
+def _refuse_misspelled_fields(config: EomtBaseConfig, extra: dict) -> None:
+    """A keyword that is not a field but nearly spells one (`num_querys`) is a typo that would otherwise be stored
+    and ignored; other extra keys (written by other tools) are kept, as transformers does."""
+    fields = [field.name for field in dataclasses.fields(config)]
+    for name in extra:
+        close = difflib.get_close_matches(name, fields, n=1, cutoff=0.85)
+        if close:
+            raise TypeError(f"Unknown config field `{name}`; did you mean `{close[0]}`?")
 
 
 def _square(value: int | list[int] | tuple[int, int], name: str) -> int:

@@ -179,6 +179,12 @@ class EomtAttention(nn.Module):
         )
         if position_embeddings is not None:
             query, key = (rotate_patch_tokens(states, *position_embeddings) for states in (query, key))
+        if attention_mask is not None and self.config._attn_implementation == "flex_attention":
+            # torch's CPU flex kernel crashes on a dense score mask; a BlockMask of masked attention is future work.
+            raise ValueError(
+                "Masked attention (training, or a model with `attn_mask_probs` > 0) runs with eager or SDPA "
+                "attention; use `model.set_attn_implementation('sdpa')`, or anneal the model for flex attention."
+            )
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         context, weights = attention(
             self, query, key, value, attention_mask, scaling=self.scaling,

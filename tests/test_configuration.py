@@ -89,3 +89,38 @@ def test_preset_overrides_and_unknown_preset():
 def test_validation_names_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
         EomtConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"num_queries": "32"}, TypeError, "`num_queries` must be an integer"),
+        ({"hidden_size": 32.0, "num_attention_heads": 2}, TypeError, "`hidden_size` must be an integer"),
+        ({"layer_norm_eps": "1e-6"}, TypeError, "`layer_norm_eps` must be a number"),
+        ({"num_querys": 32}, TypeError, "did you mean `num_queries`"),
+    ],
+)
+def test_ill_typed_and_misspelled_fields_are_named(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        EomtConfig(**kwargs)
+
+
+def test_unrelated_extra_keys_are_kept():
+    assert EomtConfig(written_by="another tool").written_by == "another tool"
+
+
+def test_dinov3_presets_name_their_base_backbone_and_build_dinov3_configs():
+    from modeling_eomt import EomtDinov3Config
+
+    details = {preset["name"]: preset for preset in EomtConfig.list_presets(details=True)}
+    assert set(details) == set(EomtConfig.list_presets())
+    dinov3 = {name: preset for name, preset in details.items() if preset["backbone"] == "dinov3"}
+    assert len(dinov3) == 7
+    large = dinov3["coco_panoptic_eomt_large_640_dinov3"]
+    assert large["base_backbone"] == "facebook/dinov3-vitl16-pretrain-lvd1689m" and large["result"] == 56.8
+    assert not dinov3["ade20k_semantic_eomt_large_512_dinov3"]["sliding_windows"]  # it pads a square
+    assert details["ade20k_semantic_eomt_large_512"]["sliding_windows"]
+    config = EomtConfig.from_preset("coco_panoptic_eomt_small_640_dinov3")
+    assert type(config) is EomtDinov3Config
+    assert (config.hidden_size, config.num_blocks, config.num_queries, config.num_labels) == (384, 3, 200, 133)
+    assert config.intermediate_size == 1536 and config.key_bias is False

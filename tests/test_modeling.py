@@ -544,3 +544,16 @@ def test_importing_us_leaves_the_builtin_save_and_load_unchanged(tmp_path):
     assert names == set(builtin.state_dict()) and not any("weights_in" in name for name in names)
     _, info = BuiltinModel.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_flex_attention_for_annealed_models():
+    ours, _ = make_pair()
+    ours.eval().set_attn_mask_probs([0.0] * TINY["num_blocks"])
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = ours(pixels).masks_queries_logits
+        ours.set_attn_implementation("flex_attention")
+        torch.testing.assert_close(ours(pixels).masks_queries_logits, expected, atol=1e-5, rtol=1e-5)
+        ours.set_attn_mask_probs([1.0] * TINY["num_blocks"])
+        with pytest.raises(ValueError, match="eager or SDPA"):
+            ours(pixels)
