@@ -25,10 +25,10 @@ from transformers.utils import ModelOutput, logging
 from transformers.utils.output_capturing import capture_outputs
 
 from . import banded_upscale
-from .checkpoint_names import legacy_swiglu_names
 from .configuration import EomtBaseConfig, EomtConfig, EomtDinov3Config
 from .head import EomtMaskHead, EomtScaleBlock, MaskPrediction, patch_grid_logits, split_tokens
 from .input_checks import check_inputs
+from .loading import check_loaded, legacy_swiglu_names, readable_weight_errors
 from .loss import EomtLoss
 from .recompute import recompute_all_but_matmuls
 from .rope import EomtRotaryEmbedding, rotate_patch_tokens
@@ -528,12 +528,18 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
             layer.selective_recompute = enabled
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs) -> EomtForUniversalSegmentation:
-        # Reads SwiGLU weights saved before transformers 5 (`weights_in`/`weights_out`); saves always use today's names.
-        with legacy_swiglu_names(cls.__name__):
-            loaded = super().from_pretrained(*args, **kwargs)
-        (loaded[0] if isinstance(loaded, tuple) else loaded)._weight_conversions = None  # (model, loading info)
-        return loaded
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, allow_missing_weights: bool = False, **kwargs):
+        """transformers' `from_pretrained`, which also reads SwiGLU weights saved before transformers 5
+        (`weights_in`/`weights_out`) and refuses incomplete or non-finite weights (`loading.py`) unless
+        `allow_missing_weights=True`."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        with legacy_swiglu_names(cls.__name__), readable_weight_errors(pretrained_model_name_or_path):
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
+        check_loaded(model, info, pretrained_model_name_or_path, allow_missing_weights)
+        model._weight_conversions = None  # saves use today's names
+        return (model, info) if wants_info else model
 
     @classmethod
     def from_backbone(cls, name_or_path: str, **config_fields) -> EomtForUniversalSegmentation:
