@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .configuration import SIZES, EomtConfig
+from .configuration import DINOV3_SIZES, SIZES, EomtBaseConfig
 from .configuration.presets import DATASETS
 
 # Dataset key of `DATASETS` → (display name, Hub dataset id).
@@ -26,13 +26,14 @@ CITATION = """@inproceedings{kerssies2025eomt,
 
 
 def build_model_card(
-    config: EomtConfig,
+    config: EomtBaseConfig,
     task: str,
     dataset: str | None = None,
     metrics: dict[str, float] | None = None,
     model_name: str = "eomt",
     repo_id: str | None = None,
     notes: str | None = None,
+    base_backbone: str | None = None,
 ) -> str:
     """The text of a model card.
 
@@ -44,7 +45,9 @@ def build_model_card(
         model_name: Title of the card.
         repo_id: Hub repo the files go to (used in the snippet; defaults to `model_name`).
         notes: A paragraph on where the weights come from (conversion, fine-tuning), placed after the summary.
+        base_backbone: The pretrained backbone training started from (a Hub id or path), named in the card.
     """
+    family, sizes = ("DINOv3", DINOV3_SIZES) if config.uses_rope else ("DINOv2", SIZES)
     spec = DATASETS.get(dataset) if dataset else None
     dataset_name, dataset_id = DATASET_INFO[spec["dataset"]] if spec else (dataset, dataset)
     eval_results = None
@@ -66,7 +69,8 @@ def build_model_card(
         library_name="transformers",
         pipeline_tag="image-segmentation",
         license="mit",
-        tags=["eomt", "vision", "image-segmentation", f"{task}-segmentation"],
+        tags=["eomt", family.lower(), "vision", "image-segmentation", f"{task}-segmentation"],
+        base_model=base_backbone if base_backbone and "/" in base_backbone else None,
         datasets=[dataset_id] if dataset_id else None,
         model_name=model_name,
         eval_results=eval_results,
@@ -74,12 +78,12 @@ def build_model_card(
     size = next(
         (
             name
-            for name, s in SIZES.items()
+            for name, s in sizes.items()
             if (s["hidden_size"], s["num_hidden_layers"]) == (config.hidden_size, config.num_hidden_layers)
         ),
         None,
     )
-    backbone = f"DINOv2 ViT-{size[0].upper()}" if size else "ViT"
+    backbone = f"{family} ViT-{size[0].upper()}" if size else f"{family}-style ViT"
     repo = repo_id or model_name
     lines = [
         f"# {model_name}",
@@ -97,6 +101,8 @@ def build_model_card(
             "(CVPR 2025). Original code: [tue-mps/eomt](https://github.com/tue-mps/eomt)."
         ),
     ]
+    if base_backbone:
+        lines += ["", f"Trained from the pretrained backbone `{base_backbone}`."]
     if notes:
         lines += ["", notes]
     if metrics:
