@@ -170,7 +170,7 @@ def load_checkpoint(name: str, device: torch.device):
     """Our model and processor from a saved folder or Hub id, with one-line errors for the usual mistakes."""
     from transformers import AutoConfig
 
-    from . import EomtForUniversalSegmentation, EomtImageProcessor
+    from . import EomtDinov3ForUniversalSegmentation, EomtForUniversalSegmentation, EomtImageProcessor
 
     path = Path(name).expanduser()
     if path.exists():
@@ -183,17 +183,23 @@ def load_checkpoint(name: str, device: torch.device):
     except (OSError, ValueError) as error:
         where = "its config.json" if path.exists() else "not a local folder; tried the Hub"
         raise CliError(f"cannot load model {name} ({where}): {_first_line(error)}") from None
-    if config.model_type != "eomt":
-        raise CliError(f"{name} is not an EoMT checkpoint (model_type {config.model_type!r}, expected 'eomt').")
+    model_classes = {"eomt": EomtForUniversalSegmentation, "eomt_dinov3": EomtDinov3ForUniversalSegmentation}
+    if config.model_type not in model_classes:
+        raise CliError(
+            f"{name} is not an EoMT checkpoint (model_type {config.model_type!r}, expected 'eomt' or 'eomt_dinov3')."
+        )
     source = str(path) if path.exists() else name
     try:
-        model = EomtForUniversalSegmentation.from_pretrained(source).to(device).eval()
+        model = model_classes[config.model_type].from_pretrained(source).to(device).eval()
     except (OSError, ValueError, RuntimeError) as error:
         raise CliError(f"cannot load the weights of {name}: {_first_line(error)}") from None
+    if path.exists() and not (path / "preprocessor_config.json").exists():  # the model's native size, padded
+        return model, EomtImageProcessor(size={"shortest_edge": config.image_size, "longest_edge": config.image_size})
     try:
         processor = EomtImageProcessor.from_pretrained(source)
-    except OSError:  # no preprocessor_config.json: the model's native size, padded
-        processor = EomtImageProcessor(size={"shortest_edge": config.image_size, "longest_edge": config.image_size})
+    except (OSError, ValueError) as error:
+        # A broken file must not silently fall back to the defaults (a semantic model would run as panoptic).
+        raise CliError(f"cannot load the processor config of {name}: {_first_line(error)}") from None
     return model, processor
 
 

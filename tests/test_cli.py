@@ -251,3 +251,39 @@ def test_same_names_are_numbered_and_photos_upright(model_path, tmp_path):
     assert json.loads((out / "photo_2.json").read_text())["image"].endswith(str(Path("b") / "photo.png"))
     with Image.open(out / "turned.png") as overlay:
         assert overlay.size == (20, 50)
+
+
+def test_damaged_checkpoints_fail_with_one_line(images, tmp_path, capsys):
+    # A broken preprocessor_config.json must not fall back to the defaults (a semantic model would run as panoptic);
+    # truncated weights name the file.
+    broken = tmp_path / "broken_processor"
+    save_tiny_checkpoint(broken, EomtImageProcessor(size={"shortest_edge": 32, "longest_edge": 32}))
+    (broken / "preprocessor_config.json").write_text("{not json")
+    truncated = tmp_path / "truncated"
+    save_tiny_checkpoint(truncated, EomtImageProcessor(size={"shortest_edge": 32, "longest_edge": 32}))
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    capsys.readouterr()  # the saves' progress bars
+    for model, message in ((broken, "cannot load the processor config"), (truncated, "truncated or corrupt")):
+        assert run(str(images), "--model", str(model), "--output", str(tmp_path / "out")) == 2
+        error_lines = capsys.readouterr().err.strip().splitlines()
+        assert len(error_lines) == 1 and message in error_lines[0]
+
+
+def test_dinov3_checkpoints_segment(images, tmp_path):
+    import torch
+
+    from modeling_eomt import EomtDinov3Config, EomtDinov3ForUniversalSegmentation
+
+    config = EomtDinov3Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_blocks=1,
+        image_size=32, patch_size=8, num_queries=6, num_register_tokens=1, id2label=ID2LABEL,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = EomtDinov3ForUniversalSegmentation(config)
+    model.set_attn_mask_probs([0.0])
+    model.save_pretrained(tmp_path / "dinov3")
+    EomtImageProcessor(size={"shortest_edge": 32, "longest_edge": 32}).save_pretrained(tmp_path / "dinov3")
+    out = tmp_path / "out"
+    assert run(str(images), "--model", str(tmp_path / "dinov3"), "--output", str(out), "--threshold", "0") == 0
+    assert json.loads((out / "street.json").read_text())["task"] == "panoptic"
