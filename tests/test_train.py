@@ -168,32 +168,6 @@ def test_segmentation_metrics_count_each_record_once():
     assert metrics.compute() == {}
 
 
-def test_epoch_callback_reseeds_augmentation_per_epoch():
-    from types import SimpleNamespace
-
-    from modeling_eomt.training.augmentation import TrainTransform
-    from modeling_eomt.training.data import load_segmentation_dataset
-    from modeling_eomt.training.train import EpochSeedCallback
-
-    dataset = load_segmentation_dataset("shapes", num_examples=2, image_size=64).with_transform(
-        TrainTransform(64, (0.5, 1.5)), seed=0
-    )
-    callback = EpochSeedCallback(dataset)
-    callback.on_epoch_begin(None, SimpleNamespace(epoch=0.0), None)
-    first = dataset[0]["image"]
-    assert torch.equal(first, dataset[0]["image"])  # same epoch, same augmentation
-    callback.on_epoch_begin(None, SimpleNamespace(epoch=1.0), None)
-    assert dataset.epoch == 1 and not torch.equal(first, dataset[0]["image"])
-
-    # persistent workers keep their copy of the dataset across epochs, and still follow the epoch
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=1, persistent_workers=True)
-    images = []
-    for epoch in (0, 1):
-        callback.on_epoch_begin(None, SimpleNamespace(epoch=float(epoch)), None)
-        images.append(next(iter(loader))["image"])
-    assert torch.equal(images[0], first) and not torch.equal(images[1], first)
-
-
 def test_demo_trains_caches_and_writes_overlays(tmp_path, capsys):
     from modeling_eomt.training import demo
 

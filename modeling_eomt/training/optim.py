@@ -1,4 +1,4 @@
-"""The EoMT recipe's optimizer and learning-rate schedule, and a `Trainer` that uses them.
+"""The EoMT recipe's optimizer and learning-rate schedule, as pure functions of the model and the step.
 
 AdamW (weight decay on every parameter) with layer-wise learning-rate decay: ViT block `i` of `L` trains at
 `lr * layer_decay ** (L - 1 - i)`, the embeddings (patch projection, position embeddings, CLS and register tokens)
@@ -9,22 +9,17 @@ step 0 over `head_warmup_steps`; the backbone (embeddings, blocks, final norm) s
 up over the next `backbone_warmup_steps`; after its warmup each part decays as `(1 - progress) ** poly_power` to 0 at
 the last step. The gradient-norm clip of the recipe (0.01) is `TrainingArguments.max_grad_norm`.
 
-Use either `Trainer(..., optimizers=build_optimizer_and_scheduler(model, max_steps))` or [`EomtTrainer`] with
-[`EomtTrainingArguments`], which exposes every value as a command-line flag through `HfArgumentParser`.
+Use either `Trainer(..., optimizers=build_optimizer_and_scheduler(model, max_steps))` or [`EomtTrainer`]
+(`trainer.py`), which builds them from [`EomtTrainingArguments`].
 """
 
 from __future__ import annotations
 
-import os
 import re
-from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainingArguments
-
-from .annealing import AttnMaskAnnealingCallback, unwrap_model
 
 # Parameters of the ViT (everything else is "head"). The final norm belongs to the backbone, as in the original
 # release: full lr, but it waits for the backbone's warmup.
@@ -33,6 +28,15 @@ _EMBEDDINGS_PREFIX = "embeddings."
 _FINAL_NORM_PREFIX = "layernorm."
 # Name components inserted by FSDP / activation-checkpointing wrappers.
 _WRAPPER_COMPONENTS = re.compile(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP/FSDP (`.module`) and `torch.compile` (`._orig_mod`) wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
 def layer_lr_scale(name: str, num_layers: int, layer_decay: float) -> float | None:
@@ -163,100 +167,3 @@ def build_optimizer_and_scheduler(
     """The recipe's `(optimizer, scheduler)` pair, ready for `Trainer(optimizers=...)`."""
     optimizer = build_optimizer(model, learning_rate, weight_decay, layer_decay, betas, eps)
     return optimizer, build_scheduler(optimizer, total_steps, head_warmup_steps, backbone_warmup_steps, poly_power)
-
-
-@dataclass
-class EomtTrainingArguments(TrainingArguments):
-    """
-    `TrainingArguments` with the EoMT recipe's defaults (lr 1e-4, weight decay 0.05, gradient clip 0.01, seed 0) and
-    its extra knobs. `lr_scheduler_type` and `warmup_steps` are not used by [`EomtTrainer`]: the schedule is the
-    recipe's two-stage warmup + poly decay.
-    """
-
-    seed: int = field(default=0, metadata={"help": "Random seed (the recipe's is 0)."})
-    ddp_find_unused_parameters: bool | None = field(
-        default=False, metadata={"help": "Every parameter gets a gradient at every step, so DDP need not search."}
-    )
-    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate of the head and the last block."})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay, applied to every parameter."})
-    max_grad_norm: float = field(default=0.01, metadata={"help": "Gradient clipping norm (the recipe uses 0.01)."})
-    layer_decay: float = field(
-        default=0.8, metadata={"help": "Layer-wise lr decay: block i of L gets lr * layer_decay ** (L - 1 - i)."}
-    )
-    head_warmup_steps: int = field(
-        default=500, metadata={"help": "Linear warmup of the head; the backbone stays at lr 0 meanwhile."}
-    )
-    backbone_warmup_steps: int = field(
-        default=1000, metadata={"help": "Linear warmup of the backbone, starting after the head's warmup."}
-    )
-    poly_power: float = field(default=0.9, metadata={"help": "Power of the polynomial decay after warmup."})
-    attn_mask_annealing: bool = field(
-        default=True, metadata={"help": "Anneal the masked-attention probabilities during training."}
-    )
-    attn_mask_annealing_starts: list[int] | None = field(
-        default=None, metadata={"help": "Annealing start step per masked block (default: scaled from max_steps)."}
-    )
-    attn_mask_annealing_ends: list[int] | None = field(
-        default=None, metadata={"help": "Annealing end step per masked block (default: scaled from max_steps)."}
-    )
-    attn_mask_annealing_power: float = field(default=0.9, metadata={"help": "Power of the annealing decay."})
-
-    def __post_init__(self) -> None:
-        if not torch.accelerator.is_available():
-            # Pinned memory only speeds up copies to an accelerator; without one, torch warns in every data loader.
-            self.dataloader_pin_memory = False
-            # Without `use_cpu`, accelerate runs a CPU-only torchrun as independent processes: no DDP wrapper, no
-            # gradient averaging, each process training its own model.
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                self.use_cpu = True
-        super().__post_init__()
-
-
-class EomtTrainer(Trainer):
-    """
-    A `Trainer` running the EoMT recipe: [`build_optimizer_and_scheduler`] from [`EomtTrainingArguments`] and, unless
-    `attn_mask_annealing=False`, an [`AttnMaskAnnealingCallback`].
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if not isinstance(self.args, EomtTrainingArguments):
-            raise TypeError(
-                f"EomtTrainer needs EomtTrainingArguments (got {type(self.args).__name__}); build the arguments with "
-                "`EomtTrainingArguments(...)` or parse them with `HfArgumentParser(EomtTrainingArguments)`."
-            )
-        has_annealing = any(isinstance(cb, AttnMaskAnnealingCallback) for cb in self.callback_handler.callbacks)
-        if self.args.attn_mask_annealing and not has_annealing:
-            self.add_callback(
-                AttnMaskAnnealingCallback(
-                    starts=self.args.attn_mask_annealing_starts,
-                    ends=self.args.attn_mask_annealing_ends,
-                    power=self.args.attn_mask_annealing_power,
-                )
-            )
-
-    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        if self.optimizer is None:
-            self.optimizer = build_optimizer(
-                self.model if model is None else model,
-                self.args.learning_rate,
-                self.args.weight_decay,
-                self.args.layer_decay,
-                betas=(self.args.adam_beta1, self.args.adam_beta2),
-                eps=self.args.adam_epsilon,
-            )
-        return self.optimizer
-
-    def create_scheduler(
-        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
-    ) -> torch.optim.lr_scheduler.LRScheduler:
-        if self.lr_scheduler is None:
-            self.lr_scheduler = build_scheduler(
-                self.optimizer if optimizer is None else optimizer,
-                num_training_steps,
-                self.args.head_warmup_steps,
-                self.args.backbone_warmup_steps,
-                self.args.poly_power,
-            )
-            self._created_lr_scheduler = True
-        return self.lr_scheduler

@@ -1,4 +1,4 @@
-"""Train EoMT with the Trainer: `python -m modeling_eomt.train` / `eomt-train`.
+"""Train EoMT with the Trainer: `python -m modeling_eomt.train` / `eomt-train` (the argument dataclasses, `run`, `main`).
 
     eomt-train --model_name_or_path coco_panoptic_eomt_large_640 --dataset_name /data/coco --task panoptic \
         --output_dir runs/coco --max_steps 88700 --per_device_train_batch_size 4 --fp16 --do_eval
@@ -15,19 +15,20 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from transformers import HfArgumentParser, TrainerCallback, set_seed
+from transformers import HfArgumentParser, set_seed
 from transformers.utils import logging
 
-from ..configuration import PRESETS, EomtConfig
+from ..configuration import PRESETS, TASKS, EomtConfig
 from ..image_processing import EomtImageProcessor
 from ..model_card import build_model_card
 from ..modeling import EomtForUniversalSegmentation
 from .augmentation import TrainTransform
-from .collator import SegmentationCollator
-from .data import TASKS, SegmentationDataset, benchmark_key, load_segmentation_dataset
-from .evaluation import HEADLINE, EvalCollator, SegmentationMetrics
-from .optim import EomtTrainer, EomtTrainingArguments
+from .callbacks import EpochSeedCallback
+from .collators import EvalCollator, SegmentationCollator
+from .dataset import SegmentationDataset
+from .evaluation import HEADLINE, SegmentationMetrics
+from .loading import benchmark_key, load_segmentation_dataset
+from .trainer import EomtTrainer, EomtTrainingArguments
 
 logger = logging.get_logger(__name__)
 
@@ -80,17 +81,6 @@ def subset(dataset: SegmentationDataset, limit: int | None) -> SegmentationDatas
     return dataset if limit is None or limit >= len(dataset) else dataset.select(range(limit))
 
 
-class EpochSeedCallback(TrainerCallback):
-    """Tell the training set which epoch starts, so seeded augmentations differ per epoch in every process
-    (accelerate forwards `set_epoch` to the dataset only in single-process runs)."""
-
-    def __init__(self, dataset: SegmentationDataset):
-        self.dataset = dataset
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        self.dataset.set_epoch(int(state.epoch or 0))
-
-
 def run(model_args: ModelArguments, data_args: DataArguments, training_args: EomtTrainingArguments) -> dict:
     """Train (and evaluate if asked); save model, processor, metrics and a model card into `output_dir`."""
     set_seed(training_args.seed)  # before building the model, so a fresh head is the same in every run
@@ -118,7 +108,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Eom
         )
     training_args.remove_unused_columns = False  # the collators read the examples' own fields
 
-    trainer = SegmentationTrainer(
+    trainer = EomtTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -156,48 +146,6 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Eom
         )
         (Path(training_args.output_dir) / "README.md").write_text(card)
     return metrics
-
-
-class SegmentationTrainer(EomtTrainer):
-    """[`EomtTrainer`] whose evaluation feeds processor-prepared images to the model and, with a
-    [`SegmentationMetrics`] as `compute_metrics`, reports the task's metrics. Its prediction step returns no
-    predictions: they are post-processed and counted where they are made (`predict()` gives metrics only)."""
-
-    def __init__(self, *args, eval_collator=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.compute_metrics is not None and not isinstance(self.compute_metrics, SegmentationMetrics):
-            raise TypeError(
-                f"SegmentationTrainer evaluates with SegmentationMetrics, got compute_metrics="
-                f"{type(self.compute_metrics).__name__}; pass SegmentationMetrics(processor, task, id2label, ...)."
-            )
-        self.eval_collator = eval_collator
-
-    def get_eval_dataloader(self, eval_dataset=None):
-        train_collator, self.data_collator = self.data_collator, self.eval_collator or self.data_collator
-        try:
-            return super().get_eval_dataloader(eval_dataset)
-        finally:
-            self.data_collator = train_collator
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        targets = inputs.pop("targets")
-        with torch.no_grad():
-            outputs = model(**inputs)
-        if self.compute_metrics is not None:
-            # Post-processed where predicted, then gathered as whole images (padding duplicates dropped). The
-            # Trainer's own gathering of predictions and labels would pad and cut the targets' tensors.
-            records = self.compute_metrics.encode(outputs, targets)
-            self.compute_metrics.add(self.accelerator.gather_for_metrics(records, use_gather_object=True))
-        return None, None, None
-
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):  # fmt: skip
-        if self.compute_metrics is not None:
-            self.compute_metrics.reset()
-        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-        if self.compute_metrics is not None:
-            metrics = self.compute_metrics.compute()
-            output.metrics.update({f"{metric_key_prefix}_{name}": value for name, value in metrics.items()})
-        return output
 
 
 def main(argv: list[str] | None = None) -> None:

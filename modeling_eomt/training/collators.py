@@ -1,4 +1,5 @@
-"""Batching examples of the common form into the model's training inputs."""
+"""Batching examples of the common form: [`SegmentationCollator`] for training (augmented crops → the model's training
+inputs), [`EvalCollator`] for evaluation (raw images through the processor, exactly as at inference)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ..image_processing.image_processing_eomt import IMAGENET_MEAN, IMAGENET_STD
-from .data import Example
+from ..configuration import IMAGENET_MEAN, IMAGENET_STD
+from ..image_processing import EomtImageProcessor
+from .dataset import Example
 
 
 class SegmentationCollator:
@@ -49,3 +51,25 @@ class SegmentationCollator:
             "mask_labels": mask_labels,
             "class_labels": [example["class_labels"].to(torch.int64) for example in examples],
         }
+
+
+class EvalCollator:
+    """Preprocess raw examples with the processor and carry their targets, untouched, as `targets`."""
+
+    def __init__(self, processor: EomtImageProcessor):
+        self.processor = processor
+
+    def __call__(self, examples: Sequence[Example]) -> dict:
+        inputs = self.processor(images=[example["image"] for example in examples], return_tensors="pt")
+        batch = {"pixel_values": inputs["pixel_values"]}
+        if "patch_offsets" in inputs:
+            batch["patch_offsets"] = inputs["patch_offsets"]
+        batch["targets"] = [
+            {
+                "masks": example["masks"],
+                "class_labels": example["class_labels"],
+                "is_crowd": example.get("is_crowd", torch.zeros(len(example["class_labels"]), dtype=torch.bool)),
+            }
+            for example in examples
+        ]
+        return batch

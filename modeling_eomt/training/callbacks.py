@@ -1,7 +1,7 @@
-"""Annealing of EoMT's masked attention during training.
+"""The recipe's Trainer callbacks: annealing of the masked attention, and epoch seeding of the augmentation.
 
 Each of the last `num_blocks` ViT blocks applies masked attention with a probability `p_i` (the model's
-`attn_mask_probs` buffer). `p_i` is 1 before `start_i`, `(1 - progress) ** power` between `start_i` and `end_i`, and 0
+`attn_mask_probs`, set through `set_attn_mask_probs`). `p_i` is 1 before `start_i`, `(1 - progress) ** power` between `start_i` and `end_i`, and 0
 after, so that the model ends training without masks, as it runs at inference. The blocks anneal one after another.
 
 The probabilities are a pure function of the optimizer step, so a resumed run sees exactly the values of an
@@ -13,10 +13,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from fractions import Fraction
 
-import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.utils import logging
+
+from .dataset import SegmentationDataset
+from .optim import unwrap_model
 
 logger = logging.get_logger(__name__)
 
@@ -53,18 +55,9 @@ def annealing_probs(step: int, starts: Sequence[int], ends: Sequence[int], power
     return probs
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside DDP/FSDP (`.module`) and `torch.compile` (`._orig_mod`) wrappers."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
 class AttnMaskAnnealingCallback(TrainerCallback):
     """
-    Sets `model.attn_mask_probs` before every optimizer step from [`annealing_probs`] at `state.global_step`.
+    Sets the model's masked-attention probabilities (`set_attn_mask_probs`) before every optimizer step from [`annealing_probs`] at `state.global_step`.
 
     Args:
         starts (`list[int]`, *optional*):
@@ -97,16 +90,14 @@ class AttnMaskAnnealingCallback(TrainerCallback):
     def _update(self, state: TrainerState, model: nn.Module | None) -> tuple[list[int], list[int]]:
         if model is None:
             raise ValueError("AttnMaskAnnealingCallback needs the model; use it inside a `Trainer`.")
-        probs = getattr(unwrap_model(model), "attn_mask_probs", None)
-        if not isinstance(probs, torch.Tensor):
+        model = unwrap_model(model)
+        if not hasattr(model, "set_attn_mask_probs"):
             raise TypeError(
-                f"{type(unwrap_model(model)).__name__} has no `attn_mask_probs` buffer; the annealing callback only "
-                "applies to EoMT models (EomtForUniversalSegmentation)."
+                f"{type(model).__name__} has no `set_attn_mask_probs`; the annealing callback only applies to EoMT "
+                "models (EomtForUniversalSegmentation)."
             )
-        starts, ends = self.windows(state.max_steps, probs.numel())
-        values = annealing_probs(state.global_step, starts, ends, self.power)
-        with torch.no_grad():
-            probs.copy_(torch.tensor(values, dtype=probs.dtype))
+        starts, ends = self.windows(state.max_steps, model.config.num_blocks)
+        model.set_attn_mask_probs(annealing_probs(state.global_step, starts, ends, self.power))
         return starts, ends
 
     def on_train_begin(
@@ -125,3 +116,14 @@ class AttnMaskAnnealingCallback(TrainerCallback):
     ):
         # Leave the model with the probabilities of the step it ended on (0 after a full run).
         self._update(state, model)
+
+
+class EpochSeedCallback(TrainerCallback):
+    """Tell the training set which epoch starts, so seeded augmentations differ per epoch in every process
+    (accelerate forwards `set_epoch` to the dataset only in single-process runs)."""
+
+    def __init__(self, dataset: SegmentationDataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(int(state.epoch or 0))

@@ -1,0 +1,167 @@
+"""The EoMT Trainer and its arguments.
+
+[`EomtTrainer`] trains with the recipe's optimizer and schedule (`optim.py`) from [`EomtTrainingArguments`] and the
+masked-attention annealing callback (`callbacks.py`). Given an `eval_collator` ([`EvalCollator`]) and a
+[`SegmentationMetrics`] as `compute_metrics`, its evaluation feeds processor-prepared images to the model and
+reports the task's metrics (PQ, mIoU or mask AP).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from .callbacks import AttnMaskAnnealingCallback
+from .evaluation import SegmentationMetrics
+from .optim import build_optimizer, build_scheduler
+
+
+@dataclass
+class EomtTrainingArguments(TrainingArguments):
+    """
+    `TrainingArguments` with the EoMT recipe's defaults (lr 1e-4, weight decay 0.05, gradient clip 0.01, seed 0) and
+    its extra knobs. `lr_scheduler_type` and `warmup_steps` are not used by [`EomtTrainer`]: the schedule is the
+    recipe's two-stage warmup + poly decay.
+    """
+
+    seed: int = field(default=0, metadata={"help": "Random seed (the recipe's is 0)."})
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "Every parameter gets a gradient at every step, so DDP need not search."}
+    )
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate of the head and the last block."})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay, applied to every parameter."})
+    max_grad_norm: float = field(default=0.01, metadata={"help": "Gradient clipping norm (the recipe uses 0.01)."})
+    layer_decay: float = field(
+        default=0.8, metadata={"help": "Layer-wise lr decay: block i of L gets lr * layer_decay ** (L - 1 - i)."}
+    )
+    head_warmup_steps: int = field(
+        default=500, metadata={"help": "Linear warmup of the head; the backbone stays at lr 0 meanwhile."}
+    )
+    backbone_warmup_steps: int = field(
+        default=1000, metadata={"help": "Linear warmup of the backbone, starting after the head's warmup."}
+    )
+    poly_power: float = field(default=0.9, metadata={"help": "Power of the polynomial decay after warmup."})
+    attn_mask_annealing: bool = field(
+        default=True, metadata={"help": "Anneal the masked-attention probabilities during training."}
+    )
+    attn_mask_annealing_starts: list[int] | None = field(
+        default=None, metadata={"help": "Annealing start step per masked block (default: scaled from max_steps)."}
+    )
+    attn_mask_annealing_ends: list[int] | None = field(
+        default=None, metadata={"help": "Annealing end step per masked block (default: scaled from max_steps)."}
+    )
+    attn_mask_annealing_power: float = field(default=0.9, metadata={"help": "Power of the annealing decay."})
+
+    def __post_init__(self) -> None:
+        if not torch.accelerator.is_available():
+            # Pinned memory only speeds up copies to an accelerator; without one, torch warns in every data loader.
+            self.dataloader_pin_memory = False
+            # Without `use_cpu`, accelerate runs a CPU-only torchrun as independent processes: no DDP wrapper, no
+            # gradient averaging, each process training its own model.
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                self.use_cpu = True
+        super().__post_init__()
+
+
+class EomtTrainer(Trainer):
+    """
+    A `Trainer` running the EoMT recipe: [`build_optimizer_and_scheduler`] from [`EomtTrainingArguments`] and, unless
+    `attn_mask_annealing=False`, an [`AttnMaskAnnealingCallback`].
+
+    Args:
+        eval_collator (`Callable`, *optional*):
+            Collator of the evaluation batches (e.g. [`EvalCollator`], which prepares raw images with the processor as
+            at inference and carries the targets); the training batches use `data_collator`. Defaults to
+            `data_collator`.
+        compute_metrics ([`SegmentationMetrics`], *optional*):
+            With an `eval_collator` that yields `targets`, evaluation post-processes each batch where it is
+            predicted and reports the task's metrics. The prediction step then returns no predictions
+            (`predict()` gives metrics only).
+        args, kwargs:
+            As for `Trainer`; `args` must be [`EomtTrainingArguments`].
+    """
+
+    def __init__(self, *args, eval_collator: Callable | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, EomtTrainingArguments):
+            raise TypeError(
+                f"EomtTrainer needs EomtTrainingArguments (got {type(self.args).__name__}); build the arguments with "
+                "`EomtTrainingArguments(...)` or parse them with `HfArgumentParser(EomtTrainingArguments)`."
+            )
+        if self.compute_metrics is not None and not isinstance(self.compute_metrics, SegmentationMetrics):
+            raise TypeError(
+                f"EomtTrainer evaluates with SegmentationMetrics, got compute_metrics="
+                f"{type(self.compute_metrics).__name__}; pass SegmentationMetrics(processor, task, id2label, ...)."
+            )
+        self.eval_collator = eval_collator
+        has_annealing = any(isinstance(cb, AttnMaskAnnealingCallback) for cb in self.callback_handler.callbacks)
+        if self.args.attn_mask_annealing and not has_annealing:
+            self.add_callback(
+                AttnMaskAnnealingCallback(
+                    starts=self.args.attn_mask_annealing_starts,
+                    ends=self.args.attn_mask_annealing_ends,
+                    power=self.args.attn_mask_annealing_power,
+                )
+            )
+
+    def _get_collator_with_removed_columns(self, data_collator: Callable, description: str | None = None) -> Callable:
+        # The one place where the Trainer picks the collator of a loader it builds: evaluation and prediction
+        # loaders take `eval_collator`, the training loader `data_collator`.
+        if description != "Training" and self.eval_collator is not None:
+            data_collator = self.eval_collator
+        return super()._get_collator_with_removed_columns(data_collator, description)
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            self.optimizer = build_optimizer(
+                self.model if model is None else model,
+                self.args.learning_rate,
+                self.args.weight_decay,
+                self.args.layer_decay,
+                betas=(self.args.adam_beta1, self.args.adam_beta2),
+                eps=self.args.adam_epsilon,
+            )
+        return self.optimizer
+
+    def create_scheduler(
+        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
+    ) -> torch.optim.lr_scheduler.LRScheduler:
+        if self.lr_scheduler is None:
+            self.lr_scheduler = build_scheduler(
+                self.optimizer if optimizer is None else optimizer,
+                num_training_steps,
+                self.args.head_warmup_steps,
+                self.args.backbone_warmup_steps,
+                self.args.poly_power,
+            )
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if "targets" not in inputs:  # training-style batches: the Trainer's loss-only evaluation
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        targets = inputs.pop("targets")
+        with torch.no_grad():
+            outputs = model(**inputs)
+        if self.compute_metrics is not None:
+            # Post-processed where predicted, then gathered as whole images (padding duplicates dropped). The
+            # Trainer's own gathering of predictions and labels would pad and cut the targets' tensors.
+            records = self.compute_metrics.encode(outputs, targets)
+            self.compute_metrics.add(self.accelerator.gather_for_metrics(records, use_gather_object=True))
+        return None, None, None
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        if self.compute_metrics is not None:
+            self.compute_metrics.reset()
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self.compute_metrics is not None:
+            metrics = self.compute_metrics.compute()
+            output.metrics.update({f"{metric_key_prefix}_{name}": value for name, value in metrics.items()})
+        return output
