@@ -36,6 +36,26 @@ def test_default_annealing_steps_match_original_configs(total_steps, num_blocks,
     assert default_annealing_steps(total_steps, num_blocks) == (starts, ends)
 
 
+def test_dinov3_first_block_anneals_from_step_zero():
+    """The DINOv3 release's COCO L windows: starts 0, 29564, 44346, 59128; ends 3000, 44346, 59128, 73910."""
+    assert default_annealing_steps(88692, 4, first_block_end=3000) == (
+        [0, 29564, 44346, 59128],
+        [3000, 44346, 59128, 73910],
+    )
+    # A run shorter than the window still ends the first block's annealing within its scaled window.
+    assert default_annealing_steps(600, 2, first_block_end=3000) == ([0, 400], [200, 500])
+
+
+def test_callback_writes_through_set_attn_mask_probs(monkeypatch):
+    model = tiny_model(num_blocks=2)
+    written = []
+    monkeypatch.setattr(model, "set_attn_mask_probs", written.append)
+    callback = AttnMaskAnnealingCallback(starts=[0, 6], ends=[10, 8], power=1.0)
+    callback.on_step_begin(None, TrainerState(global_step=7, max_steps=12), TrainerControl(), model=model)
+    assert written == [pytest.approx([0.3, 0.5])]
+    assert model.attn_mask_probs.tolist() == [1.0, 1.0]  # nothing but the model's setter touched the buffer
+
+
 def test_default_annealing_steps_scale_with_total():
     starts, ends = default_annealing_steps(600, 5)
     assert starts[0] == 100 and ends[-1] == 500

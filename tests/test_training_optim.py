@@ -34,6 +34,24 @@ def test_layer_wise_lr_decay_groups():
     assert "embeddings.position_embeddings.weight" in lr_of and "embeddings.cls_token" in lr_of
 
 
+def test_full_lr_blocks_leave_the_last_blocks_out_of_the_decay():
+    model = tiny_model()
+    decayed = parameter_groups(model, learning_rate=1e-4, layer_decay=0.5)
+    full = parameter_groups(model, learning_rate=1e-4, layer_decay=0.5, full_lr_blocks=2)
+    names = {id(param): name for name, param in model.named_parameters()}
+
+    def lr_by_name(groups):
+        return {names[id(p)]: group["lr"] for group in groups for p in group["params"]}
+
+    before, after = lr_by_name(decayed), lr_by_name(full)
+    for name, lr in after.items():
+        if name.startswith(("layers.1.", "layers.2.")):
+            assert lr == 1e-4, name
+        else:  # embeddings, block 0, final norm and head as without the option
+            assert lr == before[name], name
+    assert before["layers.1.norm1.weight"] == 1e-4 * 0.5
+
+
 def test_frozen_parameters_are_left_out():
     model = tiny_model()
     model.embeddings.requires_grad_(False)

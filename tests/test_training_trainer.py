@@ -6,7 +6,7 @@ from tiny_eomt import tiny_model
 from torch.utils.data import Dataset
 from transformers import TrainerCallback, TrainingArguments
 
-from modeling_eomt.training.callbacks import annealing_probs
+from modeling_eomt.training.callbacks import AttnMaskAnnealingCallback, annealing_probs
 from modeling_eomt.training.trainer import EomtTrainer, EomtTrainingArguments
 
 
@@ -98,12 +98,66 @@ def test_training_arguments_recipe_defaults_and_flags(tmp_path):
 
     parser = HfArgumentParser(EomtTrainingArguments)
     (defaults,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--report_to", "none"])
-    assert (defaults.learning_rate, defaults.weight_decay, defaults.max_grad_norm) == (1e-4, 0.05, 0.01)
-    assert (defaults.layer_decay, defaults.head_warmup_steps, defaults.backbone_warmup_steps) == (0.8, 500, 1000)
+    assert (defaults.weight_decay, defaults.max_grad_norm) == (0.05, 0.01)
     assert defaults.attn_mask_annealing and defaults.attn_mask_annealing_starts is None
+    # The recipe's values stay unset until the model's backbone family is known.
+    assert (defaults.recipe, defaults.learning_rate, defaults.layer_decay) == (None, None, None)
+    defaults.apply_recipe("eomt")
+    assert (defaults.recipe, defaults.learning_rate, defaults.layer_decay) == ("dinov2", 1e-4, 0.8)
+    assert (defaults.head_warmup_steps, defaults.backbone_warmup_steps) == (500, 1000)
+    assert not defaults.full_lr_last_blocks and defaults.attn_mask_annealing_first_block_end is None
     flags = ["--attn_mask_annealing_starts", "1", "2", "--attn_mask_annealing_ends", "3", "4", "--layer_decay", "0.9"]
     (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--report_to", "none", *flags])
     assert (args.attn_mask_annealing_starts, args.attn_mask_annealing_ends, args.layer_decay) == ([1, 2], [3, 4], 0.9)
+
+
+def parsed(tmp_path, *flags):
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(EomtTrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--report_to", "none", *flags]
+    )
+    return args
+
+
+def test_dinov3_recipe_from_model_type_flag_and_benchmark(tmp_path):
+    """The release's DINOv3 configs: lr 2e-4, warmups 2000/3000, masked blocks at full lr, first block annealed over
+    steps 0-3000; on ADE20K semantic no layer decay. Flags given by the user win over the recipe."""
+    args = parsed(tmp_path)
+    args.apply_recipe("eomt_dinov3")
+    assert (args.recipe, args.learning_rate, args.head_warmup_steps, args.backbone_warmup_steps) == (
+        "dinov3",
+        2e-4,
+        2000,
+        3000,
+    )
+    assert args.full_lr_last_blocks and args.attn_mask_annealing_first_block_end == 3000 and args.layer_decay == 0.8
+    ade = parsed(tmp_path, "--recipe", "dinov3", "--learning_rate", "5e-5")
+    ade.apply_recipe("eomt", "ade20k_semantic")  # the flag beats the model type
+    assert (ade.recipe, ade.learning_rate, ade.layer_decay) == ("dinov3", 5e-5, 1.0)
+    with pytest.raises(ValueError, match="--recipe"):
+        parsed(tmp_path).apply_recipe("vit")
+    with pytest.raises(SystemExit):  # argparse rejects other recipe names
+        parsed(tmp_path, "--recipe", "dinov4")
+
+
+def test_trainer_builds_the_dinov3_optimizer_and_annealing(tmp_path):
+    model = tiny_model(num_blocks=2)
+    args = EomtTrainingArguments(output_dir=str(tmp_path), report_to=[], recipe="dinov3", max_steps=30000)
+    trainer = EomtTrainer(model=model, args=args, train_dataset=TinySegmentationSet(), data_collator=collate)
+    lrs = {
+        name: group["lr"] for group in trainer.create_optimizer().param_groups for name in group_names(model, group)
+    }
+    # 3 blocks, the last 2 masked: block 0 keeps its decay (0.8 ** 2), the masked ones train at the full 2e-4.
+    assert lrs["layers.0.norm1.weight"] == pytest.approx(2e-4 * 0.8**2)
+    assert lrs["layers.1.norm1.weight"] == lrs["layers.2.norm1.weight"] == lrs["class_predictor.weight"] == 2e-4
+    (annealing,) = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, AttnMaskAnnealingCallback)]
+    assert annealing.windows(30000, 2) == ([0, 20000], [3000, 25000])
+
+
+def group_names(model, group):
+    names = {id(param): name for name, param in model.named_parameters()}
+    return [names[id(param)] for param in group["params"]]
 
 
 def test_memory_is_pinned_only_for_an_accelerator(tmp_path):

@@ -23,11 +23,16 @@ from .optim import unwrap_model
 logger = logging.get_logger(__name__)
 
 
-def default_annealing_steps(total_steps: int, num_blocks: int) -> tuple[list[int], list[int]]:
+def default_annealing_steps(
+    total_steps: int, num_blocks: int, first_block_end: int | None = None
+) -> tuple[list[int], list[int]]:
     """
     The original release's annealing windows, scaled to `total_steps` (T): every block anneals over T/6, the first
     starts at T/6, the last ends at 5T/6, the starts are evenly spaced in between. For EoMT-L on COCO (T = 88692,
     4 blocks) this gives starts 14782, 29564, 44346, 59128 and ends 29564, 44346, 59128, 73910.
+
+    With `first_block_end` (the DINOv3 recipe: 3000), the first block anneals from step 0 instead, until
+    `first_block_end` or its scaled end, whichever comes first (so that short runs still end without masks).
     """
     if total_steps <= 0 or num_blocks <= 0:
         raise ValueError(f"total_steps and num_blocks must be positive, got {total_steps} and {num_blocks}.")
@@ -35,6 +40,8 @@ def default_annealing_steps(total_steps: int, num_blocks: int) -> tuple[list[int
     offsets = [Fraction(3 * i, num_blocks - 1) if num_blocks > 1 else Fraction(0) for i in range(num_blocks)]
     starts = [round(total_steps * (1 + offset) / 6) for offset in offsets]
     ends = [round(total_steps * (2 + offset) / 6) for offset in offsets]
+    if first_block_end is not None:
+        starts[0], ends[0] = 0, min(first_block_end, ends[0])
     return starts, ends
 
 
@@ -67,19 +74,29 @@ class AttnMaskAnnealingCallback(TrainerCallback):
             Step at which each masked block reaches probability 0. Given together with `starts`.
         power (`float`, defaults to 0.9):
             Power of the polynomial decay.
+        first_block_end (`int`, *optional*):
+            With the default windows: the first masked block anneals over steps 0 to this (see
+            [`default_annealing_steps`]; the DINOv3 recipe uses 3000).
     """
 
-    def __init__(self, starts: Sequence[int] | None = None, ends: Sequence[int] | None = None, power: float = 0.9):
+    def __init__(
+        self,
+        starts: Sequence[int] | None = None,
+        ends: Sequence[int] | None = None,
+        power: float = 0.9,
+        first_block_end: int | None = None,
+    ):
         if (starts is None) != (ends is None):
             raise ValueError("Give both `starts` and `ends` of the annealing windows, or neither for the defaults.")
         self.starts = None if starts is None else list(starts)
         self.ends = None if ends is None else list(ends)
         self.power = power
+        self.first_block_end = first_block_end
 
     def windows(self, max_steps: int, num_blocks: int) -> tuple[list[int], list[int]]:
         """The annealing windows used for a run of `max_steps` optimizer steps."""
         if self.starts is None:
-            return default_annealing_steps(max_steps, num_blocks)
+            return default_annealing_steps(max_steps, num_blocks, self.first_block_end)
         if len(self.starts) != num_blocks:
             raise ValueError(
                 f"The model has {num_blocks} masked blocks but {len(self.starts)} annealing windows were given; "

@@ -1,7 +1,7 @@
 """The EoMT recipe's optimizer and learning-rate schedule, as pure functions of the model and the step.
 
 AdamW (weight decay on every parameter) with layer-wise learning-rate decay: ViT block `i` of `L` trains at
-`lr * layer_decay ** (L - 1 - i)`, the embeddings (patch projection, position embeddings, CLS and register tokens)
+`lr * layer_decay ** (L - 1 - i)` (the DINOv3 recipe keeps its masked blocks, the last ones, at `lr`), the embeddings (patch projection, position embeddings, CLS and register tokens)
 at block 0's rate, the final norm, the queries and the heads at the full rate.
 
 The schedule has two stages. The head (queries, class predictor, mask head, upscale blocks) warms up linearly from
@@ -39,11 +39,13 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def layer_lr_scale(name: str, num_layers: int, layer_decay: float) -> float | None:
-    """Learning-rate multiplier of the backbone parameter `name`, or `None` if `name` belongs to the head."""
+def layer_lr_scale(name: str, num_layers: int, layer_decay: float, full_lr_blocks: int = 0) -> float | None:
+    """Learning-rate multiplier of the backbone parameter `name`, or `None` if `name` belongs to the head. The last
+    `full_lr_blocks` blocks train at the full rate (the DINOv3 recipe's masked blocks)."""
     block = _BLOCK_PATTERN.match(name)
     if block is not None:
-        return layer_decay ** (num_layers - 1 - int(block.group(1)))
+        index = int(block.group(1))
+        return 1.0 if index >= num_layers - full_lr_blocks else layer_decay ** (num_layers - 1 - index)
     if name.startswith(_EMBEDDINGS_PREFIX):
         return layer_decay ** (num_layers - 1)
     if name.startswith(_FINAL_NORM_PREFIX):
@@ -52,12 +54,17 @@ def layer_lr_scale(name: str, num_layers: int, layer_decay: float) -> float | No
 
 
 def parameter_groups(
-    model: nn.Module, learning_rate: float = 1e-4, weight_decay: float = 0.05, layer_decay: float = 0.8
+    model: nn.Module,
+    learning_rate: float = 1e-4,
+    weight_decay: float = 0.05,
+    layer_decay: float = 0.8,
+    full_lr_blocks: int = 0,
 ) -> list[dict]:
     """
     Split the trainable parameters of an EoMT model into AdamW parameter groups: one per ViT depth (embeddings share
     block 0's group) plus one for the head. Each group carries `lr`, `weight_decay`, `stage` (`"backbone"` or
-    `"head"`, read by the scheduler) and a readable `name`. Under FSDP, wrap with `use_orig_params=True` so that
+    `"head"`, read by the scheduler) and a readable `name`. The last `full_lr_blocks` ViT blocks are left out of the
+    layer decay. Under FSDP, wrap with `use_orig_params=True` so that
     the original parameters (and their names) are visible.
     """
     model = unwrap_model(model)
@@ -73,7 +80,7 @@ def parameter_groups(
 
     groups: dict[tuple[str, float], dict] = {}
     for name, param in named:
-        scale = layer_lr_scale(name, num_layers, layer_decay)
+        scale = layer_lr_scale(name, num_layers, layer_decay, full_lr_blocks)
         stage = "head" if scale is None else "backbone"
         scale = 1.0 if scale is None else scale
         group = groups.setdefault(
@@ -145,9 +152,10 @@ def build_optimizer(
     layer_decay: float = 0.8,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    full_lr_blocks: int = 0,
 ) -> torch.optim.AdamW:
     """AdamW over [`parameter_groups`]."""
-    groups = parameter_groups(model, learning_rate, weight_decay, layer_decay)
+    groups = parameter_groups(model, learning_rate, weight_decay, layer_decay, full_lr_blocks)
     # The fused kernel: on CPU the per-tensor loop costs seconds per step at ViT-S (fused: ~0.1 s).
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=True)
 
@@ -163,7 +171,8 @@ def build_optimizer_and_scheduler(
     poly_power: float = 0.9,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    full_lr_blocks: int = 0,
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """The recipe's `(optimizer, scheduler)` pair, ready for `Trainer(optimizers=...)`."""
-    optimizer = build_optimizer(model, learning_rate, weight_decay, layer_decay, betas, eps)
+    optimizer = build_optimizer(model, learning_rate, weight_decay, layer_decay, betas, eps, full_lr_blocks)
     return optimizer, build_scheduler(optimizer, total_steps, head_warmup_steps, backbone_warmup_steps, poly_power)

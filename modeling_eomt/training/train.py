@@ -4,7 +4,8 @@
         --output_dir runs/coco --max_steps 88700 --per_device_train_batch_size 4 --fp16 --do_eval
 
 `--model_name_or_path` takes a preset name (architecture only, random weights), a checkpoint folder or a Hub id; the
-class head and `id2label` are adapted to the dataset. Every value of the recipe (EomtTrainingArguments) is a flag.
+class head and `id2label` are adapted to the dataset. Every value of the recipe (EomtTrainingArguments) is a flag;
+those left unset come from the backbone family's recipe (`--recipe dinov2|dinov3`, default: the model's).
 Under `torchrun --nproc_per_node N` or `accelerate launch` the same script trains with DDP.
 """
 
@@ -107,6 +108,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Eom
             processor, data_args.task, train_raw.id2label, train_raw.stuff_ids, data_args.panoptic_threshold
         )
     training_args.remove_unused_columns = False  # the collators read the examples' own fields
+    training_args.apply_recipe(model.config.model_type, benchmark_key(data_args.dataset_name, data_args.task))
 
     trainer = EomtTrainer(
         model=model,

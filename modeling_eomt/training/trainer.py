@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -18,14 +18,40 @@ from transformers import Trainer, TrainingArguments
 
 from .callbacks import AttnMaskAnnealingCallback
 from .evaluation import SegmentationMetrics
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, unwrap_model
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The training values that differ between backbone families (the original release's configs)."""
+
+    learning_rate: float
+    head_warmup_steps: int
+    backbone_warmup_steps: int
+    layer_decay: float
+    # The last `num_blocks` blocks (those with masked attention) train at the full lr, outside the layer decay.
+    full_lr_last_blocks: bool
+    # The first masked block anneals over steps 0 -> this (see `default_annealing_steps`); None: the scaled window.
+    attn_mask_annealing_first_block_end: int | None
+
+
+RECIPES = {
+    "dinov2": Recipe(1e-4, 500, 1000, 0.8, full_lr_last_blocks=False, attn_mask_annealing_first_block_end=None),
+    "dinov3": Recipe(2e-4, 2000, 3000, 0.8, full_lr_last_blocks=True, attn_mask_annealing_first_block_end=3000),
+}
+# Each model type's backbone family.
+RECIPE_OF_MODEL_TYPE = {"eomt": "dinov2", "eomt_dinov3": "dinov3"}
+# (recipe, benchmark) -> values that differ there: the DINOv3 release trains ADE20K semantic without layer decay.
+RECIPE_EXCEPTIONS = {("dinov3", "ade20k_semantic"): {"layer_decay": 1.0}}
 
 
 @dataclass
 class EomtTrainingArguments(TrainingArguments):
     """
-    `TrainingArguments` with the EoMT recipe's defaults (lr 1e-4, weight decay 0.05, gradient clip 0.01, seed 0) and
-    its extra knobs. `lr_scheduler_type` and `warmup_steps` are not used by [`EomtTrainer`]: the schedule is the
+    `TrainingArguments` with the EoMT recipe's defaults (weight decay 0.05, gradient clip 0.01, seed 0) and its extra
+    knobs. The values of a [`Recipe`] (learning rate, warmups, layer decay, ...) left unset come from `recipe`, or from
+    the model's backbone family (DINOv2 for model type "eomt", DINOv3 for "eomt_dinov3"), when [`EomtTrainer`] starts
+    ([`apply_recipe`]). `lr_scheduler_type` and `warmup_steps` are not used by [`EomtTrainer`]: the schedule is the
     recipe's two-stage warmup + poly decay.
     """
 
@@ -33,17 +59,36 @@ class EomtTrainingArguments(TrainingArguments):
     ddp_find_unused_parameters: bool | None = field(
         default=False, metadata={"help": "Every parameter gets a gradient at every step, so DDP need not search."}
     )
-    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate of the head and the last block."})
+    recipe: str | None = field(
+        default=None,
+        metadata={
+            "help": "Backbone family whose recipe fills the values left unset (default: the model's).",
+            "choices": tuple(RECIPES),
+        },
+    )
+    learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Peak learning rate of the head and the last block (DINOv2 1e-4, DINOv3 2e-4)."},
+    )
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay, applied to every parameter."})
     max_grad_norm: float = field(default=0.01, metadata={"help": "Gradient clipping norm (the recipe uses 0.01)."})
-    layer_decay: float = field(
-        default=0.8, metadata={"help": "Layer-wise lr decay: block i of L gets lr * layer_decay ** (L - 1 - i)."}
+    layer_decay: float | None = field(
+        default=None,
+        metadata={"help": "Layer-wise lr decay: block i of L gets lr * layer_decay ** (L - 1 - i) (recipe: 0.8)."},
     )
-    head_warmup_steps: int = field(
-        default=500, metadata={"help": "Linear warmup of the head; the backbone stays at lr 0 meanwhile."}
+    full_lr_last_blocks: bool | None = field(
+        default=None,
+        metadata={"help": "Train the masked blocks (the last num_blocks) at the full lr (DINOv2: no, DINOv3: yes)."},
     )
-    backbone_warmup_steps: int = field(
-        default=1000, metadata={"help": "Linear warmup of the backbone, starting after the head's warmup."}
+    head_warmup_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Linear warmup of the head; the backbone stays at lr 0 meanwhile (DINOv2 500, DINOv3 2000)."
+        },
+    )
+    backbone_warmup_steps: int | None = field(
+        default=None,
+        metadata={"help": "Linear warmup of the backbone after the head's warmup (DINOv2 1000, DINOv3 3000)."},
     )
     poly_power: float = field(default=0.9, metadata={"help": "Power of the polynomial decay after warmup."})
     attn_mask_annealing: bool = field(
@@ -55,7 +100,30 @@ class EomtTrainingArguments(TrainingArguments):
     attn_mask_annealing_ends: list[int] | None = field(
         default=None, metadata={"help": "Annealing end step per masked block (default: scaled from max_steps)."}
     )
+    attn_mask_annealing_first_block_end: int | None = field(
+        default=None,
+        metadata={"help": "Default windows only: the first masked block anneals over steps 0 -> this (DINOv3: 3000)."},
+    )
     attn_mask_annealing_power: float = field(default=0.9, metadata={"help": "Power of the annealing decay."})
+
+    def apply_recipe(self, model_type: str, dataset_key: str | None = None) -> None:
+        """
+        Fill the [`Recipe`] values left unset from `recipe`, or, if that is unset too, from the backbone family of
+        `model_type`. `dataset_key` (a key of `configuration.labels`, e.g. `"ade20k_semantic"`) selects the recipe's
+        values for that benchmark. Values already set are kept, so calling it again changes nothing.
+        """
+        if self.recipe is None:
+            if model_type not in RECIPE_OF_MODEL_TYPE:
+                raise ValueError(
+                    f"No training recipe for model type {model_type!r}; pass --recipe {' or '.join(RECIPES)}."
+                )
+            self.recipe = RECIPE_OF_MODEL_TYPE[model_type]
+        if self.recipe not in RECIPES:
+            raise ValueError(f"Unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}.")
+        values = {**asdict(RECIPES[self.recipe]), **RECIPE_EXCEPTIONS.get((self.recipe, dataset_key), {})}
+        for name, value in values.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
     def __post_init__(self) -> None:
         if not torch.accelerator.is_available():
@@ -99,6 +167,7 @@ class EomtTrainer(Trainer):
                 f"{type(self.compute_metrics).__name__}; pass SegmentationMetrics(processor, task, id2label, ...)."
             )
         self.eval_collator = eval_collator
+        self.args.apply_recipe(unwrap_model(self.model).config.model_type)
         has_annealing = any(isinstance(cb, AttnMaskAnnealingCallback) for cb in self.callback_handler.callbacks)
         if self.args.attn_mask_annealing and not has_annealing:
             self.add_callback(
@@ -106,6 +175,7 @@ class EomtTrainer(Trainer):
                     starts=self.args.attn_mask_annealing_starts,
                     ends=self.args.attn_mask_annealing_ends,
                     power=self.args.attn_mask_annealing_power,
+                    first_block_end=self.args.attn_mask_annealing_first_block_end,
                 )
             )
 
@@ -125,6 +195,7 @@ class EomtTrainer(Trainer):
                 self.args.layer_decay,
                 betas=(self.args.adam_beta1, self.args.adam_beta2),
                 eps=self.args.adam_epsilon,
+                full_lr_blocks=unwrap_model(self.model).config.num_blocks if self.args.full_lr_last_blocks else 0,
             )
         return self.optimizer
 
