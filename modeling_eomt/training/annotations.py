@@ -20,22 +20,30 @@ from tqdm.auto import tqdm
 
 from ..configuration import IGNORE_INDEX
 from ..rle import rle_to_mask
-from .dataset import Example
+from .dataset import Example, UnreadableSampleError
 
 
 def _open_image(value: Any) -> Image.Image:
-    """PIL image from what `datasets` or a file record holds: PIL image, path, `{"bytes", "path"}` or array."""
+    """PIL image, decoded, from what `datasets` or a file record holds: PIL image, path, `{"bytes", "path"}` or array;
+    [`UnreadableSampleError`] naming the file if it cannot be read."""
     if isinstance(value, Image.Image):
         return value
-    if isinstance(value, (str, os.PathLike)):
-        return Image.open(value)
-    if isinstance(value, dict):
-        if value.get("bytes") is not None:
-            return Image.open(io.BytesIO(value["bytes"]))
-        return Image.open(value["path"])
     if isinstance(value, np.ndarray):
         return Image.fromarray(value)
-    raise TypeError(f"Cannot read an image from a {type(value).__name__}.")
+    if isinstance(value, dict) and value.get("bytes") is not None:
+        source, name = io.BytesIO(value["bytes"]), value.get("path") or "an image stored in the table"
+    elif isinstance(value, dict):
+        source = name = value["path"]
+    elif isinstance(value, (str, os.PathLike)):
+        source = name = value
+    else:
+        raise TypeError(f"Cannot read an image from a {type(value).__name__}.")
+    try:
+        image = Image.open(source)
+        image.load()  # decode now: a truncated file fails here, where its name is known
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise UnreadableSampleError(f"cannot read {name}: {error}") from error
+    return image
 
 
 def image_to_tensor(image: Any) -> torch.Tensor:
@@ -284,8 +292,11 @@ def semantic_example(image: Any, annotation: Any, labels: SemanticLabels, name: 
 
 
 def read_json(path: Path) -> Any:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
 
 
 def categories_of(categories: Sequence[Mapping[str, Any]]) -> tuple[dict[int, int], dict[int, str], list[int]]:

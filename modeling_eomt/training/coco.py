@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -38,10 +38,7 @@ def coco_json_dataset(
     """
     json_path = Path(json_path)
     data = read_json(json_path)
-    for key in ("images", "annotations", "categories"):
-        if key not in data:
-            raise ValueError(f"{json_path} is not a COCO annotation file: it has no {key!r} list.")
-    panoptic = bool(data["annotations"]) and "segments_info" in data["annotations"][0]
+    panoptic = _check_coco(data, json_path)
     source_task = "panoptic" if panoptic else "instance"
     category_to_label, id2label, stuff = categories_of(data["categories"])
     images = {image["id"]: image for image in data["images"]}
@@ -93,6 +90,46 @@ def coco_json_dataset(
     return SegmentationDataset(
         records, decode, source_task=source_task, task=task or source_task, id2label=id2label, stuff_ids=stuff
     )
+
+
+# The lists of a COCO file, and the fields every entry of each needs (per kind of file for the annotations).
+_COCO_KEYS = ("images", "annotations", "categories")
+_COCO_FIELDS = {
+    "images": ("id", "file_name"),
+    "categories": ("id", "name"),
+    "panoptic annotations": ("image_id", "file_name", "segments_info"),
+    "segments_info": ("id", "category_id"),
+    "instance annotations": ("image_id", "category_id", "segmentation"),
+}
+
+
+def _check_coco(data: Any, path: Path) -> bool:
+    """Whether `data` is a panoptic (else instance) COCO file; a one-line error naming the first malformed entry,
+    so that a broken file fails when it is loaded, not in a DataLoader worker mid-training."""
+    if not isinstance(data, Mapping) or any(not isinstance(data.get(key), list) for key in _COCO_KEYS):
+        raise ValueError(f"{path} is not a COCO annotation file: it needs the lists {', '.join(_COCO_KEYS)}.")
+    first = data["annotations"][0] if data["annotations"] else {}
+    panoptic = isinstance(first, Mapping) and "segments_info" in first
+    lists = [
+        ("images", data["images"], "images"),
+        ("categories", data["categories"], "categories"),
+        ("annotations", data["annotations"], "panoptic annotations" if panoptic else "instance annotations"),
+    ]
+    for where, entries, fields in lists:
+        for i, entry in enumerate(entries):
+            _check_entry(entry, _COCO_FIELDS[fields], f"{path}: {where}[{i}]")
+            if where == "annotations" and panoptic:
+                if not isinstance(entry["segments_info"], list):
+                    raise ValueError(f"{path}: {where}[{i}].segments_info must be a list of segments.")
+                for j, segment in enumerate(entry["segments_info"]):
+                    _check_entry(segment, _COCO_FIELDS["segments_info"], f"{path}: {where}[{i}].segments_info[{j}]")
+    return panoptic
+
+
+def _check_entry(entry: Any, fields: tuple[str, ...], where: str) -> None:
+    missing = [field for field in fields if field not in entry] if isinstance(entry, Mapping) else fields
+    if missing:
+        raise ValueError(f"{where} has no {missing[0]!r}; every such entry is an object with {', '.join(fields)}.")
 
 
 def _decode_panoptic_record(record, category_to_label) -> Example:

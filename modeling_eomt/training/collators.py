@@ -12,6 +12,17 @@ from ..image_processing import EomtImageProcessor
 from .dataset import Example
 
 
+def readable(examples: Sequence[Example | None]) -> list[Example]:
+    """The examples of a batch without those a dataset skipped as unreadable (`None`, see `skip_unreadable`)."""
+    kept = [example for example in examples if example is not None]
+    if not kept:
+        raise ValueError(
+            "Cannot collate an empty batch"
+            + (" (every example of it was skipped as unreadable)." if examples else ".")
+        )
+    return kept
+
+
 class SegmentationCollator:
     """
     Collate examples (`image` uint8 [3, H, W], `masks` bool [N, H, W], `class_labels` int64 [N]) into
@@ -32,9 +43,8 @@ class SegmentationCollator:
         self.image_mean = torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.image_std = torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1)
 
-    def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
-        if not examples:
-            raise ValueError("Cannot collate an empty batch.")
+    def __call__(self, examples: Sequence[Example | None]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        examples = readable(examples)
         height = max(example["image"].shape[1] for example in examples)
         width = max(example["image"].shape[2] for example in examples)
         images = torch.zeros(len(examples), 3, height, width, dtype=torch.uint8)
@@ -59,7 +69,8 @@ class EvalCollator:
     def __init__(self, processor: EomtImageProcessor):
         self.processor = processor
 
-    def __call__(self, examples: Sequence[Example]) -> dict:
+    def __call__(self, examples: Sequence[Example | None]) -> dict:
+        examples = readable(examples)
         inputs = self.processor(images=[example["image"] for example in examples], return_tensors="pt")
         batch = {"pixel_values": inputs["pixel_values"]}
         if "patch_offsets" in inputs:

@@ -19,10 +19,17 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+from transformers.utils import logging
 
 from ..configuration import TASKS
 
+logger = logging.get_logger(__name__)
+
 Example = dict[str, torch.Tensor]
+
+
+class UnreadableSampleError(OSError):
+    """An example whose image or annotation cannot be read (missing, truncated or not an image); names the file."""
 
 
 class SharedInt:
@@ -76,6 +83,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
             If set, the transform of example `i` in epoch `e` draws from a generator seeded by `(seed, e, i)`, so
             augmentations do not depend on loading order or worker processes. Otherwise the transform uses the
             global torch RNG (which the Trainer seeds and checkpoints).
+
+    Attributes:
+        skip_unreadable (`bool`, defaults to `False`):
+            If set, an example whose file cannot be read ([`UnreadableSampleError`]) is `None` (the collators drop
+            it) and a warning names the file; otherwise the error stops the run.
     """
 
     def __init__(
@@ -104,6 +116,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.task = task
         self.transform = transform
         self.seed = seed
+        self.skip_unreadable = False
         # Shared: persistent DataLoader workers keep their copy of the dataset across epochs.
         self._epoch = SharedInt()
         stuff_ids = set(stuff_ids)
@@ -121,8 +134,15 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> Example:
-        example = _convert_task(self.decode(self.records[index]), self.source_task, self.task, self._label_map)
+    def __getitem__(self, index: int) -> Example | None:
+        try:
+            example = self.decode(self.records[index])
+        except UnreadableSampleError as error:
+            if not self.skip_unreadable:
+                raise
+            logger.warning(f"Skipping unreadable example {index}: {error}")
+            return None
+        example = _convert_task(example, self.source_task, self.task, self._label_map)
         if self.transform is None:
             return example
         generator = None

@@ -169,10 +169,11 @@ def _known_layout(path: Path, task, split, classes, ignore_index, image_dir, mas
     own_json = [p for p in (path / f"{split}.json", path / "annotations.json") if p.is_file()]
     if own_json:
         return coco_json_dataset(own_json[0], task, image_dir, mask_dir, split)
-    if (
-        task == "semantic"
-        and (path / "images").is_dir()
-        and any((path / name).is_dir() for name in ("masks", "annotations", "labels"))
-    ):
+    if (path / "images").is_dir() and any((path / name).is_dir() for name in ("masks", "annotations", "labels")):
+        if task != "semantic":
+            raise ValueError(
+                f"{path} holds images/ and masks/, semantic data, which cannot train the {task} task; use "
+                f"task='semantic' (--task semantic), or give {task} data as a COCO {task} JSON with its images."
+            )
         return semantic_folder_dataset(path, split, classes, ignore_index, image_dir, mask_dir)
     return None

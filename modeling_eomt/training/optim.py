@@ -39,6 +39,15 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         model = inner
 
 
+def freeze_backbone(model: nn.Module) -> None:
+    """Freeze the ViT (patch and position embeddings, CLS and register tokens, every block), so that training adapts
+    the queries, the final norm, the class and mask heads and the upscale blocks only. The final norm stays trainable:
+    it is the input of both heads, and cheap. Parameter names are those of the model (or of its wrappers)."""
+    for name, param in unwrap_model(model).named_parameters():
+        if name.startswith(_EMBEDDINGS_PREFIX) or _BLOCK_PATTERN.match(name):
+            param.requires_grad_(False)
+
+
 def layer_lr_scale(name: str, num_layers: int, layer_decay: float, full_lr_blocks: int = 0) -> float | None:
     """Learning-rate multiplier of the backbone parameter `name`, or `None` if `name` belongs to the head. The last
     `full_lr_blocks` blocks train at the full rate (the DINOv3 recipe's masked blocks)."""

@@ -9,14 +9,18 @@ reports the task's metrics (PQ, mIoU or mask AP).
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .callbacks import AttnMaskAnnealingCallback
+from .checkpoints import STAGING_DIR, checkpoint_problem, latest_complete_checkpoint, publish, replace_folder
 from .evaluation import SegmentationMetrics
 from .optim import build_optimizer, build_scheduler, unwrap_model
 
@@ -141,6 +145,9 @@ class EomtTrainer(Trainer):
     A `Trainer` running the EoMT recipe: [`build_optimizer_and_scheduler`] from [`EomtTrainingArguments`] and, unless
     `attn_mask_annealing=False`, an [`AttnMaskAnnealingCallback`].
 
+    Checkpoints are staged (written into `output_dir/.staging/`, then renamed), and `resume_from_checkpoint=True`
+    (or `"latest"`) resumes from the newest complete checkpoint, skipping incomplete ones with a warning.
+
     Args:
         eval_collator (`Callable`, *optional*):
             Collator of the evaluation batches (e.g. [`EvalCollator`], which prepares raw images with the processor as
@@ -167,6 +174,7 @@ class EomtTrainer(Trainer):
                 f"{type(self.compute_metrics).__name__}; pass SegmentationMetrics(processor, task, id2label, ...)."
             )
         self.eval_collator = eval_collator
+        self._staging = False
         self.args.apply_recipe(unwrap_model(self.model).config.model_type)
         has_annealing = any(isinstance(cb, AttnMaskAnnealingCallback) for cb in self.callback_handler.callbacks)
         if self.args.attn_mask_annealing and not has_annealing:
@@ -178,6 +186,63 @@ class EomtTrainer(Trainer):
                     first_block_end=self.args.attn_mask_annealing_first_block_end,
                 )
             )
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() in ("true", "latest"):
+            resume_from_checkpoint = latest_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No complete checkpoint in {self.args.output_dir} to resume from.")
+            resume_from_checkpoint = str(resume_from_checkpoint)
+        elif resume_from_checkpoint is not None:
+            problem = checkpoint_problem(Path(resume_from_checkpoint))
+            if problem is not None:
+                raise ValueError(f"Cannot resume from {resume_from_checkpoint}: {problem}.")
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _get_output_dir(self, trial) -> str:
+        # While a checkpoint is saved, the Trainer writes it into the staging folder (see `_save_checkpoint`).
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, STAGING_DIR) if self._staging else run_dir
+
+    def _save_checkpoint(self, model: nn.Module, trial) -> None:
+        run_dir = self._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged, final = Path(run_dir, STAGING_DIR, name), Path(run_dir, name)
+        if self.args.should_save and staged.exists():  # left by a run killed while saving this step
+            shutil.rmtree(staged)
+        self.accelerator.wait_for_everyone()
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        self.accelerator.wait_for_everyone()  # every process has written its part (RNG states, shards)
+        if self.args.should_save:
+            if self.state.best_model_checkpoint == str(staged):
+                self.state.best_model_checkpoint = str(final)
+                self.state.save_to_json(str(staged / "trainer_state.json"))
+            replace_folder(staged, final)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
+
+    def save_model_staged(self, output_dir: str, extra: Callable[[Path], None] | None = None) -> None:
+        """`save_model` into `output_dir` through a staging folder, renamed in file by file with the weights last;
+        `extra(folder)` writes more files into the staging folder first (the processor, a model card)."""
+        staging = Path(output_dir, STAGING_DIR, "final")
+        if self.args.should_save and staging.exists():  # left by a run killed while saving
+            shutil.rmtree(staging)
+        self.accelerator.wait_for_everyone()
+        self.save_model(str(staging))  # every process takes part (FSDP gathers the weights)
+        if self.args.should_save:
+            if extra is not None:
+                extra(staging)
+            publish(staging, Path(output_dir))
+        self.accelerator.wait_for_everyone()
 
     def _get_collator_with_removed_columns(self, data_collator: Callable, description: str | None = None) -> Callable:
         # The one place where the Trainer picks the collator of a loader it builds: evaluation and prediction
