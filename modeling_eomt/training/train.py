@@ -3,10 +3,13 @@
     eomt-train --model_name_or_path coco_panoptic_eomt_large_640 --dataset_name /data/coco --task panoptic \
         --output_dir runs/coco --max_steps 88700 --per_device_train_batch_size 4 --fp16 --do_eval
 
-`--model_name_or_path` takes a preset name (architecture only, random weights), a checkpoint folder or a Hub id; the
-class head and `id2label` are adapted to the dataset. Every value of the recipe (EomtTrainingArguments) is a flag;
+`--model_name_or_path` takes a preset name (architecture only, random weights), a checkpoint folder or a Hub id. A
+checkpoint's weights must all fit its config (with any `--config_overrides`); `--adapt_class_head` starts a new class
+head when the dataset has another number of classes. Every value of the recipe (EomtTrainingArguments) is a flag;
 those left unset come from the backbone family's recipe (`--recipe dinov2|dinov3`, default: the model's).
+`--resume_from_checkpoint latest` resumes from the newest complete checkpoint in `--output_dir`.
 Under `torchrun --nproc_per_node N` or `accelerate launch` the same script trains with DDP.
+Bad arguments, data or checkpoints end the run with one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
