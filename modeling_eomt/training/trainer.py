@@ -193,11 +193,11 @@ class EomtTrainer(Trainer):
             if resume_from_checkpoint is None:
                 raise ValueError(f"No complete checkpoint in {self.args.output_dir} to resume from.")
             resume_from_checkpoint = str(resume_from_checkpoint)
-        elif resume_from_checkpoint is not None:
+        elif resume_from_checkpoint:
             problem = checkpoint_problem(Path(resume_from_checkpoint))
             if problem is not None:
                 raise ValueError(f"Cannot resume from {resume_from_checkpoint}: {problem}.")
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
 
     def _get_output_dir(self, trial) -> str:
         # While a checkpoint is saved, the Trainer writes it into the staging folder (see `_save_checkpoint`).
