@@ -9,7 +9,8 @@ Training EoMT with the 🤗 Trainer. The path of one example, module by module:
     collators.py    SegmentationCollator (training batches), EvalCollator (evaluation through the processor)
     optim.py        the recipe's optimizer and schedule, pure functions
     callbacks.py    masked-attention annealing, epoch seeding of the augmentation
-    trainer.py      EomtTrainer and EomtTrainingArguments
+    checkpoints.py  staged saving, resumable-checkpoint checks
+    trainer.py      EomtTrainer, EomtTrainingArguments and the recipes per backbone family
     evaluation.py   SegmentationMetrics: PQ, mIoU or mask AP inside the Trainer's evaluation
     train.py        the `eomt-train` script: argument dataclasses, `run`, `main`
 """
@@ -17,16 +18,17 @@ Training EoMT with the 🤗 Trainer. The path of one example, module by module:
 from .augmentation import TrainTransform, photometric_jitter
 from .callbacks import AttnMaskAnnealingCallback, EpochSeedCallback, annealing_probs, default_annealing_steps
 from .collators import EvalCollator, SegmentationCollator
-from .dataset import Example, SegmentationDataset
+from .dataset import Example, SegmentationDataset, UnreadableSampleError
 from .evaluation import HEADLINE, SegmentationMetrics
 from .loading import benchmark_key, load_segmentation_dataset
-from .optim import build_optimizer, build_optimizer_and_scheduler, build_scheduler, parameter_groups
+from .optim import build_optimizer, build_optimizer_and_scheduler, build_scheduler, freeze_backbone, parameter_groups
 from .shapes import SHAPES_ID2LABEL, SHAPES_STUFF_IDS, render_shapes_example, shapes_dataset
 from .train import DataArguments, ModelArguments, run
-from .trainer import EomtTrainer, EomtTrainingArguments
+from .trainer import RECIPES, EomtTrainer, EomtTrainingArguments, Recipe
 
 __all__ = [
     "HEADLINE",
+    "RECIPES",
     "SHAPES_ID2LABEL",
     "SHAPES_STUFF_IDS",
     "AttnMaskAnnealingCallback",
@@ -37,16 +39,19 @@ __all__ = [
     "EvalCollator",
     "Example",
     "ModelArguments",
+    "Recipe",
     "SegmentationCollator",
     "SegmentationDataset",
     "SegmentationMetrics",
     "TrainTransform",
+    "UnreadableSampleError",
     "annealing_probs",
     "benchmark_key",
     "build_optimizer",
     "build_optimizer_and_scheduler",
     "build_scheduler",
     "default_annealing_steps",
+    "freeze_backbone",
     "load_segmentation_dataset",
     "parameter_groups",
     "photometric_jitter",
