@@ -18,8 +18,10 @@ import torch
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
+from .configuration import TASKS
+from .rle import encode_rle
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-TASKS = ("panoptic", "instance", "semantic")
 # Command-line flag → post-processing option; unset flags leave the processor's defaults.
 OPTION_FLAGS = {
     "threshold": "threshold",
@@ -259,27 +261,6 @@ def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def encode_rle(mask: np.ndarray) -> str:
-    """COCO compressed RLE (`pycocotools.mask.encode(...)["counts"]`) of a binary `(height, width)` mask."""
-    flat = np.asarray(mask, dtype=bool).ravel(order="F")
-    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    bounds = np.concatenate([[0], changes, [flat.size]])
-    counts = np.diff(bounds).tolist()
-    if flat.size and flat[0]:
-        counts.insert(0, 0)  # runs start with background
-    chars = []
-    for i, count in enumerate(counts):
-        value = count - counts[i - 2] if i > 2 else count
-        while True:
-            digit = value & 0x1F
-            value >>= 5
-            more = value != -1 if digit & 0x10 else value != 0
-            chars.append(chr(digit + 48 + (0x20 if more else 0)))
-            if not more:
-                break
-    return "".join(chars)
 
 
 def _write_together(folder: Path, files: dict[str, bytes]) -> None:

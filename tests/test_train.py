@@ -6,10 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import pipeline
+from transformers import pipeline, set_seed
 
 from modeling_eomt import EomtForUniversalSegmentation
 from modeling_eomt.training.shapes import render_shapes_example
@@ -69,6 +70,7 @@ def test_train_saves_everything_and_loads_in_pipeline(tmp_path, task, metric):
     main(train_args(tmp_path, task, extra=("--do_eval", "--save_strategy", "no")))
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md", "eval_results.json"):
         assert (tmp_path / name).exists(), name
+    assert not (tmp_path / ".staging").exists()  # staged, then renamed in
     results = json.loads((tmp_path / "eval_results.json").read_text())
     assert 0.0 <= results[metric] <= 1.0
     card = (tmp_path / "README.md").read_text()
@@ -168,32 +170,6 @@ def test_segmentation_metrics_count_each_record_once():
     assert metrics.compute() == {}
 
 
-def test_epoch_callback_reseeds_augmentation_per_epoch():
-    from types import SimpleNamespace
-
-    from modeling_eomt.training.augmentation import TrainTransform
-    from modeling_eomt.training.data import load_segmentation_dataset
-    from modeling_eomt.training.train import EpochSeedCallback
-
-    dataset = load_segmentation_dataset("shapes", num_examples=2, image_size=64).with_transform(
-        TrainTransform(64, (0.5, 1.5)), seed=0
-    )
-    callback = EpochSeedCallback(dataset)
-    callback.on_epoch_begin(None, SimpleNamespace(epoch=0.0), None)
-    first = dataset[0]["image"]
-    assert torch.equal(first, dataset[0]["image"])  # same epoch, same augmentation
-    callback.on_epoch_begin(None, SimpleNamespace(epoch=1.0), None)
-    assert dataset.epoch == 1 and not torch.equal(first, dataset[0]["image"])
-
-    # persistent workers keep their copy of the dataset across epochs, and still follow the epoch
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=1, persistent_workers=True)
-    images = []
-    for epoch in (0, 1):
-        callback.on_epoch_begin(None, SimpleNamespace(epoch=float(epoch)), None)
-        images.append(next(iter(loader))["image"])
-    assert torch.equal(images[0], first) and not torch.equal(images[1], first)
-
-
 def test_demo_trains_caches_and_writes_overlays(tmp_path, capsys):
     from modeling_eomt.training import demo
 
@@ -208,3 +184,138 @@ def test_demo_trains_caches_and_writes_overlays(tmp_path, capsys):
     assert Image.open(overlays[0]).size == (384, 384)
     demo.main(args)  # second run: straight to inference from the cache
     assert "Using the cached model" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reliability: one-line errors (exit 2), refused checkpoints, unreadable files, staged saves, resume
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def fails_with(capsys, args: list[str], *expected: str) -> str:
+    """Run `eomt-train` with `args`: exit code 2 and one line on stderr holding every `expected` text."""
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if "Traceback" in line or "eomt-train: error: " in line]
+    assert line.startswith("eomt-train: error: "), line  # on a line of its own, after any progress bar
+    for text in expected:
+        assert text in line, line
+    return line
+
+
+@pytest.fixture(scope="module")
+def trained_panoptic(tmp_path_factory) -> Path:
+    """A tiny model trained for one step on shapes panoptic (6 classes)."""
+    output = tmp_path_factory.mktemp("trained")
+    assert main(train_args(output, steps=1, extra=("--save_strategy", "no"))) == 0
+    return output
+
+
+def from_checkpoint(args: list[str], checkpoint: Path) -> list[str]:
+    args = list(args)
+    args[args.index("--model_name_or_path") + 1] = str(checkpoint)
+    overrides = args.index("--config_overrides")
+    del args[overrides : overrides + 2]
+    return args
+
+
+def test_checkpoint_that_does_not_fit_is_refused(tmp_path, capsys, trained_panoptic):
+    base = from_checkpoint(train_args(tmp_path / "out", steps=1, extra=("--save_strategy", "no")), trained_panoptic)
+    # An override that changes a weight's shape would train that weight from random.
+    fails_with(capsys, [*base, "--config_overrides", '{"num_queries": 5}'], "query.weight", "--config_overrides")
+    # Another label set (instance: the 3 thing classes) needs the user's consent to a new class head ...
+    instance = [*base[: base.index("--task") + 1], "instance", *base[base.index("--task") + 2 :]]
+    fails_with(capsys, instance, "--adapt_class_head")
+    # ... with which that is the only weight that starts fresh.
+    assert main([*instance, "--adapt_class_head"]) == 0
+    trained, adapted = (
+        load_file(trained_panoptic / "model.safetensors"),
+        load_file(tmp_path / "out" / "model.safetensors"),
+    )
+    assert adapted["class_predictor.weight"].shape[0] == 4 and trained["class_predictor.weight"].shape[0] == 7
+    # (one training step at lr 1e-3 cannot move a weight back to its trained value; the backbone waits for warmup)
+    assert torch.equal(adapted["embeddings.cls_token"], trained["embeddings.cls_token"])
+
+
+def test_config_overrides_are_validated(tmp_path, capsys):
+    args = train_args(tmp_path, steps=1)
+    overrides = args.index("--config_overrides") + 1
+    for value, expected in (
+        ('{"num_blokcs": 2}', "num_blokcs not a field of EomtConfig"),
+        (json.dumps({**json.loads(TINY), "num_blocks": 9}), "num_blocks"),  # the config's check: > num_hidden_layers
+        ("num_blocks=2", "JSON object"),
+    ):
+        args[overrides] = value
+        fails_with(capsys, args, expected)
+
+
+def test_unreadable_image_is_named_in_one_line_or_skipped(tmp_path, capsys, caplog):
+    """A truncated JPEG among good ones: named in one line (also from a DataLoader worker), or skipped on request."""
+    from PIL import Image
+
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for index in range(4):
+        (data / "images").mkdir(parents=True, exist_ok=True), (data / "masks").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(data / "images" / f"{index}.jpg")
+        Image.fromarray(np.repeat(np.arange(2, dtype=np.uint8), 32)[None].repeat(48, 0)).save(
+            data / "masks" / f"{index}.png"
+        )
+    broken = data / "images" / "2.jpg"
+    broken.write_bytes(broken.read_bytes()[:300])
+    args = train_args(tmp_path / "out", "semantic", steps=2, extra=("--save_strategy", "no"))
+    args[args.index("--dataset_name") + 1] = str(data)
+    args[args.index("--per_device_train_batch_size") + 1] = "4"
+    for workers in ("0", "1"):
+        fails_with(capsys, [*args, "--dataloader_num_workers", workers], "cannot read", str(broken))
+    with caplog.at_level("WARNING"):
+        assert main([*args, "--skip_unreadable"]) == 0
+    assert any(str(broken) in record.getMessage() for record in caplog.records)
+
+
+def test_bad_data_layouts_fail_in_one_line(tmp_path, capsys):
+    args = train_args(tmp_path / "out", steps=1)
+    dataset = args.index("--dataset_name") + 1
+    semantic = tmp_path / "semantic"
+    (semantic / "images").mkdir(parents=True), (semantic / "masks").mkdir()
+    args[dataset] = str(semantic)
+    fails_with(capsys, args, "images/ and masks/", "--task semantic")
+    coco = tmp_path / "coco.json"
+    coco.write_text('{"images": [{"id": 1}], "annotations": [], "categories": []}')
+    args[dataset] = str(coco)
+    fails_with(capsys, args, str(coco), "images[0]", "'file_name'")
+    coco.write_text('{"images": [')
+    fails_with(capsys, args, str(coco), "not valid JSON")
+
+
+def test_resume_from_latest_skips_an_incomplete_checkpoint(tmp_path, caplog):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    main(train_args(full, steps=4, extra=("--save_strategy", "no")))
+    main(train_args(resumed, steps=4, extra=("--save_strategy", "steps", "--save_steps", "2")))
+    assert not (resumed / ".staging").exists()
+    # What a kill during an unstaged save leaves: the newest checkpoint without its trainer state.
+    (resumed / "checkpoint-4" / "trainer_state.json").unlink()
+    with caplog.at_level("WARNING"):
+        main(train_args(resumed, steps=4, extra=("--save_strategy", "no", "--resume_from_checkpoint", "latest")))
+    assert any("checkpoint-4" in r.getMessage() and "interrupted" in r.getMessage() for r in caplog.records)
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(a[name], b[name]) for name in a)  # resumed from checkpoint-2, bit-identical
+
+
+def test_freeze_backbone_and_drop_path_rate(tmp_path):
+    from modeling_eomt.training import ModelArguments, load_segmentation_dataset
+    from modeling_eomt.training.train import load_model
+
+    extra = ("--save_strategy", "no", "--freeze_backbone", "--drop_path_rate", "0.2")
+    assert main(train_args(tmp_path, steps=3, extra=extra)) == 0
+    assert json.loads((tmp_path / "config.json").read_text())["drop_path_rate"] == 0.2
+    set_seed(3)  # the run's seed: the same initial weights
+    initial = load_model(
+        ModelArguments("coco_panoptic_eomt_small_640_2x", TINY), load_segmentation_dataset("shapes", num_examples=1)
+    ).state_dict()
+    trained = load_file(tmp_path / "model.safetensors")
+    for name, value in trained.items():
+        frozen = name.startswith(("embeddings.", "layers."))
+        assert torch.equal(value, initial[name]) == frozen or name in ("attn_mask_probs", "criterion.empty_weight"), (
+            name
+        )

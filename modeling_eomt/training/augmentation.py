@@ -1,5 +1,5 @@
 """
-The training recipe's augmentation and the evaluation resize, in torch, on examples of the common form
+The training recipe's augmentation, in torch, on examples of the common form
 (`image` uint8 [3, H, W], `masks` bool [N, H, W], `class_labels` [N], optional `is_crowd` [N]).
 
 Every random draw goes through the optional `torch.Generator`, so a transform is a pure function of
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .data import Example
+from .dataset import Example
 
 
 def _uniform(low: float, high: float, generator: torch.Generator | None) -> float:
@@ -140,22 +140,3 @@ class TrainTransform:
         left = int(torch.randint(0, max(size[1] - crop_w, 0) + 1, (), generator=generator))
         example = resize_window(example, size, top, left, self.crop_size)
         return select_segments(example, example["masks"].flatten(1).any(1))
-
-
-class EvalTransform:
-    """
-    Evaluation resize for panoptic and instance segmentation, as the image processor does it: scale the long side to
-    `size`, zero-pad bottom/right to `size × size`. Adds `original_size` (int64 [2], H and W before resizing) to map
-    predictions back. Semantic evaluation uses the processor's sliding windows on untransformed examples instead.
-    """
-
-    def __init__(self, size: int = 640):
-        self.size = size
-
-    def __call__(self, example: Example, generator: torch.Generator | None = None) -> Example:
-        height, width = example["image"].shape[1:]
-        factor = self.size / max(height, width)
-        # Same rounding as the image processor's resize, so both give the same size.
-        size = (max(1, round(height * factor)), max(1, round(width * factor)))
-        padded = resize_window(example, size, 0, 0, (self.size, self.size))
-        return {**padded, "original_size": torch.tensor([height, width], dtype=torch.int64)}

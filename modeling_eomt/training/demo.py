@@ -20,9 +20,9 @@ from PIL import Image
 from transformers import pipeline
 
 from ..visualize import draw_overlay
-from .optim import EomtTrainingArguments
 from .shapes import SHAPES_ID2LABEL, render_shapes_example
 from .train import DataArguments, ModelArguments, run
+from .trainer import EomtTrainingArguments
 
 DEMO_MODEL = {
     "hidden_size": 192,

@@ -1,6 +1,7 @@
-"""Evaluation inside the Trainer: the processor prepares eval images exactly as at inference (padding, or sliding
-windows for semantic), the model predicts, and [`SegmentationMetrics`] post-processes each batch where it was
-predicted and accumulates PQ, mIoU or mask AP from compact per-image records (never stacked predictions)."""
+"""Evaluation inside the Trainer: the processor prepares eval images exactly as at inference ([`EvalCollator`]:
+padding, or sliding windows for semantic), the model predicts, and [`SegmentationMetrics`] post-processes each batch
+where it was predicted and accumulates PQ, mIoU or mask AP from compact per-image records (never stacked
+predictions)."""
 
 from __future__ import annotations
 
@@ -8,39 +9,17 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ..configuration import IGNORE_INDEX
 from ..image_processing import EomtImageProcessor
 from ..metrics import load_metric
-from .data import IGNORE_INDEX, Example
 
 METRIC_OF_TASK = {"panoptic": "panoptic_quality", "instance": "mask_ap", "semantic": "mean_iou"}
 # Headline number per task, reported as `eval_<name>`.
 HEADLINE = {"panoptic": "pq", "instance": "map", "semantic": "miou"}
 
 
-class EvalCollator:
-    """Preprocess raw examples with the processor and carry their targets, untouched, as `targets`."""
-
-    def __init__(self, processor: EomtImageProcessor):
-        self.processor = processor
-
-    def __call__(self, examples: Sequence[Example]) -> dict:
-        inputs = self.processor(images=[example["image"] for example in examples], return_tensors="pt")
-        batch = {"pixel_values": inputs["pixel_values"]}
-        if "patch_offsets" in inputs:
-            batch["patch_offsets"] = inputs["patch_offsets"]
-        batch["targets"] = [
-            {
-                "masks": example["masks"],
-                "class_labels": example["class_labels"],
-                "is_crowd": example.get("is_crowd", torch.zeros(len(example["class_labels"]), dtype=torch.bool)),
-            }
-            for example in examples
-        ]
-        return batch
-
-
 class SegmentationMetrics:
-    """The metrics of [`SegmentationTrainer`]: `encode` post-processes a batch into one compact record per image (the
+    """The metrics of [`EomtTrainer`]: `encode` post-processes a batch into one compact record per image (the
     metric's stored form), `add` accumulates records, `compute` reports the task's metrics (prefixed `eval_` by the
     trainer)."""
 

@@ -1,7 +1,7 @@
-"""The EoMT recipe's optimizer and learning-rate schedule, and a `Trainer` that uses them.
+"""The EoMT recipe's optimizer and learning-rate schedule, as pure functions of the model and the step.
 
 AdamW (weight decay on every parameter) with layer-wise learning-rate decay: ViT block `i` of `L` trains at
-`lr * layer_decay ** (L - 1 - i)`, the embeddings (patch projection, position embeddings, CLS and register tokens)
+`lr * layer_decay ** (L - 1 - i)` (the DINOv3 recipe keeps its masked blocks, the last ones, at `lr`), the embeddings (patch projection, position embeddings, CLS and register tokens)
 at block 0's rate, the final norm, the queries and the heads at the full rate.
 
 The schedule has two stages. The head (queries, class predictor, mask head, upscale blocks) warms up linearly from
@@ -9,22 +9,17 @@ step 0 over `head_warmup_steps`; the backbone (embeddings, blocks, final norm) s
 up over the next `backbone_warmup_steps`; after its warmup each part decays as `(1 - progress) ** poly_power` to 0 at
 the last step. The gradient-norm clip of the recipe (0.01) is `TrainingArguments.max_grad_norm`.
 
-Use either `Trainer(..., optimizers=build_optimizer_and_scheduler(model, max_steps))` or [`EomtTrainer`] with
-[`EomtTrainingArguments`], which exposes every value as a command-line flag through `HfArgumentParser`.
+Use either `Trainer(..., optimizers=build_optimizer_and_scheduler(model, max_steps))` or [`EomtTrainer`]
+(`trainer.py`), which builds them from [`EomtTrainingArguments`].
 """
 
 from __future__ import annotations
 
-import os
 import re
-from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainingArguments
-
-from .annealing import AttnMaskAnnealingCallback, unwrap_model
 
 # Parameters of the ViT (everything else is "head"). The final norm belongs to the backbone, as in the original
 # release: full lr, but it waits for the backbone's warmup.
@@ -35,11 +30,31 @@ _FINAL_NORM_PREFIX = "layernorm."
 _WRAPPER_COMPONENTS = re.compile(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
 
 
-def layer_lr_scale(name: str, num_layers: int, layer_decay: float) -> float | None:
-    """Learning-rate multiplier of the backbone parameter `name`, or `None` if `name` belongs to the head."""
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP/FSDP (`.module`) and `torch.compile` (`._orig_mod`) wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def freeze_backbone(model: nn.Module) -> None:
+    """Freeze the ViT (patch and position embeddings, CLS and register tokens, every block), so that training adapts
+    the queries, the final norm, the class and mask heads and the upscale blocks only. The final norm stays trainable:
+    it is the input of both heads, and cheap. Parameter names are those of the model (or of its wrappers)."""
+    for name, param in unwrap_model(model).named_parameters():
+        if name.startswith(_EMBEDDINGS_PREFIX) or _BLOCK_PATTERN.match(name):
+            param.requires_grad_(False)
+
+
+def layer_lr_scale(name: str, num_layers: int, layer_decay: float, full_lr_blocks: int = 0) -> float | None:
+    """Learning-rate multiplier of the backbone parameter `name`, or `None` if `name` belongs to the head. The last
+    `full_lr_blocks` blocks train at the full rate (the DINOv3 recipe's masked blocks)."""
     block = _BLOCK_PATTERN.match(name)
     if block is not None:
-        return layer_decay ** (num_layers - 1 - int(block.group(1)))
+        index = int(block.group(1))
+        return 1.0 if index >= num_layers - full_lr_blocks else layer_decay ** (num_layers - 1 - index)
     if name.startswith(_EMBEDDINGS_PREFIX):
         return layer_decay ** (num_layers - 1)
     if name.startswith(_FINAL_NORM_PREFIX):
@@ -48,12 +63,17 @@ def layer_lr_scale(name: str, num_layers: int, layer_decay: float) -> float | No
 
 
 def parameter_groups(
-    model: nn.Module, learning_rate: float = 1e-4, weight_decay: float = 0.05, layer_decay: float = 0.8
+    model: nn.Module,
+    learning_rate: float = 1e-4,
+    weight_decay: float = 0.05,
+    layer_decay: float = 0.8,
+    full_lr_blocks: int = 0,
 ) -> list[dict]:
     """
     Split the trainable parameters of an EoMT model into AdamW parameter groups: one per ViT depth (embeddings share
     block 0's group) plus one for the head. Each group carries `lr`, `weight_decay`, `stage` (`"backbone"` or
-    `"head"`, read by the scheduler) and a readable `name`. Under FSDP, wrap with `use_orig_params=True` so that
+    `"head"`, read by the scheduler) and a readable `name`. The last `full_lr_blocks` ViT blocks are left out of the
+    layer decay. Under FSDP, wrap with `use_orig_params=True` so that
     the original parameters (and their names) are visible.
     """
     model = unwrap_model(model)
@@ -69,7 +89,7 @@ def parameter_groups(
 
     groups: dict[tuple[str, float], dict] = {}
     for name, param in named:
-        scale = layer_lr_scale(name, num_layers, layer_decay)
+        scale = layer_lr_scale(name, num_layers, layer_decay, full_lr_blocks)
         stage = "head" if scale is None else "backbone"
         scale = 1.0 if scale is None else scale
         group = groups.setdefault(
@@ -141,9 +161,10 @@ def build_optimizer(
     layer_decay: float = 0.8,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    full_lr_blocks: int = 0,
 ) -> torch.optim.AdamW:
     """AdamW over [`parameter_groups`]."""
-    groups = parameter_groups(model, learning_rate, weight_decay, layer_decay)
+    groups = parameter_groups(model, learning_rate, weight_decay, layer_decay, full_lr_blocks)
     # The fused kernel: on CPU the per-tensor loop costs seconds per step at ViT-S (fused: ~0.1 s).
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=True)
 
@@ -159,104 +180,8 @@ def build_optimizer_and_scheduler(
     poly_power: float = 0.9,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    full_lr_blocks: int = 0,
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """The recipe's `(optimizer, scheduler)` pair, ready for `Trainer(optimizers=...)`."""
-    optimizer = build_optimizer(model, learning_rate, weight_decay, layer_decay, betas, eps)
+    optimizer = build_optimizer(model, learning_rate, weight_decay, layer_decay, betas, eps, full_lr_blocks)
     return optimizer, build_scheduler(optimizer, total_steps, head_warmup_steps, backbone_warmup_steps, poly_power)
-
-
-@dataclass
-class EomtTrainingArguments(TrainingArguments):
-    """
-    `TrainingArguments` with the EoMT recipe's defaults (lr 1e-4, weight decay 0.05, gradient clip 0.01, seed 0) and
-    its extra knobs. `lr_scheduler_type` and `warmup_steps` are not used by [`EomtTrainer`]: the schedule is the
-    recipe's two-stage warmup + poly decay.
-    """
-
-    seed: int = field(default=0, metadata={"help": "Random seed (the recipe's is 0)."})
-    ddp_find_unused_parameters: bool | None = field(
-        default=False, metadata={"help": "Every parameter gets a gradient at every step, so DDP need not search."}
-    )
-    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate of the head and the last block."})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay, applied to every parameter."})
-    max_grad_norm: float = field(default=0.01, metadata={"help": "Gradient clipping norm (the recipe uses 0.01)."})
-    layer_decay: float = field(
-        default=0.8, metadata={"help": "Layer-wise lr decay: block i of L gets lr * layer_decay ** (L - 1 - i)."}
-    )
-    head_warmup_steps: int = field(
-        default=500, metadata={"help": "Linear warmup of the head; the backbone stays at lr 0 meanwhile."}
-    )
-    backbone_warmup_steps: int = field(
-        default=1000, metadata={"help": "Linear warmup of the backbone, starting after the head's warmup."}
-    )
-    poly_power: float = field(default=0.9, metadata={"help": "Power of the polynomial decay after warmup."})
-    attn_mask_annealing: bool = field(
-        default=True, metadata={"help": "Anneal the masked-attention probabilities during training."}
-    )
-    attn_mask_annealing_starts: list[int] | None = field(
-        default=None, metadata={"help": "Annealing start step per masked block (default: scaled from max_steps)."}
-    )
-    attn_mask_annealing_ends: list[int] | None = field(
-        default=None, metadata={"help": "Annealing end step per masked block (default: scaled from max_steps)."}
-    )
-    attn_mask_annealing_power: float = field(default=0.9, metadata={"help": "Power of the annealing decay."})
-
-    def __post_init__(self) -> None:
-        if not torch.accelerator.is_available():
-            # Pinned memory only speeds up copies to an accelerator; without one, torch warns in every data loader.
-            self.dataloader_pin_memory = False
-            # Without `use_cpu`, accelerate runs a CPU-only torchrun as independent processes: no DDP wrapper, no
-            # gradient averaging, each process training its own model.
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                self.use_cpu = True
-        super().__post_init__()
-
-
-class EomtTrainer(Trainer):
-    """
-    A `Trainer` running the EoMT recipe: [`build_optimizer_and_scheduler`] from [`EomtTrainingArguments`] and, unless
-    `attn_mask_annealing=False`, an [`AttnMaskAnnealingCallback`].
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if not isinstance(self.args, EomtTrainingArguments):
-            raise TypeError(
-                f"EomtTrainer needs EomtTrainingArguments (got {type(self.args).__name__}); build the arguments with "
-                "`EomtTrainingArguments(...)` or parse them with `HfArgumentParser(EomtTrainingArguments)`."
-            )
-        has_annealing = any(isinstance(cb, AttnMaskAnnealingCallback) for cb in self.callback_handler.callbacks)
-        if self.args.attn_mask_annealing and not has_annealing:
-            self.add_callback(
-                AttnMaskAnnealingCallback(
-                    starts=self.args.attn_mask_annealing_starts,
-                    ends=self.args.attn_mask_annealing_ends,
-                    power=self.args.attn_mask_annealing_power,
-                )
-            )
-
-    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        if self.optimizer is None:
-            self.optimizer = build_optimizer(
-                self.model if model is None else model,
-                self.args.learning_rate,
-                self.args.weight_decay,
-                self.args.layer_decay,
-                betas=(self.args.adam_beta1, self.args.adam_beta2),
-                eps=self.args.adam_epsilon,
-            )
-        return self.optimizer
-
-    def create_scheduler(
-        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
-    ) -> torch.optim.lr_scheduler.LRScheduler:
-        if self.lr_scheduler is None:
-            self.lr_scheduler = build_scheduler(
-                self.optimizer if optimizer is None else optimizer,
-                num_training_steps,
-                self.args.head_warmup_steps,
-                self.args.backbone_warmup_steps,
-                self.args.poly_power,
-            )
-            self._created_lr_scheduler = True
-        return self.lr_scheduler

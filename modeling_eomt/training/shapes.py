@@ -13,7 +13,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from .data import SegmentationDataset
+from .dataset import SegmentationDataset
 
 SHAPES_ID2LABEL = {0: "circle", 1: "square", 2: "triangle", 3: "sky", 4: "grass", 5: "wall"}
 SHAPES_STUFF_IDS = (3, 4, 5)

@@ -1,11 +1,15 @@
-"""Train EoMT with the Trainer: `python -m modeling_eomt.train` / `eomt-train`.
+"""Train EoMT with the Trainer: `python -m modeling_eomt.train` / `eomt-train` (the argument dataclasses, `run`, `main`).
 
     eomt-train --model_name_or_path coco_panoptic_eomt_large_640 --dataset_name /data/coco --task panoptic \
         --output_dir runs/coco --max_steps 88700 --per_device_train_batch_size 4 --fp16 --do_eval
 
-`--model_name_or_path` takes a preset name (architecture only, random weights), a checkpoint folder or a Hub id; the
-class head and `id2label` are adapted to the dataset. Every value of the recipe (EomtTrainingArguments) is a flag.
+`--model_name_or_path` takes a preset name (architecture only, random weights), a checkpoint folder or a Hub id. A
+checkpoint's weights must all fit its config (with any `--config_overrides`); `--adapt_class_head` starts a new class
+head when the dataset has another number of classes. Every value of the recipe (EomtTrainingArguments) is a flag;
+those left unset come from the backbone family's recipe (`--recipe dinov2|dinov3`, default: the model's).
+`--resume_from_checkpoint latest` resumes from the newest complete checkpoint in `--output_dir`.
 Under `torchrun --nproc_per_node N` or `accelerate launch` the same script trains with DDP.
+Bad arguments, data or checkpoints end the run with one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -15,19 +19,22 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from transformers import HfArgumentParser, TrainerCallback, set_seed
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser, set_seed
 from transformers.utils import logging
 
-from ..configuration import PRESETS, EomtConfig
+from ..configuration import PRESETS, TASKS, EomtConfig
 from ..image_processing import EomtImageProcessor
 from ..model_card import build_model_card
 from ..modeling import EomtForUniversalSegmentation
 from .augmentation import TrainTransform
-from .collator import SegmentationCollator
-from .data import TASKS, SegmentationDataset, benchmark_key, load_segmentation_dataset
-from .evaluation import HEADLINE, EvalCollator, SegmentationMetrics
-from .optim import EomtTrainer, EomtTrainingArguments
+from .callbacks import EpochSeedCallback
+from .collators import EvalCollator, SegmentationCollator
+from .dataset import SegmentationDataset
+from .evaluation import HEADLINE, SegmentationMetrics
+from .loading import benchmark_key, load_segmentation_dataset
+from .optim import freeze_backbone
+from .trainer import EomtTrainer, EomtTrainingArguments
 
 logger = logging.get_logger(__name__)
 
@@ -40,6 +47,20 @@ class ModelArguments:
     )
     config_overrides: str | None = field(
         default=None, metadata={"help": "JSON of config fields to override, e.g. '{\"num_queries\": 100}'."}
+    )
+    adapt_class_head: bool = field(
+        default=False,
+        metadata={
+            "help": "Train a new class head when the checkpoint's number of classes differs from the dataset's "
+            "(the only weights allowed not to fit; any other misfit is refused)."
+        },
+    )
+    freeze_backbone: bool = field(
+        default=False,
+        metadata={"help": "Freeze the ViT (embeddings and blocks); train the queries, final norm and heads only."},
+    )
+    drop_path_rate: float | None = field(
+        default=None, metadata={"help": "Stochastic depth rate of the ViT blocks (default: the config's)."}
     )
 
 
@@ -60,35 +81,78 @@ class DataArguments:
     max_train_samples: int | None = field(default=None)
     max_eval_samples: int | None = field(default=None)
     panoptic_threshold: float = field(default=0.8, metadata={"help": "Score threshold of panoptic evaluation."})
+    skip_unreadable: bool = field(
+        default=False, metadata={"help": "Skip examples whose files cannot be read, with a warning naming each."}
+    )
+
+
+# Buffers the model derives from its config: a checkpoint without them loses nothing.
+_DERIVED_BUFFERS = {"criterion.empty_weight", "attn_mask_probs"}
+# Weights that depend on the number of classes: a new class head.
+_CLASS_HEAD = ("class_predictor.", "criterion.empty_weight")
 
 
 def load_model(model_args: ModelArguments, dataset: SegmentationDataset) -> EomtForUniversalSegmentation:
-    """The model for `dataset`'s labels: a preset's architecture from scratch, or a checkpoint with its head adapted."""
+    """The model for `dataset`'s labels: a preset's architecture from scratch, or a checkpoint whose weights must all
+    fit (a new class head only with `adapt_class_head`). Config overrides are validated like the config itself."""
     id2label = dict(dataset.id2label)
     labels = {"num_labels": len(id2label), "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
-    overrides = json.loads(model_args.config_overrides or "{}")
-    if model_args.model_name_or_path in PRESETS:
-        return EomtForUniversalSegmentation(
-            EomtConfig.from_preset(model_args.model_name_or_path, **labels, **overrides)
-        )
-    return EomtForUniversalSegmentation.from_pretrained(
-        model_args.model_name_or_path, ignore_mismatched_sizes=True, **labels, **overrides
+    overrides = config_overrides(model_args)
+    name = model_args.model_name_or_path
+    if name in PRESETS:
+        return EomtForUniversalSegmentation(EomtConfig.from_preset(name, **labels, **overrides))
+    try:
+        config = EomtConfig.from_pretrained(name)
+    except OSError as error:
+        raise OSError(
+            f"{name} is neither a preset ({', '.join(sorted(PRESETS)[:3])}, ...) nor a checkpoint folder or Hub id "
+            f"that could be read: {str(error).strip().splitlines()[0]}"
+        ) from error
+    config = EomtConfig.from_dict({**config.to_dict(), **labels, **overrides})  # runs the config's checks
+    model, info = EomtForUniversalSegmentation.from_pretrained(
+        name, config=config, ignore_mismatched_sizes=True, output_loading_info=True
     )
+    mismatched = {key: (tuple(old), tuple(new)) for key, old, new in info["mismatched_keys"]}
+    allowed = _CLASS_HEAD if model_args.adapt_class_head else ()
+    misfits = [
+        f"{key} {old} in the checkpoint, {new} here"
+        for key, (old, new) in sorted(mismatched.items())
+        if not key.startswith(allowed)
+    ]
+    misfits += [f"{key} missing" for key in sorted(set(info["missing_keys"]) - _DERIVED_BUFFERS)]
+    misfits += [f"{key} not used" for key in sorted(info["unexpected_keys"])]
+    if not misfits:
+        return model
+    if all(misfit.startswith(_CLASS_HEAD) for misfit in misfits):
+        raise ValueError(
+            f"{name} has a class head for another number of classes than the dataset's {len(id2label)}; pass "
+            "--adapt_class_head to train a new class head for the dataset's classes."
+        )
+    raise ValueError(
+        f"{len(misfits)} weight(s) of {name} do not fit its config and would train from random "
+        f"({'; '.join(misfits[:3])}{'; ...' if len(misfits) > 3 else ''}); drop the --config_overrides that change "
+        "the architecture, or start from a preset."
+    )
+
+
+def config_overrides(model_args: ModelArguments) -> dict:
+    """`--config_overrides` (JSON) and `--drop_path_rate` as config fields; unknown fields are an error."""
+    try:
+        overrides = dict(json.loads(model_args.config_overrides or "{}"))
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"--config_overrides must be a JSON object of config fields ({error}): {model_args.config_overrides}"
+        ) from error
+    if model_args.drop_path_rate is not None:
+        overrides["drop_path_rate"] = model_args.drop_path_rate
+    unknown = sorted(set(overrides) - set(EomtConfig().to_dict()))
+    if unknown:
+        raise ValueError(f"--config_overrides: {', '.join(unknown)} not a field of EomtConfig (see its docstring).")
+    return overrides
 
 
 def subset(dataset: SegmentationDataset, limit: int | None) -> SegmentationDataset:
     return dataset if limit is None or limit >= len(dataset) else dataset.select(range(limit))
-
-
-class EpochSeedCallback(TrainerCallback):
-    """Tell the training set which epoch starts, so seeded augmentations differ per epoch in every process
-    (accelerate forwards `set_epoch` to the dataset only in single-process runs)."""
-
-    def __init__(self, dataset: SegmentationDataset):
-        self.dataset = dataset
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        self.dataset.set_epoch(int(state.epoch or 0))
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, training_args: EomtTrainingArguments) -> dict:
@@ -100,7 +164,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Eom
         "dataset_config_name": data_args.dataset_config_name,
     }
     train_raw = subset(load_segmentation_dataset(split=data_args.train_split, **load), data_args.max_train_samples)
+    train_raw.skip_unreadable = data_args.skip_unreadable
     model = load_model(model_args, train_raw)
+    if model_args.freeze_backbone:
+        freeze_backbone(model)
     size = data_args.image_size or model.config.image_size
     processor = EomtImageProcessor.for_task(data_args.task, size)
     transform = TrainTransform(
@@ -113,12 +180,14 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Eom
         eval_dataset = subset(
             load_segmentation_dataset(split=data_args.eval_split, **load), data_args.max_eval_samples
         )
+        eval_dataset.skip_unreadable = data_args.skip_unreadable
         compute_metrics = SegmentationMetrics(
             processor, data_args.task, train_raw.id2label, train_raw.stuff_ids, data_args.panoptic_threshold
         )
     training_args.remove_unused_columns = False  # the collators read the examples' own fields
+    training_args.apply_recipe(model.config.model_type, benchmark_key(data_args.dataset_name, data_args.task))
 
-    trainer = SegmentationTrainer(
+    trainer = EomtTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -128,85 +197,59 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Eom
         compute_metrics=compute_metrics,
         callbacks=[EpochSeedCallback(train_dataset)],
     )
-    metrics = {}
+    metrics, results = {}, {}
     if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        trainer.save_metrics("train", result.metrics)
-        metrics.update(result.metrics)
+        results["train"] = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint).metrics
     if eval_dataset is not None:
-        eval_metrics = trainer.evaluate()
-        trainer.save_metrics("eval", eval_metrics)
-        metrics.update(eval_metrics)
-    trainer.save_model(training_args.output_dir)  # every rank takes part (FSDP gathers the weights)
-    if trainer.is_world_process_zero():
-        processor.save_pretrained(training_args.output_dir)
-        headline = (
-            {HEADLINE[data_args.task]: round(100 * metrics[f"eval_{HEADLINE[data_args.task]}"], 2)}
-            if eval_dataset
-            else None
-        )
-        dataset = benchmark_key(data_args.dataset_name, data_args.task) or data_args.dataset_name
+        results["eval"] = trainer.evaluate()
+    for split_metrics in results.values():
+        metrics.update(split_metrics)
+
+    def write_processor_and_card(folder: Path) -> None:
+        processor.save_pretrained(folder)
+        headline = HEADLINE[data_args.task]
         card = build_model_card(
             model.config,
             data_args.task,
-            dataset=dataset,
-            metrics=headline,
+            dataset=benchmark_key(data_args.dataset_name, data_args.task) or data_args.dataset_name,
+            metrics={headline: round(100 * metrics[f"eval_{headline}"], 2)} if eval_dataset else None,
             model_name=Path(training_args.output_dir).name,
             notes=f"Trained with `eomt-train` on `{data_args.dataset_name}`.",
         )
-        (Path(training_args.output_dir) / "README.md").write_text(card)
+        (folder / "README.md").write_text(card)
+
+    trainer.save_model_staged(training_args.output_dir, write_processor_and_card)
+    # Written after the model: `eval_results.json` marks a finished run (the demo's cache relies on it).
+    for split, split_metrics in results.items():
+        trainer.save_metrics(split, split_metrics)
     return metrics
 
 
-class SegmentationTrainer(EomtTrainer):
-    """[`EomtTrainer`] whose evaluation feeds processor-prepared images to the model and, with a
-    [`SegmentationMetrics`] as `compute_metrics`, reports the task's metrics. Its prediction step returns no
-    predictions: they are post-processed and counted where they are made (`predict()` gives metrics only)."""
-
-    def __init__(self, *args, eval_collator=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.compute_metrics is not None and not isinstance(self.compute_metrics, SegmentationMetrics):
-            raise TypeError(
-                f"SegmentationTrainer evaluates with SegmentationMetrics, got compute_metrics="
-                f"{type(self.compute_metrics).__name__}; pass SegmentationMetrics(processor, task, id2label, ...)."
-            )
-        self.eval_collator = eval_collator
-
-    def get_eval_dataloader(self, eval_dataset=None):
-        train_collator, self.data_collator = self.data_collator, self.eval_collator or self.data_collator
-        try:
-            return super().get_eval_dataloader(eval_dataset)
-        finally:
-            self.data_collator = train_collator
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        targets = inputs.pop("targets")
-        with torch.no_grad():
-            outputs = model(**inputs)
-        if self.compute_metrics is not None:
-            # Post-processed where predicted, then gathered as whole images (padding duplicates dropped). The
-            # Trainer's own gathering of predictions and labels would pad and cut the targets' tensors.
-            records = self.compute_metrics.encode(outputs, targets)
-            self.compute_metrics.add(self.accelerator.gather_for_metrics(records, use_gather_object=True))
-        return None, None, None
-
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):  # fmt: skip
-        if self.compute_metrics is not None:
-            self.compute_metrics.reset()
-        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-        if self.compute_metrics is not None:
-            metrics = self.compute_metrics.compute()
-            output.metrics.update({f"{metric_key_prefix}_{name}": value for name, value in metrics.items()})
-        return output
-
-
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """`eomt-train`: 0 on success; 2 with one line on stderr for bad arguments, data or checkpoints."""
     parser = HfArgumentParser((ModelArguments, DataArguments, EomtTrainingArguments))
     argv = sys.argv[1:] if argv is None else argv
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    metrics = run(model_args, data_args, training_args)
+    try:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+        metrics = run(model_args, data_args, training_args)
+    except (ValueError, OSError) as error:
+        logger.debug("eomt-train failed", exc_info=True)  # the traceback, with TRANSFORMERS_VERBOSITY=debug
+        # On its own line even when an interrupted progress bar holds the cursor.
+        tqdm.write(f"eomt-train: error: {one_line(error)}", file=sys.stderr)
+        return 2
     print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def one_line(error: BaseException) -> str:
+    """The message of `error` in one line; for an error raised in a DataLoader worker, the original one."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if "Original Traceback" in lines[0] or (len(lines) > 1 and "Original Traceback" in lines[1]):
+        return lines[-1].split(": ", 1)[-1]  # "package.Error: message" -> "message"
+    return lines[0]
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

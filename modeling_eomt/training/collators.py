@@ -1,4 +1,5 @@
-"""Batching examples of the common form into the model's training inputs."""
+"""Batching examples of the common form: [`SegmentationCollator`] for training (augmented crops → the model's training
+inputs), [`EvalCollator`] for evaluation (raw images through the processor, exactly as at inference)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,20 @@ from collections.abc import Sequence
 
 import torch
 
-from ..image_processing.image_processing_eomt import IMAGENET_MEAN, IMAGENET_STD
-from .data import Example
+from ..configuration import IMAGENET_MEAN, IMAGENET_STD
+from ..image_processing import EomtImageProcessor
+from .dataset import Example
+
+
+def readable(examples: Sequence[Example | None]) -> list[Example]:
+    """The examples of a batch without those a dataset skipped as unreadable (`None`, see `skip_unreadable`)."""
+    kept = [example for example in examples if example is not None]
+    if not kept:
+        raise ValueError(
+            "Cannot collate an empty batch"
+            + (" (every example of it was skipped as unreadable)." if examples else ".")
+        )
+    return kept
 
 
 class SegmentationCollator:
@@ -30,9 +43,8 @@ class SegmentationCollator:
         self.image_mean = torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.image_std = torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1)
 
-    def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
-        if not examples:
-            raise ValueError("Cannot collate an empty batch.")
+    def __call__(self, examples: Sequence[Example | None]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        examples = readable(examples)
         height = max(example["image"].shape[1] for example in examples)
         width = max(example["image"].shape[2] for example in examples)
         images = torch.zeros(len(examples), 3, height, width, dtype=torch.uint8)
@@ -49,3 +61,26 @@ class SegmentationCollator:
             "mask_labels": mask_labels,
             "class_labels": [example["class_labels"].to(torch.int64) for example in examples],
         }
+
+
+class EvalCollator:
+    """Preprocess raw examples with the processor and carry their targets, untouched, as `targets`."""
+
+    def __init__(self, processor: EomtImageProcessor):
+        self.processor = processor
+
+    def __call__(self, examples: Sequence[Example | None]) -> dict:
+        examples = readable(examples)
+        inputs = self.processor(images=[example["image"] for example in examples], return_tensors="pt")
+        batch = {"pixel_values": inputs["pixel_values"]}
+        if "patch_offsets" in inputs:
+            batch["patch_offsets"] = inputs["patch_offsets"]
+        batch["targets"] = [
+            {
+                "masks": example["masks"],
+                "class_labels": example["class_labels"],
+                "is_crowd": example.get("is_crowd", torch.zeros(len(example["class_labels"]), dtype=torch.bool)),
+            }
+            for example in examples
+        ]
+        return batch
