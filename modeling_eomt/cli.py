@@ -172,7 +172,8 @@ def load_checkpoint(name: str, device: torch.device):
     """Our model and processor from a saved folder or Hub id, with one-line errors for the usual mistakes."""
     from transformers import AutoConfig
 
-    from . import EomtDinov3ForUniversalSegmentation, EomtForUniversalSegmentation, EomtImageProcessor
+    from . import EomtImageProcessor
+    from .modeling import MODEL_CLASSES
 
     path = Path(name).expanduser()
     if path.exists():
@@ -185,14 +186,13 @@ def load_checkpoint(name: str, device: torch.device):
     except (OSError, ValueError) as error:
         where = "its config.json" if path.exists() else "not a local folder; tried the Hub"
         raise CliError(f"cannot load model {name} ({where}): {_first_line(error)}") from None
-    model_classes = {"eomt": EomtForUniversalSegmentation, "eomt_dinov3": EomtDinov3ForUniversalSegmentation}
-    if config.model_type not in model_classes:
+    if config.model_type not in MODEL_CLASSES:
         raise CliError(
             f"{name} is not an EoMT checkpoint (model_type {config.model_type!r}, expected 'eomt' or 'eomt_dinov3')."
         )
     source = str(path) if path.exists() else name
     try:
-        model = model_classes[config.model_type].from_pretrained(source).to(device).eval()
+        model = MODEL_CLASSES[config.model_type].from_pretrained(source).to(device).eval()
     except (OSError, ValueError, RuntimeError) as error:
         raise CliError(f"cannot load the weights of {name}: {_first_line(error)}") from None
     if path.exists() and not (path / "preprocessor_config.json").exists():  # the model's native size, padded

@@ -558,3 +558,10 @@ class EomtDinov3ForUniversalSegmentation(EomtForUniversalSegmentation):
 
     config_class = EomtDinov3Config
     base_model_prefix = "eomt_dinov3"
+
+
+# The model class of each model type, for code that loads either family.
+MODEL_CLASSES: dict[str, type[EomtForUniversalSegmentation]] = {
+    "eomt": EomtForUniversalSegmentation,
+    "eomt_dinov3": EomtDinov3ForUniversalSegmentation,
+}

@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser, set_seed
+from transformers import AutoConfig, HfArgumentParser, set_seed
 from transformers.utils import logging
 
-from ..configuration import PRESETS, TASKS, EomtConfig
+from ..configuration import PRESETS, TASKS, EomtBaseConfig, EomtConfig, EomtDinov3Config
 from ..image_processing import EomtImageProcessor
 from ..model_card import build_model_card
-from ..modeling import EomtForUniversalSegmentation
+from ..modeling import MODEL_CLASSES, EomtForUniversalSegmentation
 from .augmentation import TrainTransform
 from .callbacks import EpochSeedCallback
 from .collators import EvalCollator, SegmentationCollator
@@ -100,17 +100,20 @@ def load_model(model_args: ModelArguments, dataset: SegmentationDataset) -> Eomt
     overrides = config_overrides(model_args)
     name = model_args.model_name_or_path
     if name in PRESETS:
-        return EomtForUniversalSegmentation(EomtConfig.from_preset(name, **labels, **overrides))
+        config = EomtConfig.from_preset(name, **labels, **overrides)  # the preset's family
+        return MODEL_CLASSES[config.model_type](config)
     try:
-        config = EomtConfig.from_pretrained(name)
-    except OSError as error:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as error:
         raise OSError(
             f"{name} is neither a preset ({', '.join(sorted(PRESETS)[:3])}, ...) nor a checkpoint folder or Hub id "
             f"that could be read: {str(error).strip().splitlines()[0]}"
         ) from error
-    config = EomtConfig.from_dict({**config.to_dict(), **labels, **overrides})  # runs the config's checks
-    model, info = EomtForUniversalSegmentation.from_pretrained(
-        name, config=config, ignore_mismatched_sizes=True, output_loading_info=True
+    if not isinstance(config, EomtBaseConfig):
+        raise TypeError(f"{name} is not an EoMT checkpoint (model type {config.model_type!r}).")
+    config = type(config).from_dict({**config.to_dict(), **labels, **overrides})  # runs the config's checks
+    model, info = MODEL_CLASSES[config.model_type].from_pretrained(
+        name, config=config, ignore_mismatched_sizes=True, output_loading_info=True, allow_missing_weights=True
     )
     mismatched = {key: (tuple(old), tuple(new)) for key, old, new in info["mismatched_keys"]}
     allowed = _CLASS_HEAD if model_args.adapt_class_head else ()
@@ -145,9 +148,12 @@ def config_overrides(model_args: ModelArguments) -> dict:
         ) from error
     if model_args.drop_path_rate is not None:
         overrides["drop_path_rate"] = model_args.drop_path_rate
-    unknown = sorted(set(overrides) - set(EomtConfig().to_dict()))
+    unknown = sorted(set(overrides) - set(EomtConfig().to_dict()) - set(EomtDinov3Config().to_dict()))
     if unknown:
-        raise ValueError(f"--config_overrides: {', '.join(unknown)} not a field of EomtConfig (see its docstring).")
+        raise ValueError(
+            f"--config_overrides: {', '.join(unknown)} not a field of EomtConfig or EomtDinov3Config (see their "
+            "docstrings)."
+        )
     return overrides
 
 
@@ -166,6 +172,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Eom
     train_raw = subset(load_segmentation_dataset(split=data_args.train_split, **load), data_args.max_train_samples)
     train_raw.skip_unreadable = data_args.skip_unreadable
     model = load_model(model_args, train_raw)
+    model.set_selective_recompute(True)  # less activation memory for a few percent more compute (recompute.py)
     if model_args.freeze_backbone:
         freeze_backbone(model)
     size = data_args.image_size or model.config.image_size
@@ -232,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
         metrics = run(model_args, data_args, training_args)
-    except (ValueError, OSError) as error:
+    except (ValueError, TypeError, OSError) as error:
         logger.debug("eomt-train failed", exc_info=True)  # the traceback, with TRANSFORMERS_VERBOSITY=debug
         # On its own line even when an interrupted progress bar holds the cursor.
         tqdm.write(f"eomt-train: error: {one_line(error)}", file=sys.stderr)
