@@ -382,6 +382,19 @@ def test_sizes_convert_to_reference_logits(tmp_path, arch):
         assert torch.equal(weights["layers.1.mlp.up_proj.weight"], up)
 
 
+def test_lightning_checkpoint_converts_without_flags(tmp_path):
+    """Every architecture field comes from the weights: width, depth (heads from the width's size), native size
+    from the position embedding, queries and labels from the head, masked blocks from `attn_mask_probs`."""
+    sd = original_state_dict(image_size=48, num_queries=6, num_labels=133, num_blocks=1, seed=4)
+    torch.save({"state_dict": sd}, tmp_path / "last.ckpt")
+    result = convert_checkpoint(tmp_path / "last.ckpt", tmp_path / "out", progress=False)
+    config = result.config
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (32, 3, 2)
+    assert (config.image_size, config.num_queries, config.num_labels, config.num_blocks) == (48, 6, 133, 1)
+    assert result.task == "panoptic" and result.max_abs_difference <= 1e-4
+    assert_matches_reference(tmp_path / "out", sd)
+
+
 def test_builtin_eomt_loads_the_converted_folder_with_the_same_logits(tmp_path):
     sd = original_state_dict(seed=5)
     source = save_folder(tmp_path / "ckpt", sd, original_config())
@@ -649,7 +662,8 @@ def _offline_hub_id(tmp_path):
 
 def _wrong_preset(tmp_path):
     torch.save(original_state_dict(), tmp_path / "weights.bin")
-    return [tmp_path / "weights.bin", "--preset", "coco_panoptic_eomt_small_640_2x"], "expects"
+    args = [tmp_path / "weights.bin", "--preset", "coco_panoptic_eomt_small_640_2x"]
+    return args, "sets image_size=640, but the checkpoint's weights have image_size=32"
 
 
 def _wrong_backbone_size(tmp_path):
@@ -661,7 +675,7 @@ def _wrong_backbone_size(tmp_path):
         "--task",
         "panoptic",
         *[f"--{k.replace('_', '-')}={v}" for k, v in tiny_flags().items()],
-    ], "expects"
+    ], "--backbone giant sets hidden_size=48, but the checkpoint's weights have hidden_size=32"
 
 
 def _unknown_backbone(tmp_path):
@@ -692,9 +706,9 @@ def _pickled_object(tmp_path):
     return [tmp_path / "unsafe.ckpt", "--backbone", "small"], "never unpickled"
 
 
-def _dinov3_deltas(tmp_path):
-    torch.save(original_state_dict(mask_probs=-1.0), tmp_path / "weights.bin")  # annealed: 1 + delta = 0
-    return [tmp_path / "weights.bin", "--backbone", "small", "--task", "panoptic"], "DINOv3"
+def _negative_mask_probs(tmp_path):
+    torch.save(original_state_dict(mask_probs=-1.0), tmp_path / "weights.bin")  # DINOv2 stores probabilities raw
+    return [tmp_path / "weights.bin", "--task", "panoptic"], "outside [0, 1]"
 
 
 def _dinov3_backbone(tmp_path):
@@ -702,9 +716,9 @@ def _dinov3_backbone(tmp_path):
     return [tmp_path / "weights.bin", "--backbone", "vit_large_patch16_dinov3.lvd1689m"], "DINOv3"
 
 
-def _no_architecture(tmp_path):
-    torch.save(original_state_dict(), tmp_path / "weights.bin")
-    return [tmp_path / "weights.bin"], "--preset NAME or --backbone"
+def _unknown_task(tmp_path):
+    torch.save(original_state_dict(), tmp_path / "weights.bin")  # 7 labels: no known dataset
+    return [tmp_path / "weights.bin"], "pass --task"
 
 
 @pytest.mark.parametrize(
@@ -721,9 +735,9 @@ def _no_architecture(tmp_path):
         _unknown_key,
         _missing_key,
         _pickled_object,
-        _dinov3_deltas,
+        _negative_mask_probs,
         _dinov3_backbone,
-        _no_architecture,
+        _unknown_task,
     ],
     ids=lambda f: f.__name__.strip("_"),
 )
