@@ -298,7 +298,10 @@ def load_original(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             )
         path = weights
     if path.name.endswith(".index.json"):
-        shard_names = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        index = _read_json(path)
+        if not isinstance(index.get("weight_map"), dict):
+            raise ConversionError(f"{path} has no `weight_map`; re-download the checkpoint's index file.")
+        shard_names = sorted(set(index["weight_map"].values()))
         state_dict: dict = {}
         for shard_name in shard_names:
             state_dict.update(_load_file(path.parent / shard_name))
@@ -309,26 +312,55 @@ def load_original(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def _folder_config(folder: Path) -> dict:
     config_file = folder / "config.json"
-    return json.loads(config_file.read_text()) if config_file.is_file() else {}
+    return _read_json(config_file) if config_file.is_file() else {}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        content = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConversionError(
+            f"{path} is not valid JSON ({error}); repair or re-download it, or delete it."
+        ) from error
+    if not isinstance(content, dict):
+        raise ConversionError(
+            f"{path} holds a JSON {type(content).__name__}, not an object; repair or re-download it."
+        )
+    return content
 
 
 def _load_file(path: Path) -> dict:
     if not path.is_file():
         raise ConversionError(f"{path} does not exist; the checkpoint is incomplete (missing shard?).")
     if path.suffix == ".safetensors":
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as error:  # safetensors' own error type for truncated or damaged headers and data
+            raise ConversionError(
+                f"{path} is not a readable safetensors file ({error}); it is truncated or damaged: re-download it."
+            ) from error
+    with path.open("rb") as file:
+        magic = file.read(4)
+    # torch.save writes a zip archive (or, in its legacy format, a pickle, whose first byte is the PROTO opcode).
+    if not magic.startswith((b"PK\x03\x04", b"\x80")):
+        raise ConversionError(
+            f"{path} is not a PyTorch checkpoint (it starts with {magic!r}, neither a zip archive nor a pickle); pass "
+            "the checkpoint file itself (re-download it if it was cut short)."
+        )
     try:
         try:  # memory-mapped: tensors are read from disk on use, so the weights are never held twice
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # files in torch's legacy (non-zip) format cannot be memory-mapped
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "weights only" not in str(error).lower():  # a damaged pickle, not a refused object
+            raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({error}); re-download it.") from error
         raise ConversionError(
             f"{path} contains Python objects besides tensors, which are never unpickled here; load it in a trusted "
             "session and save only its state dict (`torch.save(checkpoint['state_dict'], 'weights.bin')`)."
         ) from error
-    except (RuntimeError, EOFError, OSError) as error:
-        raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({error}).") from error
+    except Exception as error:  # torch.load fails on damaged files with KeyError, EOFError, RuntimeError, …
+        raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({error!r}); re-download it.") from error
 
 
 def _clean_names(checkpoint: object, path: Path) -> dict[str, torch.Tensor]:
@@ -635,10 +667,13 @@ def logit_difference(
     with torch.no_grad():
         output = model(pixel_values=normalised)
     ref_masks, ref_classes = reference
-    return max(
-        (output.masks_queries_logits.double() - ref_masks.double()).abs().max().item(),
-        (output.class_queries_logits.double() - ref_classes.double()).abs().max().item(),
+    differences = torch.stack(
+        [
+            (output.masks_queries_logits.double() - ref_masks.double()).abs().max(),
+            (output.class_queries_logits.double() - ref_classes.double()).abs().max(),
+        ]
     )
+    return differences.max().item()  # torch's max, unlike Python's, keeps a NaN
 
 
 # ----------------------------------------------------------------------------------------------------------- command
@@ -705,6 +740,7 @@ def convert_checkpoint(
         preset = _name(source)
         logger.info(f"Using preset {preset!r} (from the source name).")
     original, original_config = load_original(source_path)
+    _check_finite(original)
     base_config = None
     if is_dinov3_checkpoint(original):
         if backbone is not None:
@@ -762,8 +798,10 @@ def convert_checkpoint(
 
     created = _first_missing(output_dir.parent)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(output_dir)
     # Not mkdtemp, whose folders are private (0700): the result is an ordinary folder, with the umask's permissions.
-    staging = output_dir.parent / f".{output_dir.name}.{uuid.uuid4().hex}"
+    # The name holds our process id, so a later run can tell the leftovers of a killed run from a running one's.
+    staging = output_dir.parent / f".{output_dir.name}.{os.getpid()}.{uuid.uuid4().hex}"
     staging.mkdir()
     try:
         config.architectures = [model_class(config).__name__]
@@ -835,6 +873,17 @@ def _verify(
     return logit_difference(model, reference, pixels, mean, std)
 
 
+def _check_finite(original: dict[str, torch.Tensor]) -> None:
+    """Refuse NaN or infinite weights, which no check of logits could vouch for."""
+    for key, tensor in original.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            count = int((~torch.isfinite(tensor)).sum())
+            raise ConversionError(
+                f"Tensor {key!r} holds {count} NaN or infinite values: the checkpoint is damaged (or training "
+                "diverged); convert an earlier or re-downloaded checkpoint."
+            )
+
+
 def _provenance(source: str | os.PathLike, difference: float | None, atol: float) -> str:
     text = f"Converted from the original checkpoint `{source}` with `eomt-convert`"
     if difference is None:
@@ -896,6 +945,26 @@ def _without_progress_bars() -> Iterator[None]:
     finally:
         if was_enabled:
             logging.enable_progress_bar()
+
+
+def _remove_stale_staging(output_dir: Path) -> None:
+    """Delete staging folders for `output_dir` left by conversions that were killed (their process is gone)."""
+    if os.name != "posix" or not output_dir.parent.is_dir():  # liveness is checked with POSIX signal 0
+        return
+    pattern = re.compile(rf"\.{re.escape(output_dir.name)}\.(\d+)\.[0-9a-f]{{32}}")
+    for candidate in output_dir.parent.iterdir():
+        match = pattern.fullmatch(candidate.name)
+        if match is None or not candidate.is_dir():
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+            continue  # a conversion still running
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):  # alive under another user, or no valid pid at all
+            continue
+        logger.warning(f"Removing {candidate}, the staging folder of an interrupted conversion.")
+        shutil.rmtree(candidate, ignore_errors=True)
 
 
 def _first_missing(path: Path) -> Path | None:

@@ -613,6 +613,42 @@ def test_overwrite_replaces_a_non_empty_output(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask  # an ordinary folder, not mkdtemp's 0700
 
 
+def test_damaged_weights_never_replace_a_good_model(tmp_path, capsys):
+    """NaN in the class head is refused before anything is written, even with --overwrite; and the logit check
+    itself does not let a NaN through (Python's `max` would drop it)."""
+    source = save_folder(tmp_path / "ckpt", original_state_dict(), original_config())
+    assert run_cli(source, tmp_path / "out", "--task", "panoptic", capsys=capsys)[0] == 0
+    good = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    sd = original_state_dict()
+    sd["network.class_head.weight"][3, 5] = float("nan")
+    damaged = save_folder(tmp_path / "damaged", sd, original_config())
+    code, _, err = run_cli(damaged, tmp_path / "out", "--task", "panoptic", "--overwrite", capsys=capsys)
+    assert code == 1 and "'network.class_head.weight' holds 1 NaN" in err and len(err.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == good
+
+    model = AutoModelForUniversalSegmentation.from_pretrained(tmp_path / "out").eval()
+    pixels = verification_pixels(32)
+    masks, classes = reference_forward(original_state_dict(), pixels, num_heads=2)
+    classes[0, 0, 0] = float("nan")
+    assert math.isnan(logit_difference(model, (masks, classes), pixels, IMAGENET_MEAN, IMAGENET_STD))
+
+
+def test_a_killed_conversions_staging_folder_is_removed_by_the_next_run(tmp_path):
+    source = save_folder(tmp_path / "ckpt", original_state_dict(), original_config())
+    finished = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], check=True, capture_output=True, text=True
+    )
+    dead_pid, live_pid = int(finished.stdout), os.getpid()
+    stale = tmp_path / f".out.{dead_pid}.{'a' * 32}"
+    running = tmp_path / f".out.{live_pid}.{'b' * 32}"  # another conversion's, still in progress
+    unrelated = tmp_path / f".out.{dead_pid}.notours"
+    for folder in (stale, running, unrelated):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"\0" * 1024)
+    convert_checkpoint(source, tmp_path / "out", task="panoptic", progress=False)
+    assert not stale.exists() and running.exists() and unrelated.exists()
+
+
 def test_no_verify_converts_a_mid_annealing_checkpoint(tmp_path, capsys):
     source = save_folder(tmp_path / "ckpt", original_state_dict(mask_probs=0.5), original_config())
     code, _, err = run_cli(source, tmp_path / "out", "--task", "panoptic", capsys=capsys)
@@ -711,6 +747,31 @@ def _negative_mask_probs(tmp_path):
     return [tmp_path / "weights.bin", "--task", "panoptic"], "outside [0, 1]"
 
 
+def _text_file_named_bin(tmp_path):
+    (tmp_path / "weights.bin").write_text("<html>404: Not Found</html>")
+    return [tmp_path / "weights.bin", "--task", "panoptic"], "is not a PyTorch checkpoint (it starts with b'<htm'"
+
+
+def _truncated_safetensors(tmp_path):
+    save_file(original_state_dict(), tmp_path / "weights.safetensors")
+    data = (tmp_path / "weights.safetensors").read_bytes()
+    (tmp_path / "weights.safetensors").write_bytes(data[: len(data) // 2])
+    return [tmp_path / "weights.safetensors", "--task", "panoptic"], "truncated or damaged"
+
+
+def _truncated_bin(tmp_path):
+    torch.save(original_state_dict(), tmp_path / "weights.bin")
+    data = (tmp_path / "weights.bin").read_bytes()
+    (tmp_path / "weights.bin").write_bytes(data[: len(data) // 2])
+    return [tmp_path / "weights.bin", "--task", "panoptic"], "not a readable PyTorch checkpoint"
+
+
+def _config_not_json(tmp_path):
+    folder = save_folder(tmp_path / "ckpt", original_state_dict())
+    (folder / "config.json").write_text("backbone: vit_small_patch14_reg4_dinov2\n")
+    return [folder, "--task", "panoptic"], "config.json is not valid JSON"
+
+
 def _dinov3_backbone(tmp_path):
     torch.save(original_state_dict(), tmp_path / "weights.bin")
     return [tmp_path / "weights.bin", "--backbone", "vit_large_patch16_dinov3.lvd1689m"], "DINOv3"
@@ -738,6 +799,10 @@ def _unknown_task(tmp_path):
         _negative_mask_probs,
         _dinov3_backbone,
         _unknown_task,
+        _text_file_named_bin,
+        _truncated_safetensors,
+        _truncated_bin,
+        _config_not_json,
     ],
     ids=lambda f: f.__name__.strip("_"),
 )
