@@ -824,9 +824,14 @@ def convert_checkpoint(
                     f"(> {atol:g}); the checkpoint does not match {_describe(config)} or the mapping is wrong{hint}."
                 )
 
-        EomtImageProcessor.for_task(
+        processor = EomtImageProcessor.for_task(
             target.task, config.image_size, mean, std, do_reduce_labels=target.dataset == "ade20k_semantic"
-        ).save_pretrained(staging)
+        )
+        if target.task == "semantic" and config.uses_rope:
+            # The DINOv3 release evaluates semantic segmentation like panoptic: long side scaled, padded to a square.
+            processor.size = {"shortest_edge": config.image_size, "longest_edge": config.image_size}
+            processor.do_split_image, processor.do_pad = False, True
+        processor.save_pretrained(staging)
         metrics = None
         if target.preset is not None and _is_preset(config, target):
             metrics = {PRESETS[target.preset].metric: PRESETS[target.preset].result}
@@ -911,9 +916,11 @@ def _statistic(original: dict[str, torch.Tensor], key: str, default: tuple[float
 
 
 def _name(source: str | os.PathLike) -> str:
-    """Name of a source without checkpoint suffix: folder, file stem or Hub repo name (may be a preset name)."""
+    """Name of a source without checkpoint suffix: folder, file stem or Hub repo name (may be a preset name; the
+    DINOv3 ADE20K release is also published as `ade_semantic_…`)."""
     path = Path(str(source).rstrip("/"))
-    return path.stem if path.suffix in CHECKPOINT_SUFFIXES else path.name
+    name = path.stem if path.suffix in CHECKPOINT_SUFFIXES else path.name
+    return "ade20k_" + name.removeprefix("ade_") if name.startswith("ade_") else name
 
 
 def _replace_folder(new: Path, target: Path) -> None:

@@ -9,12 +9,14 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
 from modeling_eomt.convert import ConversionError, convert_checkpoint, reference_forward
 from modeling_eomt.convert.__main__ import main
 from modeling_eomt.convert.convert import logit_difference, verification_pixels
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
@@ -236,6 +238,34 @@ def test_released_name_takes_the_presets_base_backbone(tmp_path, base_dir, monke
     assert result.config.image_size == 640 and result.task == "panoptic" and result.dataset == "coco_panoptic"
     assert result.max_abs_difference <= 1e-4
     assert "PQ" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_both_names_of_the_ade20k_release_find_its_preset():
+    from modeling_eomt.configuration import PRESETS
+    from modeling_eomt.convert.convert import _name
+
+    for source in ("tue-mps/ade_semantic_eomt_large_512_dinov3", "ade20k_semantic_eomt_large_512_dinov3.bin"):
+        assert PRESETS[_name(source)].backbone == "dinov3"
+
+
+def test_semantic_checkpoint_pads_like_the_release_and_runs_in_the_pipeline(tmp_path, base_dir):
+    """The DINOv3 release evaluates semantic segmentation on a padded square, not in sliding windows."""
+    torch.save(delta_state_dict(base_model(base_dir), num_labels=150), tmp_path / "delta.bin")
+    convert_checkpoint(
+        tmp_path / "delta.bin",
+        tmp_path / "out",
+        base_backbone=base_dir,
+        image_size=32,
+        task="semantic",
+        progress=False,
+    )
+    processor = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())
+    assert not processor["do_split_image"] and processor["do_pad"] and processor["do_reduce_labels"]
+    assert processor["size"] == {"shortest_edge": 32, "longest_edge": 32}
+    segmenter = transformers.pipeline("image-segmentation", model=str(tmp_path / "out"), device="cpu")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 24, 3), dtype=np.uint8))
+    annotations = segmenter(image, subtask="semantic")
+    assert annotations and all(item["mask"].size == (24, 40) for item in annotations)
 
 
 # ------------------------------------------------------------------------------------------------------ bad input
