@@ -38,9 +38,8 @@ ATTN_MASK_PROBS_STORAGE = ("raw", "delta")
 
 def is_dinov3_checkpoint(state_dict: dict[str, torch.Tensor]) -> bool:
     """Whether an original state dict has the release's DINOv3 names (transformers modules, not timm's)."""
-    return BACKBONE + "patch_embed.cls_token" in state_dict or BACKBONE + "blocks.0.attention.q_proj.weight" in (
-        state_dict
-    )
+    names = (BACKBONE + "patch_embed.cls_token", BACKBONE + "blocks.0.attention.q_proj.weight")
+    return any(name in state_dict for name in names)
 
 
 def load_base_backbone(name_or_path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], object]:
@@ -71,11 +70,16 @@ def load_base_backbone(name_or_path: str | os.PathLike) -> tuple[dict[str, torch
             "'default' RoPE (theta-scaled patch coordinates); pass a base backbone with the default RoPE."
         )
     try:
-        model = DINOv3ViTModel.from_pretrained(name_or_path, config=config)
+        model, loading = DINOv3ViTModel.from_pretrained(name_or_path, config=config, output_loading_info=True)
     except Exception as error:  # missing or damaged weight files
         raise ConversionError(
             f"Cannot load the weights of the base backbone {name_or_path!s} ({_summary(error)}); {fix}."
         ) from error
+    if loading["missing_keys"]:  # transformers would fill them with random values
+        raise ConversionError(
+            f"The base backbone {name_or_path!s} lacks {len(loading['missing_keys'])} weights (e.g. "
+            f"{min(loading['missing_keys'])!r}); its files are incomplete: {fix}."
+        )
     tensors = {}
     for name, tensor in model.state_dict().items():
         for pattern, replacement in _BASE_RENAMES:

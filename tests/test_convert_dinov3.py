@@ -17,7 +17,7 @@ from modeling_eomt.convert import ConversionError, convert_checkpoint, reference
 from modeling_eomt.convert.__main__ import main
 from modeling_eomt.convert.convert import logit_difference, verification_pixels
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
 import modeling_eomt  # registers the Auto classes
@@ -317,6 +317,14 @@ def _silu_base(tmp_path, base_dir):
     return [tmp_path / "delta.bin", "--base-backbone", tmp_path / "base", "--image-size", "32"], "GELU MLP"
 
 
+def _incomplete_base(tmp_path, base_dir):
+    torch.save(delta_state_dict(base_model(base_dir)), tmp_path / "delta.bin")
+    weights = load_file(base_dir / "model.safetensors")
+    del weights["layer.2.mlp.up_proj.weight"]
+    save_file(weights, base_dir / "model.safetensors", metadata={"format": "pt"})
+    return [tmp_path / "delta.bin", "--base-backbone", base_dir, "--image-size", "32"], "lacks 1 weights"
+
+
 def _missing_base(tmp_path, base_dir):
     torch.save(delta_state_dict(base_model(base_dir)), tmp_path / "delta.bin")
     return [tmp_path / "delta.bin", "--base-backbone", tmp_path / "nowhere", "--image-size", "32"], "does not exist"
@@ -366,6 +374,7 @@ def _contradicting_flag(tmp_path, base_dir):
         _release_config_with_unknown_rope,
         _base_not_dinov3,
         _silu_base,
+        _incomplete_base,
         _missing_base,
         _ambiguous_mask_probs,
         _probs_out_of_range,
