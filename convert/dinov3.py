@@ -100,8 +100,9 @@ def merge_deltas(
     base_config,
     base_name: str | os.PathLike,
 ) -> dict[str, torch.Tensor]:
-    """The absolute state dict, in the release's names: backbone = base + delta, the pixel statistics as decided
-    from their values, everything else as stored (`attn_mask_probs` goes through `absolute_attn_mask_probs`)."""
+    """The absolute state dict, in the release's names: backbone = base + delta (or as stored, if it holds
+    absolute weights: see `_stores_deltas`), the pixel statistics as decided from their values, everything else as
+    stored (`attn_mask_probs` goes through `absolute_attn_mask_probs`)."""
     backbone = {key for key in deltas if key.startswith(BACKBONE) and key not in _DROPPED}
     width = deltas[BACKBONE + "patch_embed.cls_token"].shape[-1] if BACKBONE + "patch_embed.cls_token" in deltas else 0
     depth = len({key.split(".")[4] for key in backbone if key.startswith(BACKBONE + "blocks.")})
@@ -119,16 +120,18 @@ def merge_deltas(
             f"{key!r} exists only in {where}: the checkpoint and the base backbone differ in architecture; pass the "
             "--base-backbone the checkpoint was trained from."
         )
+    for key in backbone:
+        if deltas[key].shape != base[key].shape:
+            raise ConversionError(
+                f"{key!r} has shape {tuple(deltas[key].shape)} in the checkpoint but {tuple(base[key].shape)} in the "
+                f"base backbone {base_name!s}; pass the --base-backbone the checkpoint was trained from."
+            )
+    stored_as_deltas = _stores_deltas({key: deltas[key] for key in backbone}, base, base_name)
     merged = {}
     for key, tensor in deltas.items():
         if key in _DROPPED:
             continue
-        if key in backbone:
-            if tensor.shape != base[key].shape:
-                raise ConversionError(
-                    f"{key!r} has shape {tuple(tensor.shape)} in the checkpoint but {tuple(base[key].shape)} in the "
-                    f"base backbone {base_name!s}; pass the --base-backbone the checkpoint was trained from."
-                )
+        if key in backbone and stored_as_deltas:
             dtype = torch.promote_types(torch.promote_types(tensor.dtype, base[key].dtype), torch.float32)
             tensor = base[key].to(dtype) + tensor.to(dtype)
         merged[key] = tensor
@@ -138,6 +141,34 @@ def merge_deltas(
         if key in merged and bool((merged[key].abs() < 1e-3).all()):
             merged[key] = merged[key] + torch.tensor(default, dtype=merged[key].dtype).view(merged[key].shape)
     return merged
+
+
+def _stores_deltas(stored: dict[str, torch.Tensor], base: dict[str, torch.Tensor], base_name) -> bool:
+    """Whether the backbone is stored as deltas (the release's default) or absolute (a run with `delta_weights
+    False`), told apart by size: fine-tuning moves a weight by a fraction of its norm, so a delta is much smaller
+    than the base tensor and an absolute weight lies close to it. Measured per tensor (the median, so that no one
+    kind of tensor decides); a tensor cannot pass both tests, and the median passing neither means the base is not
+    the checkpoint's."""
+    sizes, distances = [], []
+    for key, tensor in stored.items():
+        reference = base[key].double()
+        norm = float(reference.norm())
+        if norm > 0:  # zero-initialised biases tell nothing
+            sizes.append(float(tensor.double().norm()) / norm)
+            distances.append(float((tensor.double() - reference).norm()) / norm)
+    size, distance = (float(torch.tensor(values).median()) if values else 0.0 for values in (sizes, distances))
+    if size < 0.5:
+        return True
+    if distance < 0.5:
+        logger.warning(
+            "The checkpoint's backbone holds absolute weights (not deltas against the base): taken as stored."
+        )
+        return False
+    raise ConversionError(
+        f"The checkpoint's backbone is neither deltas against the base backbone {base_name!s} (its tensors are "
+        f"{size:.2f} of the base's norm, in the median) nor absolute weights close to it ({distance:.2f} of its norm "
+        "away); pass the --base-backbone the checkpoint was trained from."
+    )
 
 
 def absolute_attn_mask_probs(stored: torch.Tensor, storage: str | None = None) -> torch.Tensor:

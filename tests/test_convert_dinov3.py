@@ -179,6 +179,25 @@ def test_gated_mlp_backbone_converts(tmp_path):
     assert result.max_abs_difference <= 1e-4
 
 
+def test_absolute_backbone_weights_are_taken_as_stored(tmp_path, base_dir):
+    """A run trained with `delta_weights False` stores absolute weights: told apart from deltas by their size, they
+    convert to the same model as the equivalent delta checkpoint."""
+    base = base_model(base_dir)
+    sd = delta_state_dict(base)
+    absolute_sd = {**sd, **{k: v for k, v in absolute(sd, base).items() if k.startswith(BACKBONE)}}
+    torch.save(sd, tmp_path / "delta.bin")
+    torch.save(absolute_sd, tmp_path / "absolute.bin")
+    options = {"base_backbone": base_dir, "image_size": 32, "task": "panoptic", "progress": False}
+    convert_checkpoint(tmp_path / "delta.bin", tmp_path / "from_delta", **options)
+    result = convert_checkpoint(tmp_path / "absolute.bin", tmp_path / "from_absolute", **options)
+    assert result.max_abs_difference <= 1e-4
+    from_delta = load_file(tmp_path / "from_delta" / "model.safetensors")
+    from_absolute = load_file(tmp_path / "from_absolute" / "model.safetensors")
+    assert from_delta.keys() == from_absolute.keys()
+    for key in from_delta:
+        torch.testing.assert_close(from_absolute[key], from_delta[key])
+
+
 def test_verification_catches_an_unmerged_backbone(tmp_path, base_dir, monkeypatch):
     """The check is sharp: taking the deltas as the weights (forgetting the base) in our model is caught."""
     from modeling_eomt.convert import convert as convert_module
@@ -280,6 +299,15 @@ def _wrong_size_base(tmp_path, base_dir):
     return [tmp_path / "delta.bin", "--base-backbone", tmp_path / "other", "--image-size", "32"], "does not fit"
 
 
+def _unrelated_base(tmp_path, base_dir):
+    base = base_model(base_dir)
+    sd = delta_state_dict(base)
+    torch.save({**sd, **{k: v for k, v in absolute(sd, base).items() if k.startswith(BACKBONE)}}, tmp_path / "abs.bin")
+    save_base(tmp_path / "other", seed=7)  # the same architecture, other weights: absolute ones are far from it
+    args = [tmp_path / "abs.bin", "--base-backbone", tmp_path / "other", "--image-size", "32"]
+    return args, "neither deltas against the base backbone"
+
+
 def _shallower_base(tmp_path, base_dir):
     torch.save(delta_state_dict(base_model(base_dir)), tmp_path / "delta.bin")
     save_base(tmp_path / "other", num_hidden_layers=2)
@@ -370,6 +398,7 @@ def _contradicting_flag(tmp_path, base_dir):
         _no_base,
         _wrong_size_base,
         _shallower_base,
+        _unrelated_base,
         _base_with_unknown_rope,
         _release_config_with_unknown_rope,
         _base_not_dinov3,
