@@ -23,8 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("output_dir", help="Folder to write (replaced atomically once everything succeeded).")
     arch = parser.add_argument_group(
-        "architecture (inferred from the weights, the base backbone and the source's config.json; these only fill "
-        "in or override what the weights leave open, and a contradiction with the weights is an error)"
+        "architecture (read off the weights and the source's config.json; these fill in what the weights leave "
+        "open, and contradicting them is an error)"
     )
     arch.add_argument(
         "--preset",
@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="Released checkpoint name, e.g. coco_panoptic_eomt_large_640 (inferred from SOURCE's name).",
     )
     arch.add_argument(
-        "--backbone", help="timm backbone, e.g. vit_large_patch14_reg4_dinov2 (or small/base/large/giant)."
+        "--backbone",
+        help="DINOv2 only: the timm backbone, e.g. vit_large_patch14_reg4_dinov2 (or small/base/large/giant).",
     )
     arch.add_argument("--image-size", type=int)
     arch.add_argument("--num-queries", type=int)
@@ -49,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     dinov3.add_argument(
         "--attn-mask-probs",
         choices=ATTN_MASK_PROBS_STORAGE,
-        help="How the checkpoint stores attn_mask_probs (default: decided from its values; needed only when they "
-        "cannot tell, i.e. all zeros).",
+        help="How the checkpoint stores attn_mask_probs (default: DINOv3 decided from its values, DINOv2 raw; "
+        "needed when they cannot tell, i.e. all zeros).",
     )
     parser.add_argument("--task", choices=TASKS, help="Decides the processor settings and label names.")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the written weights.")

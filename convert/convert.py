@@ -1,9 +1,11 @@
-"""Conversion of EoMT checkpoints of the original release (PyTorch Lightning + timm) to this package's Hub format.
+"""Conversion of EoMT checkpoints of the original release (PyTorch Lightning + timm or transformers' DINOv3) to this
+package's Hub format.
 
-Pipeline: read the source without unpickling code → resolve the architecture (preset, original `config.json`,
-flags) → map every tensor to its new name, as views → run the independent reference forward on the original
-tensors → write the shards into a temporary folder → reload them with our model and compare logits → add the
-processor config and model card → rename the folder into place.
+Pipeline: read the source without unpickling code → (DINOv3) add the base backbone to the stored deltas → read the
+architecture off the weights (the base config, preset, original `config.json` and flags fill in the rest) → map
+every tensor to its new name, as views → run the independent reference forward on the original tensors → write
+the shards into a temporary folder → reload them with our model and compare logits → add the processor config and
+model card → rename the folder into place.
 """
 
 from __future__ import annotations
@@ -390,7 +392,7 @@ def _clean_names(checkpoint: object, path: Path) -> dict[str, torch.Tensor]:
 class Target:
     """What to build: the config, the task (processor settings), and the label set / released result if known."""
 
-    config: EomtConfig
+    config: EomtBaseConfig
     task: str
     dataset: str | None  # key of DATASETS
     preset: str | None
@@ -680,7 +682,7 @@ def logit_difference(
 @dataclass
 class ConversionResult:
     output_dir: Path
-    config: EomtConfig
+    config: EomtBaseConfig
     task: str
     dataset: str | None
     num_parameters: int

@@ -541,6 +541,19 @@ def test_hub_repo_with_original_and_converted_weights_converts_the_original(tmp_
     assert len(calls) == 1
 
 
+def test_release_folder_converts_what_its_transformers_config_says(tmp_path):
+    """A folder holding the original weights beside a Transformers config.json: that config supplies what the weights
+    leave open (here the head count) and its label names' count agrees with the class head."""
+    sd = original_state_dict(hidden_size=48, num_labels=133, seed=6)
+    folder = save_folder(tmp_path / "my_release", sd)
+    config = EomtConfig(hidden_size=48, num_hidden_layers=3, num_attention_heads=3, num_blocks=2, image_size=32)
+    config.num_queries, config.id2label = 5, {i: f"class {i}" for i in range(133)}
+    config.save_pretrained(folder)
+    result = convert_checkpoint(folder, tmp_path / "out", progress=False)
+    assert result.config.num_attention_heads == 3 and result.max_abs_difference <= 1e-4
+    assert_matches_reference(tmp_path / "out", sd, num_heads=3)
+
+
 def test_hub_repo_with_original_safetensors(tmp_path, monkeypatch):
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -772,6 +785,11 @@ def _config_not_json(tmp_path):
     return [folder, "--task", "panoptic"], "config.json is not valid JSON"
 
 
+def _config_contradicts_weights(tmp_path):
+    folder = save_folder(tmp_path / "ckpt", original_state_dict(), {**original_config(), "num_queries": 9})
+    return [folder, "--task", "panoptic"], "the source's config.json sets num_queries=9, but the checkpoint's weights"
+
+
 def _dinov3_backbone(tmp_path):
     torch.save(original_state_dict(), tmp_path / "weights.bin")
     return [tmp_path / "weights.bin", "--backbone", "vit_large_patch16_dinov3.lvd1689m"], "DINOv3"
@@ -803,6 +821,7 @@ def _unknown_task(tmp_path):
         _truncated_safetensors,
         _truncated_bin,
         _config_not_json,
+        _config_contradicts_weights,
     ],
     ids=lambda f: f.__name__.strip("_"),
 )
