@@ -236,11 +236,13 @@ def test_attn_mask_probs_storage(tmp_path, base_dir, stored, flag, probs):
     )  # fmt: skip
     assert load_file(tmp_path / "out" / "model.safetensors")["attn_mask_probs"].tolist() == [probs, probs]
     assert result.max_abs_difference <= 1e-4
+    pixels = verification_pixels(32)
+    reference = reference_forward(absolute(sd, base, probs), pixels, num_heads=2, layer_norm_eps=1e-5)
+    oracle = transformers.EomtDinov3ForUniversalSegmentation.from_pretrained(tmp_path / "out").eval()
+    assert logit_difference(oracle, reference, pixels, IMAGENET_MEAN, IMAGENET_STD) <= 1e-4  # it masks in eval too
     if probs == 1.0:  # the masked path really ran: it differs from the unmasked reference
-        pixels = verification_pixels(32)
         unmasked = reference_forward(absolute(sd, base, 0.0), pixels, num_heads=2, layer_norm_eps=1e-5)
-        masked = reference_forward(absolute(sd, base, 1.0), pixels, num_heads=2, layer_norm_eps=1e-5)
-        assert (masked[0] - unmasked[0]).abs().max() > 1e-3
+        assert (reference[0] - unmasked[0]).abs().max() > 1e-3
 
 
 def test_released_name_takes_the_presets_base_backbone(tmp_path, base_dir, monkeypatch):
