@@ -137,7 +137,7 @@ def main() -> None:
             + (f"   max |Δlogit| {row['difference']:.1e}" if row["difference"] is not None else "")
         )
     print(
-        f"peak anonymous memory of the verified conversion: {rows[-1][1]['peak_anon'] / 1e9 / gigabytes:.2f}× "
+        f"peak anonymous memory of {rows[-1][0]}: {rows[-1][1]['peak_anon'] / 1e9 / gigabytes:.2f}× "
         "the checkpoint size"
     )
 
