@@ -844,7 +844,7 @@ def convert_checkpoint(
             metrics=metrics,
             model_name=target.preset or output_dir.name,
             repo_id=push_to_hub,
-            notes=_provenance(source, difference, atol),
+            notes=_provenance(source, difference, atol, base_backbone),
         )
         (staging / "README.md").write_text(card)
 
@@ -891,11 +891,20 @@ def _check_finite(original: dict[str, torch.Tensor]) -> None:
             )
 
 
-def _provenance(source: str | os.PathLike, difference: float | None, atol: float) -> str:
+def _provenance(
+    source: str | os.PathLike, difference: float | None, atol: float, base_backbone: str | os.PathLike | None
+) -> str:
     text = f"Converted from the original checkpoint `{source}` with `eomt-convert`"
     if difference is None:
-        return text + " (logits not verified)."
-    return text + f"; its logits match a reference forward of the original weights to {difference:.1e} (≤ {atol:g})."
+        text += " (logits not verified)."
+    else:
+        text += f"; its logits match a reference forward of the original weights to {difference:.1e} (≤ {atol:g})."
+    if base_backbone is not None:
+        text += (
+            f" The backbone is the DINOv3 backbone `{base_backbone}` plus the checkpoint's deltas, so its weights "
+            "also fall under the DINOv3 licence of that backbone."
+        )
+    return text
 
 
 def _is_preset(config: EomtConfig, target: Target) -> bool:

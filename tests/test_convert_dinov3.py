@@ -258,7 +258,8 @@ def test_released_name_takes_the_presets_base_backbone(tmp_path, base_dir, monke
     result = convert_checkpoint(tmp_path / "coco_panoptic_eomt_small_640_dinov3.bin", tmp_path / "out", progress=False)
     assert result.config.image_size == 640 and result.task == "panoptic" and result.dataset == "coco_panoptic"
     assert result.max_abs_difference <= 1e-4
-    assert "PQ" in (tmp_path / "out" / "README.md").read_text()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "PQ" in card and f"DINOv3 backbone `{base_dir}`" in card and "DINOv3 licence" in card
 
 
 def test_both_names_of_the_ade20k_release_find_its_preset():
