@@ -361,6 +361,18 @@ def _missing_base(tmp_path, base_dir):
     return [tmp_path / "delta.bin", "--base-backbone", tmp_path / "nowhere", "--image-size", "32"], "does not exist"
 
 
+def _offline_base_hub_id(tmp_path, base_dir):
+    torch.save(delta_state_dict(base_model(base_dir)), tmp_path / "delta.bin")
+    args = [
+        tmp_path / "delta.bin",
+        "--base-backbone",
+        "facebook/dinov3-vits16-pretrain-lvd1689m",
+        "--image-size",
+        "32",
+    ]
+    return args, "Cannot load the base backbone facebook/dinov3-vits16-pretrain-lvd1689m"
+
+
 def _ambiguous_mask_probs(tmp_path, base_dir):
     torch.save(delta_state_dict(base_model(base_dir), stored_probs=0.0), tmp_path / "delta.bin")
     args = [tmp_path / "delta.bin", "--base-backbone", base_dir, "--image-size", "32", "--task", "panoptic"]
@@ -408,6 +420,7 @@ def _contradicting_flag(tmp_path, base_dir):
         _silu_base,
         _incomplete_base,
         _missing_base,
+        _offline_base_hub_id,
         _ambiguous_mask_probs,
         _probs_out_of_range,
         _no_image_size,
