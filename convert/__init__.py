@@ -1,7 +1,8 @@
 """Conversion of the original EoMT release's checkpoints (`python -m modeling_eomt.convert`, `eomt-convert`)."""
 
 from ..model_card import build_model_card
-from .convert import ConversionError, ConversionResult, convert_checkpoint, map_state_dict, resolve_target
+from .convert import ConversionResult, convert_checkpoint, map_state_dict, resolve_target
+from .errors import ConversionError
 from .reference import reference_forward
 
 __all__ = [

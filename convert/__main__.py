@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..configuration import PRESETS
-from .convert import DEFAULT_ATOL, DTYPES, TASKS, VERIFY_DTYPES, ConversionError, convert_checkpoint
+from ..configuration import PRESETS, TASKS
+from .convert import DEFAULT_ATOL, DTYPES, VERIFY_DTYPES, ConversionError, convert_checkpoint
+from .dinov3 import ATTN_MASK_PROBS_STORAGE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,10 +19,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "source",
         help="Original checkpoint: folder (pytorch_model.bin + config.json), file "
-        "(.bin, .pt, .ckpt, .safetensors) or Hub repo id (e.g. tue-mps/coco_panoptic_eomt_large_640).",
+        "(.bin, .pt, .ckpt, .safetensors) or Hub repo id (e.g. tue-mps/coco_panoptic_eomt_large_640); DINOv2 or DINOv3.",
     )
     parser.add_argument("output_dir", help="Folder to write (replaced atomically once everything succeeded).")
-    arch = parser.add_argument_group("architecture (default: from the preset / the original config.json)")
+    arch = parser.add_argument_group(
+        "architecture (read off the weights and the source's config.json; these fill in what the weights leave "
+        "open, and contradicting them is an error)"
+    )
     arch.add_argument(
         "--preset",
         choices=sorted(PRESETS),
@@ -29,12 +33,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="Released checkpoint name, e.g. coco_panoptic_eomt_large_640 (inferred from SOURCE's name).",
     )
     arch.add_argument(
-        "--backbone", help="timm backbone, e.g. vit_large_patch14_reg4_dinov2 (or small/base/large/giant)."
+        "--backbone",
+        help="DINOv2 only: the timm backbone, e.g. vit_large_patch14_reg4_dinov2 (or small/base/large/giant).",
     )
     arch.add_argument("--image-size", type=int)
     arch.add_argument("--num-queries", type=int)
     arch.add_argument("--num-labels", type=int)
     arch.add_argument("--num-blocks", type=int, help="Final blocks that process the queries.")
+    dinov3 = parser.add_argument_group("DINOv3 checkpoints (their backbone is stored as deltas)")
+    dinov3.add_argument(
+        "--base-backbone",
+        metavar="NAME_OR_PATH",
+        help="The DINOv3 backbone the deltas are against: a Hub id (e.g. facebook/dinov3-vitl16-pretrain-lvd1689m) or "
+        "a local folder in transformers' DINOv3 format (default: the preset's).",
+    )
+    dinov3.add_argument(
+        "--attn-mask-probs",
+        choices=ATTN_MASK_PROBS_STORAGE,
+        help="How the checkpoint stores attn_mask_probs (default: DINOv3 decided from its values, DINOv2 raw; "
+        "needed when they cannot tell, i.e. all zeros).",
+    )
     parser.add_argument("--task", choices=TASKS, help="Decides the processor settings and label names.")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the written weights.")
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="Skip the logit check.")

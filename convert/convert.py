@@ -1,9 +1,11 @@
-"""Conversion of EoMT checkpoints of the original release (PyTorch Lightning + timm) to this package's Hub format.
+"""Conversion of EoMT checkpoints of the original release (PyTorch Lightning + timm or transformers' DINOv3) to this
+package's Hub format.
 
-Pipeline: read the source without unpickling code → resolve the architecture (preset, original `config.json`,
-flags) → map every tensor to its new name, as views → run the independent reference forward on the original
-tensors → write the shards into a temporary folder → reload them with our model and compare logits → add the
-processor config and model card → rename the folder into place.
+Pipeline: read the source without unpickling code → (DINOv3) add the base backbone to the stored deltas → read the
+architecture off the weights (the base config, preset, original `config.json` and flags fill in the rest) → map
+every tensor to its new name, as views → run the independent reference forward on the original tensors → write
+the shards into a temporary folder → reload them with our model and compare logits → add the processor config and
+model card → rename the folder into place.
 """
 
 from __future__ import annotations
@@ -28,16 +30,27 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..configuration import PRESETS, SIZES, EomtConfig
+from ..configuration import (
+    DINOV3_SIZES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PRESETS,
+    SIZES,
+    TASKS,
+    EomtBaseConfig,
+    EomtConfig,
+    EomtDinov3Config,
+)
 from ..configuration.labels import dataset_for, id2label
 from ..configuration.presets import DATASETS, TIMM_BACKBONES
 from ..image_processing import EomtImageProcessor
 from ..model_card import build_model_card
+from .dinov3 import absolute_attn_mask_probs, is_dinov3_checkpoint, load_base_backbone, merge_deltas
+from .errors import ConversionError
 from .reference import reference_forward
 
 logger = logging.get_logger(__name__)
 
-TASKS = ("panoptic", "instance", "semantic")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # The check runs in float64 by default: float32 rounding alone moves EoMT-L logits by ~1e-4 (measured on random
 # weights), so only float64 makes the tolerance a statement about the conversion rather than about the arithmetic.
@@ -55,38 +68,55 @@ FOLDER_WEIGHTS = (
 )
 # The original release's weight files; its Hub repos hold them beside a converted copy (model.safetensors).
 ORIGINAL_WEIGHTS = ("pytorch_model.bin.index.json", "pytorch_model.bin")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-DINOV3_UNSUPPORTED = (
-    "{what} is a DINOv3 EoMT checkpoint, which stores its weights as deltas against the DINOv3 backbone; only the "
-    "DINOv2 release (tue-mps/eomt) converts here."
-)
-
-
-class ConversionError(ValueError):
-    """Input the converter cannot use; the message names the problem and how to fix it."""
+# `model_type`s of configs in the Transformers format (a release's Hub folder holds one beside the original weights).
+CONVERTED_MODEL_TYPES = ("eomt", "eomt_dinov3")
 
 
 # ----------------------------------------------------------------------------------------------------------- mapping
 # Original name → our name(s). `{n}` is a block/layer index, `{p}` weight or bias. Several targets split the tensor
 # into equal chunks along dim 0 (timm's fused qkv rows are q|k|v; packed SwiGLU fc1 rows are gate|up).
-_SHARED_RULES: list[tuple[str, tuple[str, ...] | None]] = [
-    ("network.encoder.backbone.cls_token", ("embeddings.cls_token",)),
-    ("network.encoder.backbone.reg_token", ("embeddings.register_tokens",)),
-    ("network.encoder.backbone.pos_embed", ("embeddings.position_embeddings.weight",)),
-    ("network.encoder.backbone.patch_embed.proj.{p}", ("embeddings.patch_embeddings.projection.{p}",)),
-    ("network.encoder.backbone.blocks.{n}.norm1.{p}", ("layers.{n}.norm1.{p}",)),
-    ("network.encoder.backbone.blocks.{n}.norm2.{p}", ("layers.{n}.norm2.{p}",)),
+_BACKBONE = "network.encoder.backbone."
+# The release's DINOv2 backbone is timm's ViT.
+_DINOV2_RULES: list[tuple[str, tuple[str, ...] | None]] = [
+    (_BACKBONE + "cls_token", ("embeddings.cls_token",)),
+    (_BACKBONE + "reg_token", ("embeddings.register_tokens",)),
+    (_BACKBONE + "pos_embed", ("embeddings.position_embeddings.weight",)),
+    (_BACKBONE + "patch_embed.proj.{p}", ("embeddings.patch_embeddings.projection.{p}",)),
     (
-        "network.encoder.backbone.blocks.{n}.attn.qkv.{p}",
+        _BACKBONE + "blocks.{n}.attn.qkv.{p}",
         ("layers.{n}.attention.q_proj.{p}", "layers.{n}.attention.k_proj.{p}", "layers.{n}.attention.v_proj.{p}"),
     ),
-    ("network.encoder.backbone.blocks.{n}.attn.proj.{p}", ("layers.{n}.attention.out_proj.{p}",)),
-    ("network.encoder.backbone.blocks.{n}.ls1.gamma", ("layers.{n}.layer_scale1.lambda1",)),
-    ("network.encoder.backbone.blocks.{n}.ls2.gamma", ("layers.{n}.layer_scale2.lambda1",)),
-    ("network.encoder.backbone.norm.{p}", ("layernorm.{p}",)),
+    (_BACKBONE + "blocks.{n}.attn.proj.{p}", ("layers.{n}.attention.out_proj.{p}",)),
+    (_BACKBONE + "blocks.{n}.ls1.gamma", ("layers.{n}.layer_scale1.lambda1",)),
+    (_BACKBONE + "blocks.{n}.ls2.gamma", ("layers.{n}.layer_scale2.lambda1",)),
+]
+_GELU_MLP_RULES = [
+    (_BACKBONE + "blocks.{n}.mlp.fc1.{p}", ("layers.{n}.mlp.fc1.{p}",)),
+    (_BACKBONE + "blocks.{n}.mlp.fc2.{p}", ("layers.{n}.mlp.fc2.{p}",)),
+]
+_SWIGLU_RULES = [
+    (_BACKBONE + "blocks.{n}.mlp.fc1.{p}", ("layers.{n}.mlp.gate_proj.{p}", "layers.{n}.mlp.up_proj.{p}")),
+    (_BACKBONE + "blocks.{n}.mlp.fc2.{p}", ("layers.{n}.mlp.down_proj.{p}",)),
+]
+# The release's DINOv3 backbone is transformers' DINOv3ViTModel with `embeddings` → `patch_embed`, `layer` → `blocks`.
+_DINOV3_RULES: list[tuple[str, tuple[str, ...] | None]] = [
+    (_BACKBONE + "patch_embed.cls_token", ("embeddings.cls_token",)),
+    (_BACKBONE + "patch_embed.register_tokens", ("embeddings.register_tokens",)),
+    (_BACKBONE + "patch_embed.patch_embeddings.{p}", ("embeddings.patch_embeddings.{p}",)),
+    *(
+        (_BACKBONE + f"blocks.{{n}}.{module}.{{p}}", (f"layers.{{n}}.{module}.{{p}}",))
+        for module in (
+            *(f"attention.{x}_proj" for x in "qkvo"),
+            *(f"mlp.{x}_proj" for x in ("gate", "up", "down")),
+        )
+    ),
+    (_BACKBONE + "blocks.{n}.layer_scale1.lambda1", ("layers.{n}.layer_scale1.lambda1",)),
+    (_BACKBONE + "blocks.{n}.layer_scale2.lambda1", ("layers.{n}.layer_scale2.lambda1",)),
+]
+_SHARED_RULES: list[tuple[str, tuple[str, ...] | None]] = [
+    (_BACKBONE + "blocks.{n}.norm1.{p}", ("layers.{n}.norm1.{p}",)),
+    (_BACKBONE + "blocks.{n}.norm2.{p}", ("layers.{n}.norm2.{p}",)),
+    (_BACKBONE + "norm.{p}", ("layernorm.{p}",)),
     ("network.q.weight", ("query.weight",)),
     ("network.class_head.{p}", ("class_predictor.{p}",)),
     ("network.mask_head.0.{p}", ("mask_head.fc1.{p}",)),
@@ -100,17 +130,6 @@ _SHARED_RULES: list[tuple[str, tuple[str, ...] | None]] = [
     ("network.encoder.pixel_mean", None),
     ("network.encoder.pixel_std", None),
     ("criterion.empty_weight", None),
-]
-_GELU_MLP_RULES = [
-    ("network.encoder.backbone.blocks.{n}.mlp.fc1.{p}", ("layers.{n}.mlp.fc1.{p}",)),
-    ("network.encoder.backbone.blocks.{n}.mlp.fc2.{p}", ("layers.{n}.mlp.fc2.{p}",)),
-]
-_SWIGLU_RULES = [
-    (
-        "network.encoder.backbone.blocks.{n}.mlp.fc1.{p}",
-        ("layers.{n}.mlp.gate_proj.{p}", "layers.{n}.mlp.up_proj.{p}"),
-    ),
-    ("network.encoder.backbone.blocks.{n}.mlp.fc2.{p}", ("layers.{n}.mlp.down_proj.{p}",)),
 ]
 # Buffers of our model that the original does not store: rebuilt from the config.
 DERIVED_KEYS = ("criterion.empty_weight",)
@@ -138,10 +157,13 @@ class _Rule:
         return None
 
 
-def mapping_rules(use_swiglu_ffn: bool) -> list[_Rule]:
-    """The name rules for a GELU-MLP or a SwiGLU backbone."""
-    mlp = _SWIGLU_RULES if use_swiglu_ffn else _GELU_MLP_RULES
-    return [_Rule(source, targets) for source, targets in _SHARED_RULES + mlp]
+def mapping_rules(config: EomtBaseConfig) -> list[_Rule]:
+    """The name rules for the backbone family (and MLP) of `config`."""
+    if config.uses_rope:
+        family = _DINOV3_RULES
+    else:
+        family = _DINOV2_RULES + (_SWIGLU_RULES if config.use_swiglu_ffn else _GELU_MLP_RULES)
+    return [_Rule(source, targets) for source, targets in family + _SHARED_RULES]
 
 
 def map_state_dict(original: dict[str, torch.Tensor], config: EomtConfig) -> dict[str, torch.Tensor]:
@@ -150,7 +172,7 @@ def map_state_dict(original: dict[str, torch.Tensor], config: EomtConfig) -> dic
     Raises `ConversionError` naming the first key without a rule, a missing key, or a shape that does not fit
     `config`.
     """
-    rules = mapping_rules(config.use_swiglu_ffn)
+    rules = mapping_rules(config)
     expected = _expected_shapes(config)
     converted: dict[str, torch.Tensor] = {}
     for key, tensor in original.items():
@@ -198,11 +220,16 @@ def _fit_shape(
     return tensor
 
 
-def _expected_shapes(config: EomtConfig) -> dict[str, torch.Size]:
-    from ..modeling import EomtForUniversalSegmentation
+def model_class(config: EomtBaseConfig) -> type:
+    """Our model class for `config`'s backbone family."""
+    from ..modeling import EomtDinov3ForUniversalSegmentation, EomtForUniversalSegmentation
 
+    return EomtDinov3ForUniversalSegmentation if config.uses_rope else EomtForUniversalSegmentation
+
+
+def _expected_shapes(config: EomtBaseConfig) -> dict[str, torch.Size]:
     with torch.device("meta"):
-        model = EomtForUniversalSegmentation(config)
+        model = model_class(config)(config)
     return {name: tensor.shape for name, tensor in model.state_dict().items()}
 
 
@@ -214,10 +241,11 @@ def _original_name(name: str, rules: list[_Rule]) -> str:
     return name
 
 
-def _describe(config: EomtConfig) -> str:
-    size = next((s for s, spec in SIZES.items() if spec["hidden_size"] == config.hidden_size), "custom")
+def _describe(config: EomtBaseConfig) -> str:
+    sizes = DINOV3_SIZES if config.uses_rope else SIZES
+    size = next((s for s, spec in sizes.items() if spec["hidden_size"] == config.hidden_size), "custom")
     return (
-        f"EoMT-{size} (image_size={config.image_size}, num_queries={config.num_queries}, "
+        f"EoMT-{size}{' (DINOv3)' if config.uses_rope else ''} (image_size={config.image_size}, num_queries={config.num_queries}, "
         f"num_labels={config.num_labels}, num_blocks={config.num_blocks})"
     )
 
@@ -237,7 +265,7 @@ def resolve_source(source: str | os.PathLike) -> Path:
             # nothing else could be the checkpoint.
             folder = Path(snapshot_download(text, allow_patterns=["*.json", "*.bin", "*.pt", "*.pth", "*.ckpt"]))
             has_checkpoint = any(p.suffix in CHECKPOINT_SUFFIXES for p in folder.iterdir())
-            if not has_checkpoint and _folder_config(folder).get("model_type") != "eomt":
+            if not has_checkpoint and _folder_config(folder).get("model_type") not in CONVERTED_MODEL_TYPES:
                 folder = Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors"]))
             return folder
         except Exception as error:  # offline, unknown repo, gated, …
@@ -256,13 +284,13 @@ def load_original(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     original_config: dict = {}
     if path.is_dir():
         original_config, candidates = _folder_config(path), FOLDER_WEIGHTS
-        converted = original_config.get("model_type") == "eomt"
+        converted = original_config.get("model_type") in CONVERTED_MODEL_TYPES
         if converted:  # a Transformers config, maybe beside the original weights: those are converted, if present
-            original_config, candidates = {}, ORIGINAL_WEIGHTS
+            candidates = ORIGINAL_WEIGHTS
         weights = next((path / name for name in candidates if (path / name).is_file()), None)
         if weights is None and converted:
             raise ConversionError(
-                f"{path} is already in the Transformers format (model_type 'eomt'); load it with "
+                f"{path} is already in the Transformers format (model_type {original_config['model_type']!r}); load it with "
                 "`from_pretrained` instead of converting it."
             )
         if weights is None:
@@ -272,41 +300,69 @@ def load_original(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             )
         path = weights
     if path.name.endswith(".index.json"):
-        shard_names = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        index = _read_json(path)
+        if not isinstance(index.get("weight_map"), dict):
+            raise ConversionError(f"{path} has no `weight_map`; re-download the checkpoint's index file.")
+        shard_names = sorted(set(index["weight_map"].values()))
         state_dict: dict = {}
         for shard_name in shard_names:
             state_dict.update(_load_file(path.parent / shard_name))
     else:
         state_dict = _load_file(path)
-    state_dict = _clean_names(state_dict, path)
-    probs = state_dict.get("network.attn_mask_probs")
-    if probs is not None and bool((probs < 0).any()):  # probabilities stored as deltas against 1
-        raise ConversionError(DINOV3_UNSUPPORTED.format(what=str(path)))
-    return state_dict, original_config
+    return _clean_names(state_dict, path), original_config
 
 
 def _folder_config(folder: Path) -> dict:
     config_file = folder / "config.json"
-    return json.loads(config_file.read_text()) if config_file.is_file() else {}
+    return _read_json(config_file) if config_file.is_file() else {}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        content = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConversionError(
+            f"{path} is not valid JSON ({error}); repair or re-download it, or delete it."
+        ) from error
+    if not isinstance(content, dict):
+        raise ConversionError(
+            f"{path} holds a JSON {type(content).__name__}, not an object; repair or re-download it."
+        )
+    return content
 
 
 def _load_file(path: Path) -> dict:
     if not path.is_file():
         raise ConversionError(f"{path} does not exist; the checkpoint is incomplete (missing shard?).")
     if path.suffix == ".safetensors":
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as error:  # safetensors' own error type for truncated or damaged headers and data
+            raise ConversionError(
+                f"{path} is not a readable safetensors file ({error}); it is truncated or damaged: re-download it."
+            ) from error
+    with path.open("rb") as file:
+        magic = file.read(4)
+    # torch.save writes a zip archive (or, in its legacy format, a pickle, whose first byte is the PROTO opcode).
+    if not magic.startswith((b"PK\x03\x04", b"\x80")):
+        raise ConversionError(
+            f"{path} is not a PyTorch checkpoint (it starts with {magic!r}, neither a zip archive nor a pickle); pass "
+            "the checkpoint file itself (re-download it if it was cut short)."
+        )
     try:
         try:  # memory-mapped: tensors are read from disk on use, so the weights are never held twice
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # files in torch's legacy (non-zip) format cannot be memory-mapped
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "weights only" not in str(error).lower():  # a damaged pickle, not a refused object
+            raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({error}); re-download it.") from error
         raise ConversionError(
             f"{path} contains Python objects besides tensors, which are never unpickled here; load it in a trusted "
             "session and save only its state dict (`torch.save(checkpoint['state_dict'], 'weights.bin')`)."
         ) from error
-    except (RuntimeError, EOFError, OSError) as error:
-        raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({error}).") from error
+    except Exception as error:  # torch.load fails on damaged files with KeyError, EOFError, RuntimeError, …
+        raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({error!r}); re-download it.") from error
 
 
 def _clean_names(checkpoint: object, path: Path) -> dict[str, torch.Tensor]:
@@ -336,7 +392,7 @@ def _clean_names(checkpoint: object, path: Path) -> dict[str, torch.Tensor]:
 class Target:
     """What to build: the config, the task (processor settings), and the label set / released result if known."""
 
-    config: EomtConfig
+    config: EomtBaseConfig
     task: str
     dataset: str | None  # key of DATASETS
     preset: str | None
@@ -347,7 +403,10 @@ def backbone_size(name: str) -> str:
     if name in SIZES:
         return name
     if "dinov3" in name.lower():
-        raise ConversionError(DINOV3_UNSUPPORTED.format(what=f"backbone {name!r}"))
+        raise ConversionError(
+            f"--backbone {name} names a DINOv3 backbone, but --backbone is for the timm DINOv2 backbones of the "
+            "release; a DINOv3 checkpoint takes its backbone from --base-backbone NAME_OR_PATH."
+        )
     sizes = {timm_name: size for size, timm_name in TIMM_BACKBONES.items()}
     base = name.split(".")[0]
     if base not in sizes:
@@ -357,8 +416,123 @@ def backbone_size(name: str) -> str:
     return sizes[base]
 
 
+def infer_architecture(original: dict[str, torch.Tensor]) -> dict:
+    """The architecture fields an original state dict determines: width, depth, patch size, registers and MLP from
+    the backbone's shapes (and, for DINOv2, the native size from the position embedding); queries, labels, masked
+    blocks and upscale blocks from the head. Fields whose tensors are missing are left out."""
+    dinov3 = is_dinov3_checkpoint(original)
+    blocks = _BACKBONE + "blocks."
+    fields: dict = {}
+    cls_token = original.get(_BACKBONE + ("patch_embed.cls_token" if dinov3 else "cls_token"))
+    if cls_token is not None:
+        fields["hidden_size"] = cls_token.shape[-1]
+    depth = {key.split(".")[4] for key in original if key.startswith(blocks)}
+    if depth:
+        fields["num_hidden_layers"] = len(depth)
+    patch = original.get(_BACKBONE + ("patch_embed.patch_embeddings.weight" if dinov3 else "patch_embed.proj.weight"))
+    if patch is not None:
+        fields["patch_size"] = patch.shape[-1]
+    registers = original.get(_BACKBONE + ("patch_embed.register_tokens" if dinov3 else "reg_token"))
+    fields["num_register_tokens"] = 0 if registers is None else registers.shape[1]
+    if dinov3:
+        up = original.get(blocks + "0.mlp.up_proj.weight")
+        if up is not None:
+            fields["intermediate_size"] = up.shape[0]
+        fields["use_gated_mlp"] = blocks + "0.mlp.gate_proj.weight" in original
+        fields["mlp_bias"] = blocks + "0.mlp.up_proj.bias" in original
+        for name, field in (("q", "query_bias"), ("k", "key_bias"), ("v", "value_bias"), ("o", "proj_bias")):
+            fields[field] = f"{blocks}0.attention.{name}_proj.bias" in original
+    else:
+        fc1, fc2 = original.get(blocks + "0.mlp.fc1.weight"), original.get(blocks + "0.mlp.fc2.weight")
+        if fc1 is not None and fc2 is not None:
+            fields["use_swiglu_ffn"] = fc1.shape[0] == 2 * fc2.shape[1]  # timm packs SwiGLU's gate and up rows
+            if not fields["use_swiglu_ffn"] and fc1.shape[0] % fc1.shape[1] == 0:
+                fields["mlp_ratio"] = fc1.shape[0] // fc1.shape[1]
+        pos_embed = original.get(_BACKBONE + "pos_embed")
+        if pos_embed is not None and patch is not None and math.isqrt(pos_embed.shape[-2]) ** 2 == pos_embed.shape[-2]:
+            fields["image_size"] = math.isqrt(pos_embed.shape[-2]) * patch.shape[-1]
+    if "network.q.weight" in original:
+        fields["num_queries"] = original["network.q.weight"].shape[0]
+    if "network.class_head.weight" in original:
+        fields["num_labels"] = original["network.class_head.weight"].shape[0] - 1  # the last class is "no object"
+    if "network.attn_mask_probs" in original:
+        fields["num_blocks"] = original["network.attn_mask_probs"].numel()
+    upscale = {key.split(".")[2] for key in original if key.startswith("network.upscale.")}
+    if upscale:
+        fields["num_upscale_blocks"] = len(upscale)
+    return fields
+
+
+# Architecture fields a Transformers-format config.json (`model_type` eomt / eomt_dinov3) contributes.
+_ARCHITECTURE_FIELDS = (
+    "image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    "hidden_act", "layer_norm_eps", "layerscale_value", "num_register_tokens", "num_queries", "num_blocks",
+    "num_upscale_blocks", "mlp_ratio", "use_swiglu_ffn", "intermediate_size", "rope_parameters", "query_bias",
+    "key_bias", "value_bias", "proj_bias", "mlp_bias", "use_gated_mlp", "pos_embed_shift", "pos_embed_jitter",
+    "pos_embed_rescale",
+)  # fmt: skip
+
+
+def _config_json_fields(original_config: dict) -> dict:
+    """Architecture fields of a source folder's config.json: a Transformers config, or the release's own (with the
+    aliases of its training arguments)."""
+    if original_config.get("model_type") in CONVERTED_MODEL_TYPES:
+        fields = {key: original_config[key] for key in _ARCHITECTURE_FIELDS if key in original_config}
+        if isinstance(original_config.get("id2label"), dict):
+            fields["num_labels"] = len(original_config["id2label"])
+    else:
+        backbone = original_config.get("backbone", original_config.get("backbone_name"))
+        fields = {
+            **(SIZES[backbone_size(backbone)] if backbone else {}),
+            "image_size": original_config.get("image_size", original_config.get("img_size")),
+            "patch_size": original_config.get("patch_size"),
+            "num_queries": original_config.get("num_queries", original_config.get("num_q")),
+            "num_labels": original_config.get("num_labels", original_config.get("num_classes")),
+            "num_blocks": original_config.get("num_blocks"),
+        }
+    rope_type = (fields.get("rope_parameters") or {}).get("rope_type", "default")
+    if rope_type != "default":  # checked here: transformers' own validation of other types fails with a traceback
+        raise ConversionError(
+            f"The source's config.json sets RoPE type {rope_type!r}, but DINOv3 EoMT only has the 'default' RoPE; set "
+            '`rope_parameters` to {"rope_type": "default", "rope_theta": 100.0} in config.json (or delete it).'
+        )
+    for name in ("image_size", "patch_size"):
+        value = fields.get(name)
+        if isinstance(value, (list, tuple)):
+            if len(set(value)) != 1:
+                raise ConversionError(f"Only square `{name}` is supported, the original config has {value}.")
+            fields[name] = value[0]
+    return fields
+
+
+def _base_config_fields(base_config) -> dict:
+    """Our config fields that a transformers `DINOv3ViTConfig` determines."""
+    fields = {
+        name: getattr(base_config, name)
+        for name in (
+            "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+            "layer_norm_eps", "num_channels", "num_register_tokens", "layerscale_value", "query_bias", "key_bias",
+            "value_bias", "proj_bias", "mlp_bias", "use_gated_mlp", "pos_embed_shift", "pos_embed_jitter",
+            "pos_embed_rescale",
+        )
+    }  # fmt: skip
+    patch_size = base_config.patch_size
+    fields["patch_size"] = patch_size[0] if isinstance(patch_size, (list, tuple)) else patch_size
+    fields["rope_parameters"] = {"rope_theta": float(base_config.rope_theta), "rope_type": "default"}
+    if fields["hidden_act"] != "gelu":
+        # Our config (like the built-in's) has one activation for the backbone's MLP and the head, whose release
+        # always uses GELU: a checkpoint with another MLP activation cannot be represented (none was released).
+        raise ConversionError(
+            f"The base backbone's MLP uses {fields['hidden_act']!r}, but EoMT-DINOv3's `hidden_act` also drives the "
+            "mask head and upscale blocks, which the release runs with GELU; only DINOv3 backbones with a GELU MLP "
+            "(ViT-S/B/L) convert."
+        )
+    return fields
+
+
 def resolve_target(
-    original_config: dict,
+    original: dict[str, torch.Tensor],
+    original_config: dict | None = None,
     preset: str | None = None,
     backbone: str | None = None,
     image_size: int | None = None,
@@ -366,74 +540,70 @@ def resolve_target(
     num_labels: int | None = None,
     num_blocks: int | None = None,
     task: str | None = None,
+    base_config=None,
 ) -> Target:
-    """Merge, in increasing priority, the preset, the original `config.json` and explicit options."""
-    layers: list[dict] = []
+    """The architecture: what the weights determine (`infer_architecture`), then, in increasing priority, the base
+    backbone's config (DINOv3), the preset, the source's `config.json`, `--backbone` and the size flags. These
+    fill in what the weights leave open (the native size of a DINOv3 checkpoint, the head count); one that
+    contradicts the weights is an error naming both."""
+    dinov3 = is_dinov3_checkpoint(original)
+    inferred = infer_architecture(original)
+    config_class = EomtDinov3Config if dinov3 else EomtConfig
+    width = inferred.get("hidden_size")
+    sizes = DINOV3_SIZES if dinov3 else SIZES
+    # Heads are invisible in the tensors: the released size of this width, else DINO's head size of 64.
+    heads = next((spec["num_attention_heads"] for spec in sizes.values() if spec["hidden_size"] == width), None)
+    layers: list[tuple[str | None, dict]] = [("the head count", {"num_attention_heads": heads or (width or 64) // 64})]
+    if base_config is not None:
+        layers.append(("the base backbone's config", _base_config_fields(base_config)))
     dataset = None
     if preset is not None:
         if preset not in PRESETS:
             raise ConversionError(f"Unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}.")
         spec = PRESETS[preset]
-        layers.append(
-            {
-                "size": spec.size,
-                "image_size": spec.image_size,
-                "num_queries": spec.num_queries,
-                "num_labels": DATASETS[spec.labels]["num_labels"],
-            }
-        )
+        if (spec.backbone == "dinov3") != dinov3:
+            raise ConversionError(
+                f"Preset {preset!r} is a {spec.backbone.upper()} checkpoint, but the source has "
+                f"{'DINOv3' if dinov3 else 'DINOv2'} weight names; pick a {'DINOv3' if dinov3 else 'DINOv2'} preset "
+                "or drop --preset."
+            )
+        layers.append((f"preset {preset!r}", spec.config_kwargs()))
         dataset = spec.labels
-    # Field names of the release's configs, and their aliases in its training arguments.
-    original_size = original_config.get("image_size", original_config.get("img_size"))
-    original_backbone = original_config.get("backbone", original_config.get("backbone_name"))
-    patch_size = original_config.get("patch_size")
-    if isinstance(patch_size, (list, tuple)):
-        if len(set(patch_size)) != 1:
-            raise ConversionError(f"Only square patches are supported, the original config has {patch_size}.")
-        patch_size = patch_size[0]
-    if isinstance(original_size, (list, tuple)):
-        if len(set(original_size)) != 1:
-            raise ConversionError(f"Only square image sizes are supported, the original config has {original_size}.")
-        original_size = original_size[0]
-    layers.append(
-        {
-            "size": backbone_size(original_backbone) if original_backbone else None,
-            "image_size": original_size,
-            "patch_size": patch_size,
-            "num_upscale_blocks": max(1, int(math.log2(patch_size)) - 2) if patch_size else None,
-            "num_queries": original_config.get("num_queries", original_config.get("num_q")),
-            "num_labels": original_config.get("num_labels", original_config.get("num_classes")),
-            "num_blocks": original_config.get("num_blocks"),
-        }
-    )
-    layers.append(
-        {
-            "size": backbone_size(backbone) if backbone else None,
-            "image_size": image_size,
-            "num_queries": num_queries,
-            "num_labels": num_labels,
-            "num_blocks": num_blocks,
-        }
-    )
-    merged: dict = {}
-    for layer in layers:
-        merged.update({key: value for key, value in layer.items() if value is not None})
+    layers.append(("the source's config.json", _config_json_fields(original_config or {})))
+    if backbone is not None:
+        layers.append((f"--backbone {backbone}", SIZES[backbone_size(backbone)]))
+    flags = {"image_size": image_size, "num_queries": num_queries, "num_labels": num_labels, "num_blocks": num_blocks}
+    layers.append((None, flags))  # None: the flag of each field
 
-    if "size" not in merged:
-        raise ConversionError("Cannot tell the backbone of the checkpoint; pass --preset NAME or --backbone NAME.")
-    for field, flag in (
-        ("image_size", "--image-size"),
-        ("num_queries", "--num-queries"),
-        ("num_labels", "--num-labels"),
-    ):
-        if field not in merged:
-            raise ConversionError(f"Cannot tell `{field}` of the checkpoint; pass --preset NAME or {flag}.")
-    size = merged.pop("size")
+    merged = dict(inferred)
+    for source, fields in layers:
+        for field, value in fields.items():
+            if value is None:
+                continue
+            if field in inferred and value != inferred[field]:
+                source = source or f"--{field.replace('_', '-')} {value}"
+                raise ConversionError(
+                    f"{source} sets {field}={value!r}, but the checkpoint's weights have {field}={inferred[field]!r}; "
+                    "drop or correct it (the weights decide)."
+                )
+            if field == "num_labels" or hasattr(config_class, field):  # a preset's fields of the other family
+                merged[field] = value
+    if "hidden_size" not in merged:
+        raise ConversionError(
+            "Cannot tell the backbone of the checkpoint (it has no CLS token); pass --preset NAME or --backbone NAME."
+        )
+    if "image_size" not in merged:
+        why = " (its rotary position embedding has no trained size)" if dinov3 else ""
+        raise ConversionError(f"Cannot tell `image_size` of the checkpoint{why}; pass --preset NAME or --image-size.")
     try:
-        config = EomtConfig(**{**SIZES[size], **merged})
-    except ValueError as error:
+        config = config_class(**merged)
+    except (TypeError, ValueError, KeyError, AttributeError) as error:  # transformers' own checks raise all four
         raise ConversionError(f"Inconsistent architecture: {error}") from error
+    return _with_task(config, task, dataset, preset)
 
+
+def _with_task(config: EomtBaseConfig, task: str | None, dataset: str | None, preset: str | None) -> Target:
+    """The target for `config`: the task (given, the preset's, or told by the label count) and its label names."""
     if dataset is not None and DATASETS[dataset]["num_labels"] != config.num_labels:
         dataset = None  # the label count was overridden: the preset's names no longer apply
     if task is None:
@@ -499,17 +669,20 @@ def logit_difference(
     with torch.no_grad():
         output = model(pixel_values=normalised)
     ref_masks, ref_classes = reference
-    return max(
-        (output.masks_queries_logits.double() - ref_masks.double()).abs().max().item(),
-        (output.class_queries_logits.double() - ref_classes.double()).abs().max().item(),
+    differences = torch.stack(
+        [
+            (output.masks_queries_logits.double() - ref_masks.double()).abs().max(),
+            (output.class_queries_logits.double() - ref_classes.double()).abs().max(),
+        ]
     )
+    return differences.max().item()  # torch's max, unlike Python's, keeps a NaN
 
 
 # ----------------------------------------------------------------------------------------------------------- command
 @dataclass
 class ConversionResult:
     output_dir: Path
-    config: EomtConfig
+    config: EomtBaseConfig
     task: str
     dataset: str | None
     num_parameters: int
@@ -529,6 +702,8 @@ def convert_checkpoint(
     num_labels: int | None = None,
     num_blocks: int | None = None,
     task: str | None = None,
+    base_backbone: str | os.PathLike | None = None,
+    attn_mask_probs: str | None = None,
     dtype: str = "float32",
     verify: bool = True,
     verify_dtype: str = "float64",
@@ -543,6 +718,10 @@ def convert_checkpoint(
     with `verify`, the converted model reproduces the reference logits within `atol` (both computed in
     `verify_dtype`, on the weights as written in `dtype`; default `DEFAULT_ATOL[verify_dtype]`). Raises
     `ConversionError` on bad input (nothing is written then).
+
+    A DINOv3 checkpoint stores its backbone as deltas against `base_backbone` (a Hub id or a local folder in
+    transformers' DINOv3 format; a DINOv3 preset supplies its Hub id); `attn_mask_probs` ("raw" or "delta") says
+    how it stores its masking probabilities when their values cannot tell.
     """
     start = time.perf_counter()
     output_dir = Path(output_dir).expanduser()
@@ -563,7 +742,39 @@ def convert_checkpoint(
         preset = _name(source)
         logger.info(f"Using preset {preset!r} (from the source name).")
     original, original_config = load_original(source_path)
-    target = resolve_target(original_config, preset, backbone, image_size, num_queries, num_labels, num_blocks, task)
+    _check_finite(original)
+    base_config = None
+    if is_dinov3_checkpoint(original):
+        if backbone is not None:
+            raise ConversionError(
+                f"{source} is a DINOv3 checkpoint; --backbone is for DINOv2 ones: pass --base-backbone instead."
+            )
+        if base_backbone is None and preset in PRESETS and PRESETS[preset].backbone == "dinov3":
+            base_backbone = PRESETS[preset].base_backbone
+        if base_backbone is None:
+            raise ConversionError(
+                f"{source} is a DINOv3 EoMT checkpoint, which stores its backbone as deltas against the DINOv3 "
+                "weights it was trained from; pass --base-backbone NAME_OR_PATH (a Hub id such as "
+                "facebook/dinov3-vitl16-pretrain-lvd1689m or a local folder in transformers' DINOv3 format) or the "
+                "--preset of a released DINOv3 checkpoint."
+            )
+        with contextlib.nullcontext() if progress else _without_progress_bars():
+            base, base_config = load_base_backbone(base_backbone)
+        original = merge_deltas(original, base, base_config, base_backbone)
+        del base
+    elif base_backbone is not None:
+        raise ConversionError(
+            f"{source} is a DINOv2 checkpoint (timm names), which stores absolute weights; drop --base-backbone."
+        )
+    elif attn_mask_probs is None:
+        attn_mask_probs = "raw"  # only the DINOv3 checkpoints store deltas
+    if "network.attn_mask_probs" in original:
+        original["network.attn_mask_probs"] = absolute_attn_mask_probs(
+            original["network.attn_mask_probs"], attn_mask_probs
+        )
+    target = resolve_target(
+        original, original_config, preset, backbone, image_size, num_queries, num_labels, num_blocks, task, base_config
+    )
     config = target.config
     converted = map_state_dict(original, config)
     converted["criterion.empty_weight"] = _empty_weight(config)
@@ -575,18 +786,27 @@ def convert_checkpoint(
         pixels = verification_pixels(config.image_size)
         try:
             reference = reference_forward(
-                original, pixels, config.num_attention_heads, DTYPES[dtype], VERIFY_DTYPES[verify_dtype]
+                original,
+                pixels,
+                config.num_attention_heads,
+                DTYPES[dtype],
+                VERIFY_DTYPES[verify_dtype],
+                config.layer_norm_eps,
+                getattr(config, "rope_theta", 100.0),
+                config.mlp_activation,
             )
         except ValueError as error:
             raise ConversionError(f"Cannot verify: {error} Pass --no-verify to convert without the check.") from error
 
     created = _first_missing(output_dir.parent)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(output_dir)
     # Not mkdtemp, whose folders are private (0700): the result is an ordinary folder, with the umask's permissions.
-    staging = output_dir.parent / f".{output_dir.name}.{uuid.uuid4().hex}"
+    # The name holds our process id, so a later run can tell the leftovers of a killed run from a running one's.
+    staging = output_dir.parent / f".{output_dir.name}.{os.getpid()}.{uuid.uuid4().hex}"
     staging.mkdir()
     try:
-        config.architectures = ["EomtForUniversalSegmentation"]
+        config.architectures = [model_class(config).__name__]
         config.dtype = DTYPES[dtype]
         config.save_pretrained(staging)
         write_weights(converted, staging, DTYPES[dtype], progress)
@@ -598,7 +818,7 @@ def convert_checkpoint(
         difference = None
         if verify:
             with contextlib.nullcontext() if progress else _without_progress_bars():
-                difference = _verify(staging, VERIFY_DTYPES[verify_dtype], reference, pixels, mean, std)
+                difference = _verify(staging, config, VERIFY_DTYPES[verify_dtype], reference, pixels, mean, std)
             if not difference <= atol:
                 hint = " (or float32 rounding: check with --verify-dtype float64)" if verify_dtype != "float64" else ""
                 raise ConversionError(
@@ -606,9 +826,14 @@ def convert_checkpoint(
                     f"(> {atol:g}); the checkpoint does not match {_describe(config)} or the mapping is wrong{hint}."
                 )
 
-        EomtImageProcessor.for_task(
+        processor = EomtImageProcessor.for_task(
             target.task, config.image_size, mean, std, do_reduce_labels=target.dataset == "ade20k_semantic"
-        ).save_pretrained(staging)
+        )
+        if target.task == "semantic" and config.uses_rope:
+            # The DINOv3 release evaluates semantic segmentation like panoptic: long side scaled, padded to a square.
+            processor.size = {"shortest_edge": config.image_size, "longest_edge": config.image_size}
+            processor.do_split_image, processor.do_pad = False, True
+        processor.save_pretrained(staging)
         metrics = None
         if target.preset is not None and _is_preset(config, target):
             metrics = {PRESETS[target.preset].metric: PRESETS[target.preset].result}
@@ -619,7 +844,7 @@ def convert_checkpoint(
             metrics=metrics,
             model_name=target.preset or output_dir.name,
             repo_id=push_to_hub,
-            notes=_provenance(source, difference, atol),
+            notes=_provenance(source, difference, atol, base_backbone),
         )
         (staging / "README.md").write_text(card)
 
@@ -648,18 +873,38 @@ def convert_checkpoint(
     )
 
 
-def _verify(directory: Path, dtype: torch.dtype, reference, pixels: torch.Tensor, mean, std) -> float:
-    from ..modeling import EomtForUniversalSegmentation
-
-    model = EomtForUniversalSegmentation.from_pretrained(directory, dtype=dtype).eval()
+def _verify(
+    directory: Path, config: EomtBaseConfig, dtype: torch.dtype, reference, pixels: torch.Tensor, mean, std
+) -> float:
+    model = model_class(config).from_pretrained(directory, dtype=dtype).eval()
     return logit_difference(model, reference, pixels, mean, std)
 
 
-def _provenance(source: str | os.PathLike, difference: float | None, atol: float) -> str:
+def _check_finite(original: dict[str, torch.Tensor]) -> None:
+    """Refuse NaN or infinite weights, which no check of logits could vouch for."""
+    for key, tensor in original.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            count = int((~torch.isfinite(tensor)).sum())
+            raise ConversionError(
+                f"Tensor {key!r} holds {count} NaN or infinite values: the checkpoint is damaged (or training "
+                "diverged); convert an earlier or re-downloaded checkpoint."
+            )
+
+
+def _provenance(
+    source: str | os.PathLike, difference: float | None, atol: float, base_backbone: str | os.PathLike | None
+) -> str:
     text = f"Converted from the original checkpoint `{source}` with `eomt-convert`"
     if difference is None:
-        return text + " (logits not verified)."
-    return text + f"; its logits match a reference forward of the original weights to {difference:.1e} (≤ {atol:g})."
+        text += " (logits not verified)."
+    else:
+        text += f"; its logits match a reference forward of the original weights to {difference:.1e} (≤ {atol:g})."
+    if base_backbone is not None:
+        text += (
+            f" The backbone is the DINOv3 backbone `{base_backbone}` plus the checkpoint's deltas, so its weights "
+            "also fall under the DINOv3 licence of that backbone."
+        )
+    return text
 
 
 def _is_preset(config: EomtConfig, target: Target) -> bool:
@@ -682,9 +927,11 @@ def _statistic(original: dict[str, torch.Tensor], key: str, default: tuple[float
 
 
 def _name(source: str | os.PathLike) -> str:
-    """Name of a source without checkpoint suffix: folder, file stem or Hub repo name (may be a preset name)."""
+    """Name of a source without checkpoint suffix: folder, file stem or Hub repo name (may be a preset name; the
+    DINOv3 ADE20K release is also published as `ade_semantic_…`)."""
     path = Path(str(source).rstrip("/"))
-    return path.stem if path.suffix in CHECKPOINT_SUFFIXES else path.name
+    name = path.stem if path.suffix in CHECKPOINT_SUFFIXES else path.name
+    return "ade20k_" + name.removeprefix("ade_") if name.startswith("ade_") else name
 
 
 def _replace_folder(new: Path, target: Path) -> None:
@@ -716,6 +963,26 @@ def _without_progress_bars() -> Iterator[None]:
     finally:
         if was_enabled:
             logging.enable_progress_bar()
+
+
+def _remove_stale_staging(output_dir: Path) -> None:
+    """Delete staging folders for `output_dir` left by conversions that were killed (their process is gone)."""
+    if os.name != "posix" or not output_dir.parent.is_dir():  # liveness is checked with POSIX signal 0
+        return
+    pattern = re.compile(rf"\.{re.escape(output_dir.name)}\.(\d+)\.[0-9a-f]{{32}}")
+    for candidate in output_dir.parent.iterdir():
+        match = pattern.fullmatch(candidate.name)
+        if match is None or not candidate.is_dir():
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+            continue  # a conversion still running
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):  # alive under another user, or no valid pid at all
+            continue
+        logger.warning(f"Removing {candidate}, the staging folder of an interrupted conversion.")
+        shutil.rmtree(candidate, ignore_errors=True)
 
 
 def _first_missing(path: Path) -> Path | None:

@@ -382,6 +382,19 @@ def test_sizes_convert_to_reference_logits(tmp_path, arch):
         assert torch.equal(weights["layers.1.mlp.up_proj.weight"], up)
 
 
+def test_lightning_checkpoint_converts_without_flags(tmp_path):
+    """Every architecture field comes from the weights: width, depth (heads from the width's size), native size
+    from the position embedding, queries and labels from the head, masked blocks from `attn_mask_probs`."""
+    sd = original_state_dict(image_size=48, num_queries=6, num_labels=133, num_blocks=1, seed=4)
+    torch.save({"state_dict": sd}, tmp_path / "last.ckpt")
+    result = convert_checkpoint(tmp_path / "last.ckpt", tmp_path / "out", progress=False)
+    config = result.config
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (32, 3, 2)
+    assert (config.image_size, config.num_queries, config.num_labels, config.num_blocks) == (48, 6, 133, 1)
+    assert result.task == "panoptic" and result.max_abs_difference <= 1e-4
+    assert_matches_reference(tmp_path / "out", sd)
+
+
 def test_builtin_eomt_loads_the_converted_folder_with_the_same_logits(tmp_path):
     sd = original_state_dict(seed=5)
     source = save_folder(tmp_path / "ckpt", sd, original_config())
@@ -528,6 +541,19 @@ def test_hub_repo_with_original_and_converted_weights_converts_the_original(tmp_
     assert len(calls) == 1
 
 
+def test_release_folder_converts_what_its_transformers_config_says(tmp_path):
+    """A folder holding the original weights beside a Transformers config.json: that config supplies what the weights
+    leave open (here the head count) and its label names' count agrees with the class head."""
+    sd = original_state_dict(hidden_size=48, num_labels=133, seed=6)
+    folder = save_folder(tmp_path / "my_release", sd)
+    config = EomtConfig(hidden_size=48, num_hidden_layers=3, num_attention_heads=3, num_blocks=2, image_size=32)
+    config.num_queries, config.id2label = 5, {i: f"class {i}" for i in range(133)}
+    config.save_pretrained(folder)
+    result = convert_checkpoint(folder, tmp_path / "out", progress=False)
+    assert result.config.num_attention_heads == 3 and result.max_abs_difference <= 1e-4
+    assert_matches_reference(tmp_path / "out", sd, num_heads=3)
+
+
 def test_hub_repo_with_original_safetensors(tmp_path, monkeypatch):
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -600,6 +626,42 @@ def test_overwrite_replaces_a_non_empty_output(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask  # an ordinary folder, not mkdtemp's 0700
 
 
+def test_damaged_weights_never_replace_a_good_model(tmp_path, capsys):
+    """NaN in the class head is refused before anything is written, even with --overwrite; and the logit check
+    itself does not let a NaN through (Python's `max` would drop it)."""
+    source = save_folder(tmp_path / "ckpt", original_state_dict(), original_config())
+    assert run_cli(source, tmp_path / "out", "--task", "panoptic", capsys=capsys)[0] == 0
+    good = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    sd = original_state_dict()
+    sd["network.class_head.weight"][3, 5] = float("nan")
+    damaged = save_folder(tmp_path / "damaged", sd, original_config())
+    code, _, err = run_cli(damaged, tmp_path / "out", "--task", "panoptic", "--overwrite", capsys=capsys)
+    assert code == 1 and "'network.class_head.weight' holds 1 NaN" in err and len(err.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == good
+
+    model = AutoModelForUniversalSegmentation.from_pretrained(tmp_path / "out").eval()
+    pixels = verification_pixels(32)
+    masks, classes = reference_forward(original_state_dict(), pixels, num_heads=2)
+    classes[0, 0, 0] = float("nan")
+    assert math.isnan(logit_difference(model, (masks, classes), pixels, IMAGENET_MEAN, IMAGENET_STD))
+
+
+def test_a_killed_conversions_staging_folder_is_removed_by_the_next_run(tmp_path):
+    source = save_folder(tmp_path / "ckpt", original_state_dict(), original_config())
+    finished = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], check=True, capture_output=True, text=True
+    )
+    dead_pid, live_pid = int(finished.stdout), os.getpid()
+    stale = tmp_path / f".out.{dead_pid}.{'a' * 32}"
+    running = tmp_path / f".out.{live_pid}.{'b' * 32}"  # another conversion's, still in progress
+    unrelated = tmp_path / f".out.{dead_pid}.notours"
+    for folder in (stale, running, unrelated):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"\0" * 1024)
+    convert_checkpoint(source, tmp_path / "out", task="panoptic", progress=False)
+    assert not stale.exists() and running.exists() and unrelated.exists()
+
+
 def test_no_verify_converts_a_mid_annealing_checkpoint(tmp_path, capsys):
     source = save_folder(tmp_path / "ckpt", original_state_dict(mask_probs=0.5), original_config())
     code, _, err = run_cli(source, tmp_path / "out", "--task", "panoptic", capsys=capsys)
@@ -649,7 +711,8 @@ def _offline_hub_id(tmp_path):
 
 def _wrong_preset(tmp_path):
     torch.save(original_state_dict(), tmp_path / "weights.bin")
-    return [tmp_path / "weights.bin", "--preset", "coco_panoptic_eomt_small_640_2x"], "expects"
+    args = [tmp_path / "weights.bin", "--preset", "coco_panoptic_eomt_small_640_2x"]
+    return args, "sets image_size=640, but the checkpoint's weights have image_size=32"
 
 
 def _wrong_backbone_size(tmp_path):
@@ -661,7 +724,7 @@ def _wrong_backbone_size(tmp_path):
         "--task",
         "panoptic",
         *[f"--{k.replace('_', '-')}={v}" for k, v in tiny_flags().items()],
-    ], "expects"
+    ], "--backbone giant sets hidden_size=48, but the checkpoint's weights have hidden_size=32"
 
 
 def _unknown_backbone(tmp_path):
@@ -692,9 +755,39 @@ def _pickled_object(tmp_path):
     return [tmp_path / "unsafe.ckpt", "--backbone", "small"], "never unpickled"
 
 
-def _dinov3_deltas(tmp_path):
-    torch.save(original_state_dict(mask_probs=-1.0), tmp_path / "weights.bin")  # annealed: 1 + delta = 0
-    return [tmp_path / "weights.bin", "--backbone", "small", "--task", "panoptic"], "DINOv3"
+def _negative_mask_probs(tmp_path):
+    torch.save(original_state_dict(mask_probs=-1.0), tmp_path / "weights.bin")  # DINOv2 stores probabilities raw
+    return [tmp_path / "weights.bin", "--task", "panoptic"], "outside [0, 1]"
+
+
+def _text_file_named_bin(tmp_path):
+    (tmp_path / "weights.bin").write_text("<html>404: Not Found</html>")
+    return [tmp_path / "weights.bin", "--task", "panoptic"], "is not a PyTorch checkpoint (it starts with b'<htm'"
+
+
+def _truncated_safetensors(tmp_path):
+    save_file(original_state_dict(), tmp_path / "weights.safetensors")
+    data = (tmp_path / "weights.safetensors").read_bytes()
+    (tmp_path / "weights.safetensors").write_bytes(data[: len(data) // 2])
+    return [tmp_path / "weights.safetensors", "--task", "panoptic"], "truncated or damaged"
+
+
+def _truncated_bin(tmp_path):
+    torch.save(original_state_dict(), tmp_path / "weights.bin")
+    data = (tmp_path / "weights.bin").read_bytes()
+    (tmp_path / "weights.bin").write_bytes(data[: len(data) // 2])
+    return [tmp_path / "weights.bin", "--task", "panoptic"], "not a readable PyTorch checkpoint"
+
+
+def _config_not_json(tmp_path):
+    folder = save_folder(tmp_path / "ckpt", original_state_dict())
+    (folder / "config.json").write_text("backbone: vit_small_patch14_reg4_dinov2\n")
+    return [folder, "--task", "panoptic"], "config.json is not valid JSON"
+
+
+def _config_contradicts_weights(tmp_path):
+    folder = save_folder(tmp_path / "ckpt", original_state_dict(), {**original_config(), "num_queries": 9})
+    return [folder, "--task", "panoptic"], "the source's config.json sets num_queries=9, but the checkpoint's weights"
 
 
 def _dinov3_backbone(tmp_path):
@@ -702,9 +795,9 @@ def _dinov3_backbone(tmp_path):
     return [tmp_path / "weights.bin", "--backbone", "vit_large_patch16_dinov3.lvd1689m"], "DINOv3"
 
 
-def _no_architecture(tmp_path):
-    torch.save(original_state_dict(), tmp_path / "weights.bin")
-    return [tmp_path / "weights.bin"], "--preset NAME or --backbone"
+def _unknown_task(tmp_path):
+    torch.save(original_state_dict(), tmp_path / "weights.bin")  # 7 labels: no known dataset
+    return [tmp_path / "weights.bin"], "pass --task"
 
 
 @pytest.mark.parametrize(
@@ -721,9 +814,14 @@ def _no_architecture(tmp_path):
         _unknown_key,
         _missing_key,
         _pickled_object,
-        _dinov3_deltas,
+        _negative_mask_probs,
         _dinov3_backbone,
-        _no_architecture,
+        _unknown_task,
+        _text_file_named_bin,
+        _truncated_safetensors,
+        _truncated_bin,
+        _config_not_json,
+        _config_contradicts_weights,
     ],
     ids=lambda f: f.__name__.strip("_"),
 )
