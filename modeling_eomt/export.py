@@ -21,7 +21,7 @@ import copy
 import importlib
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -143,13 +143,14 @@ def export_model(
         AttentionInterface.register(FLOAT32_SCORES, float32_scores_attention)
         graph_model.set_attn_implementation(FLOAT32_SCORES)
     example = torch.randn(2, 3, height, width)  # batch 2: torch.export specialises a dimension of size 1
-    batch = torch.export.Dim("batch")
-    dynamic = {0: batch} if static_shape else {0: batch, 2: patch * torch.export.Dim("h"), 3: patch * torch.export.Dim("w")}  # fmt: skip
+    dynamic = {0: torch.export.Dim("batch")}
+    if not static_shape:
+        dynamic.update({2: patch * torch.export.Dim("h"), 3: patch * torch.export.Dim("w")})
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.", suffix=".tmp"))
+    staging = output_dir.parent / f".{output_dir.name}.{uuid.uuid4().hex[:8]}.tmp"
+    staging.mkdir()  # not mkdtemp: its private mode would stay with the published folder
     try:
-        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the published folder gets the usual mode
         file = staging / FORMATS[format]
         _write_graph(LogitsOnly(graph_model).eval(), example, {INPUT_NAME: dynamic}, file, opset)
         reference.config.save_pretrained(staging)
@@ -292,12 +293,6 @@ def _publish(staging: Path, output_dir: Path) -> None:
         return
     for file in staging.iterdir():
         os.replace(file, output_dir / file.name)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _first_line(error: BaseException) -> str:
