@@ -195,6 +195,21 @@ def test_pt2_program_loads_with_torch_export_load(checkpoints, tmp_path):
             assert relative_error(value, getattr(expected, name)) <= 1e-4
 
 
+def test_static_shape_onnx_export(checkpoints, tmp_path, capsys):
+    folder, model = checkpoints["dinov2"]
+    assert cli_main(["export", str(folder), str(tmp_path / "static"), "--static-shape", "48", "80"]) == 0
+    assert "verified at 1×3×48×80, 2×3×48×80" in capsys.readouterr().out
+    dims = onnx.load(tmp_path / "static" / "model.onnx").graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 48, 80]
+    pixel_values = torch.randn(3, 3, 48, 80)  # the batch stays dynamic
+    got = run_onnx(tmp_path / "static" / "model.onnx", pixel_values)
+    with torch.no_grad():
+        expected = model(pixel_values=pixel_values)
+    assert all(relative_error(got[name], getattr(expected, name)) <= 1e-4 for name in OUTPUTS)
+    with pytest.raises(onnxruntime.capi.onnxruntime_pybind11_state.InvalidArgument):
+        run_onnx(tmp_path / "static" / "model.onnx", torch.randn(1, 3, 64, 64))
+
+
 def test_bfloat16_static_shape_program(tmp_path):
     model = tiny_model("dinov2", seed=3)
     result = export_model(model, tmp_path / "bf16", format="pt2", dtype="bfloat16", static_shape=(48, 80))
