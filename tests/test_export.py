@@ -229,6 +229,7 @@ def test_bfloat16_static_shape_program(tmp_path):
 def test_a_failed_check_leaves_the_output_folder_as_it_was(tmp_path, monkeypatch):
     model = tiny_model("dinov2")
 
+    # a stand-in graph (no tracing) whose runtime is off by one: the real check must refuse it
     def off_by_one(file):
         def run(pixel_values):
             with torch.no_grad():
@@ -237,8 +238,10 @@ def test_a_failed_check_leaves_the_output_folder_as_it_was(tmp_path, monkeypatch
 
         return run
 
-    # a stand-in graph (no tracing) whose runtime is off by one: the real check must refuse it
-    monkeypatch.setattr(export_module, "_write_graph", lambda module, *args: args[-2].write_bytes(b"new graph"))
+    def stand_in(module, example, dynamic_shapes, file, opset):
+        file.write_bytes(b"new graph")
+
+    monkeypatch.setattr(export_module, "_write_graph", stand_in)
     monkeypatch.setattr(export_module, "load_runtime", off_by_one)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "model.pt2").write_text("previous")
@@ -276,14 +279,14 @@ def test_bad_requests_fail_with_the_problem_named(checkpoints, tmp_path, capsys)
     training.set_attn_mask_probs([0.5])
     with pytest.raises(ExportError, match="training mechanism.*set_attn_mask_probs"):
         export_model(training, tmp_path / "out")
-    cases = {
-        "dtype": ({"dtype": "float64"}, "Unknown dtype"),
-        "opset": ({"opset": 17}, "opset 17 is too old"),
-        "bfloat16 opset": ({"dtype": "bfloat16", "opset": 18}, "bfloat16 from opset 22"),
-        "format": ({"format": "tflite"}, "Unknown format"),
-        "static shape": ({"static_shape": (50, 64)}, "multiples of the patch size 16"),
-    }
-    for kwargs, message in cases.values():
+    cases = [
+        ({"dtype": "float64"}, "Unknown dtype"),
+        ({"opset": 17}, "opset 17 is too old"),
+        ({"dtype": "bfloat16", "opset": 18}, "bfloat16 from opset 22"),
+        ({"format": "tflite"}, "Unknown format"),
+        ({"static_shape": (50, 64)}, "multiples of the patch size 16"),
+    ]
+    for kwargs, message in cases:
         with pytest.raises(ExportError, match=message):
             export_model(checkpoints["dinov2"][1], tmp_path / "out", **kwargs)
     assert cli_main(["export", "no/such-model", str(tmp_path / "out")]) == 2  # offline: not on the Hub
