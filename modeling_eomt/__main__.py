@@ -1,4 +1,4 @@
-"""`python -m modeling_eomt segment ...` runs the `eomt` command line."""
+"""`python -m modeling_eomt segment ...` (or `export ...`) runs the `eomt` command line."""
 
 import sys
 

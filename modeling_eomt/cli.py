@@ -63,10 +63,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--mask-format", choices=("rle", "png"), default="rle",
         help="rle: COCO RLE in the JSON; png: a 16-bit PNG of segment ids + 1 next to it (default: rle)",
     )  # fmt: skip
+    from . import export
+
+    export.add_arguments(commands.add_parser("export", help="export to ONNX (or torch.export) for deployment",
+                                             description=export.__doc__.split("\n\n")[0]))  # fmt: skip
     args = parser.parse_args(argv)
     try:
-        return run_segment(args)
-    except CliError as error:
+        return export.run(args) if args.command == "export" else run_segment(args)
+    except (CliError, export.ExportError) as error:
         print(f"eomt: error: {error}", file=sys.stderr)
         return 2
 
