@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from bench_export import time_export
 from bench_model import (
     Timing,
     bench_compiled,
@@ -260,6 +261,18 @@ def run_all(args: argparse.Namespace) -> dict:
     stages += [("training step", training)]
     # the quick run keeps subprocesses (seconds of imports each) to a minimum
     stages += [(f"inference memory batch {b}", lambda b=b: memory(b)) for b in batches[: 1 if args.quick else None]]
+
+    def onnx_export() -> None:
+        config = (EomtConfig(**{**TINY, "image_size": 64}) if args.quick
+                  else EomtConfig.from_size("small", num_labels=133, num_queries=200, image_size=640))  # fmt: skip
+        setting = "tiny model, 64 px" if args.quick else "ViT-S 640, float32, batch 1"
+        result = time_export(repeats, config)
+        rows.append(time_row("onnxruntime forward vs eager", setting, result["onnxruntime"], result["eager"],
+                             "PyTorch eager"))  # fmt: skip
+        absolute[f"ONNX export s, {setting}"] = {"ours": result["export_seconds"]}
+        absolute[f"ONNX file MB, {setting}"] = {"ours": result["file_mb"]}
+
+    stages += [("onnx export", onnx_export)]
     start_load = load_average()
     started = datetime.datetime.now(datetime.timezone.utc)
     progress = tqdm(stages, desc="benchmarks", unit="stage")

@@ -1,6 +1,7 @@
 """EoMT for the Hugging Face ecosystem. Importing this package registers our classes with the Auto classes."""
 
 from .configuration import EomtConfig, EomtDinov3Config
+from .export import export_model
 from .image_processing import EomtImageProcessor
 from .modeling import (
     EomtDinov3ForUniversalSegmentation,
@@ -20,5 +21,6 @@ __all__ = [
     "EomtForUniversalSegmentationOutput",
     "EomtImageProcessor",
     "EomtPreTrainedModel",
+    "export_model",
     "register_auto_classes",
 ]

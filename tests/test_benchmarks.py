@@ -21,6 +21,7 @@ BENCHMARKS = {
     "DINOv3 forward vs built-in eomt_dinov3": 1.0,
     "DINOv3 forward vs bare DINOv3 ViT": None,
     "compiled forward vs compiled built-in": None,
+    "onnxruntime forward vs eager": None,
     "panoptic post-processing": 0.2,
     "instance post-processing": 0.2,
     "semantic post-processing": 0.6,

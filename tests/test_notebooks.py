@@ -85,7 +85,8 @@ def test_inference_notebook(tmp_path, jupyter_path, monkeypatch):
     assert all(count >= 1 for count in results["panoptic_segments"])
     # The briefly trained model already labels most pixels of unseen images right (a constant guess: < 0.45).
     assert results["semantic_pixel_accuracy"] > 0.7
-    check_figures(results["figures"], tmp_path, {"panoptic", "instance", "semantic", "pipeline"})
+    assert results["onnx_matches_pytorch"] is True
+    check_figures(results["figures"], tmp_path, {"panoptic", "instance", "semantic", "pipeline", "onnx"})
     assert inline_images(notebook) >= 4
 
 
