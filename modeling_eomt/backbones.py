@@ -40,26 +40,13 @@ EXAMPLES = (
 )
 # Parameters and buffers outside the ViT trunk: they start fresh.
 HEAD_PREFIXES = ("query.", "class_predictor.", "mask_head.", "upscale_block.", "criterion.", "attn_mask_probs")
-# Number of query blocks of the paper per backbone width (S, B: 3; L: 4; g: 5; the 7B, 4096 wide: 5).
+# Number of query blocks of the paper per backbone width, DINOv2 and DINOv3 alike (S, B: 3; L: 4; g: 5; 7B: 5).
 PAPER_NUM_BLOCKS = {size["hidden_size"]: size["num_blocks"] for size in SIZES.values()} | {4096: 5}
 # DINOv2 heads are 64 wide at every size, which the state dicts cannot tell.
 DINOV2_HEADS = {size["hidden_size"]: size["num_attention_heads"] for size in SIZES.values()}
-# Config fields fixed by the shapes of the pretrained weights: an override must agree with the backbone.
-WEIGHT_SHAPED_FIELDS = (
-    "hidden_size",
-    "num_hidden_layers",
-    "num_channels",
-    "num_register_tokens",
-    "mlp_ratio",
-    "use_swiglu_ffn",
-    "intermediate_size",
-    "use_gated_mlp",
-    "query_bias",
-    "key_bias",
-    "value_bias",
-    "proj_bias",
-    "mlp_bias",
-)
+# Backbone fields a caller may change: initial values and training-time augmentations. The others describe what the
+# pretrained weights compute (shapes, activation, norms, positions) and cannot be overridden.
+TUNABLE_FIELDS = ("layerscale_value", "pos_embed_shift", "pos_embed_jitter", "pos_embed_rescale")
 
 
 class BackboneError(ValueError):
@@ -218,7 +205,10 @@ def _timm_weight_file(name: str) -> Path | None:
 
 def _read_transformers(name: str, config: PretrainedConfig) -> dict[str, torch.Tensor]:
     """The state dict of transformers' own model class for `config` (Dinov2Model, DINOv3ViTModel, ...)."""
-    model: PreTrainedModel = AutoModel.from_pretrained(name, config=config)
+    try:
+        model: PreTrainedModel = AutoModel.from_pretrained(name, config=config)
+    except OSError as error:  # weights missing, gated or unreachable
+        raise BackboneError(f"Could not read the weights of {name} ({error}).") from error
     return model.state_dict()
 
 
@@ -401,7 +391,7 @@ def merged_fields(backbone: Backbone, config_fields: dict[str, Any]) -> dict[str
     """The backbone's fields, the paper's number of query blocks for its width, then the caller's fields; an override
     that contradicts the weights' shapes is refused."""
     for field, value in config_fields.items():
-        if field in WEIGHT_SHAPED_FIELDS and field in backbone.fields and value != backbone.fields[field]:
+        if field in backbone.fields and field not in TUNABLE_FIELDS and value != backbone.fields[field]:
             raise BackboneError(
                 f"{field}={value!r} contradicts the backbone {backbone.name} ({field}={backbone.fields[field]!r}); "
                 "drop the override: the pretrained weights fix it."

@@ -239,13 +239,20 @@ def test_a_patch_size_the_resampling_cannot_reach_fails_before_reading_weights(t
         )
 
 
-def test_an_override_contradicting_the_weights_is_refused(tmp_path):
+@pytest.mark.parametrize("override", [{"hidden_size": 64}, {"num_attention_heads": 4}, {"layer_norm_eps": 1e-5}])
+def test_an_override_contradicting_the_backbone_is_refused(tmp_path, override):
     Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**TINY_VIT, patch_size=14)).save_pretrained(tmp_path)
-    with pytest.raises(BackboneError, match="hidden_size=64 contradicts"):
-        EomtForUniversalSegmentation.from_backbone(str(tmp_path), hidden_size=64, **HEADS)
+    with pytest.raises(BackboneError, match=f"{next(iter(override))}=.* contradicts"):
+        EomtForUniversalSegmentation.from_backbone(str(tmp_path), **override, **HEADS)
 
 
 def test_pickled_objects_are_never_loaded(tmp_path):
     torch.save({"cls_token": torch.zeros(1), "extra": object()}, tmp_path / "model.pth")
     with pytest.raises(BackboneError, match="never unpickled"):
         EomtForUniversalSegmentation.from_backbone(str(tmp_path / "model.pth"), **HEADS)
+
+
+def test_a_state_dict_of_unusual_width_asks_for_the_head_count(tmp_path):
+    save_file(timm_dinov2(56).state_dict(), tmp_path / "dinov2.safetensors")
+    with pytest.raises(BackboneError, match="Pass num_attention_heads"):
+        EomtForUniversalSegmentation.from_backbone(str(tmp_path / "dinov2.safetensors"), **HEADS)
