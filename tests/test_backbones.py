@@ -42,12 +42,12 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def trunk_states(model: torch.nn.Module, pixels: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, ...]:
+def trunk_states(model: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Hidden states of an EoMT before the queries join: the embeddings and the outputs of the first L - num_blocks
     blocks (the one place that knows how an EoMT exposes them)."""
     with torch.no_grad():
         states = model(pixels, output_hidden_states=True).hidden_states
-    return tuple(states[: model.config.num_hidden_layers - num_blocks + 1])
+    return tuple(states[: model.config.num_hidden_layers - model.config.num_blocks + 1])
 
 
 def assert_states_equal(
@@ -108,7 +108,7 @@ def test_dinov2_trunk_equals_the_backbone_at_its_own_patch_size(tmp_path, config
     pixels = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         reference = backbone(pixels, output_hidden_states=True).hidden_states
-    assert_states_equal(trunk_states(model, pixels, HEADS["num_blocks"]), reference[: len(reference) - 1])
+    assert_states_equal(trunk_states(model, pixels), reference[: len(reference) - HEADS["num_blocks"]])
     # Queries and heads start fresh: the class head has the requested labels and nothing of the backbone.
     assert model.class_predictor.out_features == HEADS["num_labels"] + 1
 
@@ -153,7 +153,7 @@ def test_timm_dinov2_resampled_to_patch_16_equals_timms_loader(tmp_path, arch):
     oracle = timm_dinov2(64, patch_size=16, arch=arch).eval()
     oracle.load_state_dict(checkpoint_filter_fn(source.state_dict(), oracle))
     pixels = torch.randn(2, 3, 64, 64)
-    ours = trunk_states(model, pixels, HEADS["num_blocks"])
+    ours = trunk_states(model, pixels)
     # Our pseudo-inverse runs in float64, timm's in float32: the kernels differ by float32 rounding (~1e-6).
     assert_states_equal(ours, timm_trunk_states(oracle, pixels, len(ours)), tolerance=1e-4)
     assert model.config.use_swiglu_ffn == ("giant" in arch)
@@ -167,7 +167,7 @@ def test_timm_folder_with_its_config_reads_the_head_count(tmp_path):
     model = EomtForUniversalSegmentation.from_backbone(str(tmp_path), image_size=56, patch_size=14, **HEADS).eval()
     assert model.config.num_attention_heads == 2
     pixels = torch.randn(1, 3, 56, 56)
-    ours = trunk_states(model, pixels, HEADS["num_blocks"])
+    ours = trunk_states(model, pixels)
     assert_states_equal(ours, timm_trunk_states(source, pixels, len(ours)))
 
 
@@ -192,7 +192,7 @@ def test_dinov3_trunk_equals_the_backbone(tmp_path, builtin_dinov3_target, gated
     pixels = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         reference = backbone(pixels, output_hidden_states=True).hidden_states
-    assert_states_equal(trunk_states(model, pixels, HEADS["num_blocks"]), reference[: len(reference) - 1])
+    assert_states_equal(trunk_states(model, pixels), reference[: len(reference) - HEADS["num_blocks"]])
 
 
 def test_dinov3_mapping_covers_the_whole_trunk(tmp_path):
