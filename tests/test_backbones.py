@@ -232,9 +232,15 @@ def test_a_timm_clip_state_dict_is_refused(tmp_path):
         EomtForUniversalSegmentation.from_backbone(str(tmp_path / "clip.safetensors"), **HEADS)
 
 
+@pytest.mark.parametrize("family", ["dinov2", "dinov3"])
 @pytest.mark.parametrize(("image_size", "patch_size"), [(64, 15), (64, 0), (16, 32), (64, [16, 8])])
-def test_a_patch_size_the_resampling_cannot_reach_fails_before_reading_weights(tmp_path, image_size, patch_size):
-    Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**TINY_VIT, patch_size=14)).save_pretrained(tmp_path)
+def test_a_patch_size_the_resampling_cannot_reach_fails_before_reading_weights(
+    tmp_path, builtin_dinov3_target, family, image_size, patch_size
+):
+    if family == "dinov2":
+        Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**TINY_VIT, patch_size=14)).save_pretrained(tmp_path)
+    else:
+        DINOv3ViTModel(DINOv3ViTConfig(**TINY_VIT, intermediate_size=64)).save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").unlink()  # reading the weights would fail with another error
     with pytest.raises(BackboneError, match="patch_size"):
         EomtForUniversalSegmentation.from_backbone(
