@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" || $(PY) -m pip install -q torch
 	$(PY) -m pip install -q -e ".[test]"
+	# timm, the tests' oracle for backbone resampling, pulls torchvision, whose wheels ask for a newer torch (a
+	# multi-GB CUDA build): both go in without dependencies; torchvision 0.29.1 runs beside the CPU torch above.
+	$(PY) -m pip install -q --no-deps "timm==1.0.31" "torchvision==0.29.1" pyyaml
 	touch $@
 
 install: $(VENV)/.installed
