@@ -18,8 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_SPEC)" || $(PY) -m pip install -q torch
 	$(PY) -m pip install -q -e ".[test]"
 	# timm, the tests' oracle for backbone resampling, pulls torchvision, whose wheels ask for a newer torch (a
-	# multi-GB CUDA build): both go in without dependencies; torchvision 0.29.1 runs beside the CPU torch above.
-	$(PY) -m pip install -q --no-deps "timm==1.0.31" "torchvision==0.29.1" pyyaml
+	# multi-GB CUDA build): both go, without dependencies, into a folder only the tests import (tests/oracles.py).
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/oracles "timm==1.0.31" "torchvision==0.29.1"
 	touch $@
 
 install: $(VENV)/.installed

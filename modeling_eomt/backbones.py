@@ -10,6 +10,7 @@ and grid, numerically as timm's loader does for the original release → a fresh
 
 from __future__ import annotations
 
+import json
 import math
 import pickle
 import re
@@ -24,7 +25,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.utils import cached_file, logging
 
-from .configuration import SIZES
+from .configuration import SIZES, EomtDinov3Config
 
 logger = logging.get_logger(__name__)
 
@@ -171,23 +172,31 @@ def find_backbone(name_or_path: str | Path) -> Backbone:
     if path.suffix in STATE_DICT_SUFFIXES and not path.exists():
         raise BackboneError(f"{name} does not exist; pass an existing state-dict file, a folder or a Hub id.")
     try:
-        config = AutoConfig.from_pretrained(name)
+        config_file = cached_file(name, "config.json")
+        raw = json.loads(Path(config_file).read_text())
+        # timm folders (config.json with `architecture`, no `model_type`) are read without timm installed;
+        # transformers would need it for its TimmWrapperConfig.
+        config = None if "architecture" in raw and "model_type" not in raw else AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as error:
         raise BackboneError(
             f"Could not read a backbone config from {name!r} ({type(error).__name__}: {str(error).splitlines()[0]}). "
             f"Pass a local folder or a Hub id that is reachable (offline, only cached ones are), e.g. {EXAMPLES}."
         ) from error
-    model_type = config.model_type
-    if model_type in DINOV2_MODEL_TYPES:
-        return Backbone(name, DINOV2, dinov2_fields(config), lambda: map_dinov2(_read_transformers(name, config)))
-    if model_type == DINOV3_MODEL_TYPE:
-        return Backbone(name, DINOV3, dinov3_fields(config), lambda: map_dinov3(_read_transformers(name, config)))
-    architecture = getattr(config, "architecture", "")
-    if model_type == "timm_wrapper" and "dinov2" in architecture:
-        weights = _timm_weight_file(name)
-        if weights is None:
-            raise BackboneError(f"{name} names timm's {architecture} but holds no {' or '.join(TIMM_WEIGHT_FILES)}.")
-        return _timm_backbone(name, _load_state_dict(weights), getattr(config, "model_args", None) or {})
+    if config is None:
+        architecture, model_type = raw["architecture"], "timm"
+        if "dinov2" in architecture:
+            weights = _timm_weight_file(name)
+            if weights is None:
+                raise BackboneError(
+                    f"{name} names timm's {architecture} but holds no {' or '.join(TIMM_WEIGHT_FILES)}."
+                )
+            return _timm_backbone(name, _load_state_dict(weights), raw.get("model_args") or {})
+    else:
+        model_type, architecture = config.model_type, ""
+        if model_type in DINOV2_MODEL_TYPES:
+            return Backbone(name, DINOV2, dinov2_fields(config), lambda: map_dinov2(_read_transformers(name, config)))
+        if model_type == DINOV3_MODEL_TYPE:
+            return Backbone(name, DINOV3, dinov3_fields(config), lambda: map_dinov3(_read_transformers(name, config)))
     kind = f"timm's {architecture}" if architecture else f"model type {model_type!r}"
     raise BackboneError(
         f"{name} is {kind}, not a DINOv2 or DINOv3 ViT: EoMT starts from those only (their LayerScale blocks and "
@@ -374,17 +383,9 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------------------------- builder
 def dinov3_target() -> tuple[type[PretrainedConfig], Callable[[PretrainedConfig], PreTrainedModel]]:
     """Config class and model factory of the DINOv3 EoMT (model type "eomt_dinov3")."""
-    try:
-        from .configuration import EomtDinov3Config
-    except ImportError as error:
-        raise NotImplementedError(
-            "DINOv3 backbones start a DINOv3 EoMT (model type 'eomt_dinov3', rotary positions), which this version of "
-            "modeling_eomt does not provide yet; start from a DINOv2 backbone (e.g. facebook/dinov2-with-registers-"
-            "large) instead."
-        ) from error
-    from transformers import AutoModelForUniversalSegmentation
+    from .modeling import EomtDinov3ForUniversalSegmentation  # imported here: modeling imports this module lazily
 
-    return EomtDinov3Config, AutoModelForUniversalSegmentation.from_config
+    return EomtDinov3Config, EomtDinov3ForUniversalSegmentation
 
 
 def merged_fields(backbone: Backbone, config_fields: dict[str, Any]) -> dict[str, Any]:

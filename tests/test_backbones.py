@@ -5,12 +5,10 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 import transformers
+from oracles import import_timm
 from safetensors.torch import save_file
-from timm.layers import resample_abs_pos_embed, resample_patch_embed
-from timm.models.vision_transformer import checkpoint_filter_fn
 from transformers import (
     CLIPVisionConfig,
     CLIPVisionModel,
@@ -22,10 +20,13 @@ from transformers import (
     DINOv3ViTModel,
 )
 
-from modeling_eomt import EomtForUniversalSegmentation, backbones
+from modeling_eomt import EomtDinov3ForUniversalSegmentation, EomtForUniversalSegmentation, backbones
 from modeling_eomt.backbones import BackboneError, resample_patch_kernel, resize_position_grid
 
 # Oracle target for DINOv3 until the package has its own DINOv3 EoMT (test-only).
+timm = import_timm()
+resample_abs_pos_embed, resample_patch_embed = timm.layers.resample_abs_pos_embed, timm.layers.resample_patch_embed
+checkpoint_filter_fn = timm.models.vision_transformer.checkpoint_filter_fn
 BuiltinDinov3Config = transformers.models.eomt_dinov3.EomtDinov3Config
 BuiltinDinov3Model = transformers.models.eomt_dinov3.EomtDinov3ForUniversalSegmentation
 
@@ -172,13 +173,8 @@ def test_timm_folder_with_its_config_reads_the_head_count(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ DINOv3 → DINOv3 EoMT
-@pytest.fixture
-def builtin_dinov3_target(monkeypatch):
-    monkeypatch.setattr(backbones, "dinov3_target", lambda: (BuiltinDinov3Config, BuiltinDinov3Model))
-
-
 @pytest.mark.parametrize("gated", [False, True])
-def test_dinov3_trunk_equals_the_backbone(tmp_path, builtin_dinov3_target, gated):
+def test_dinov3_trunk_equals_the_backbone(tmp_path, gated):
     config = DINOv3ViTConfig(
         **TINY_VIT, intermediate_size=64, num_register_tokens=2, image_size=64, use_gated_mlp=gated, rope_theta=50.0
     )
@@ -186,7 +182,7 @@ def test_dinov3_trunk_equals_the_backbone(tmp_path, builtin_dinov3_target, gated
     backbone.save_pretrained(tmp_path)
     model = EomtForUniversalSegmentation.from_backbone(str(tmp_path), image_size=64, **HEADS).eval()
 
-    assert isinstance(model, BuiltinDinov3Model)
+    assert isinstance(model, EomtDinov3ForUniversalSegmentation)
     assert model.config.layer_norm_eps == config.layer_norm_eps == 1e-5
     assert model.config.rope_parameters["rope_theta"] == 50.0
     pixels = torch.randn(2, 3, 64, 64)
@@ -235,7 +231,7 @@ def test_a_timm_clip_state_dict_is_refused(tmp_path):
 @pytest.mark.parametrize("family", ["dinov2", "dinov3"])
 @pytest.mark.parametrize(("image_size", "patch_size"), [(64, 15), (64, 0), (16, 32), (64, [16, 8])])
 def test_a_patch_size_the_resampling_cannot_reach_fails_before_reading_weights(
-    tmp_path, builtin_dinov3_target, family, image_size, patch_size
+    tmp_path, family, image_size, patch_size
 ):
     if family == "dinov2":
         Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**TINY_VIT, patch_size=14)).save_pretrained(tmp_path)

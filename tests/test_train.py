@@ -319,3 +319,30 @@ def test_freeze_backbone_and_drop_path_rate(tmp_path):
         assert torch.equal(value, initial[name]) == frozen or name in ("attn_mask_probs", "criterion.empty_weight"), (
             name
         )
+
+
+def test_training_from_a_pretrained_backbone(tmp_path, capsys):
+    # A DINOv2-with-registers backbone in transformers' format (patch 14, resampled to the preset's 16): the trained
+    # model's trunk starts from it, the recipe follows its family and the card names it.
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    backbone = Dinov2WithRegistersModel(
+        Dinov2WithRegistersConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=14,
+            image_size=56, num_register_tokens=4,
+        )
+    )  # fmt: skip
+    backbone.save_pretrained(tmp_path / "dinov2")
+    args = train_args(
+        tmp_path / "out", steps=2, extra=("--save_strategy", "no", "--backbone", str(tmp_path / "dinov2"))
+    )
+    overrides = args.index("--config_overrides") + 1
+    args[overrides] = '{"num_blocks": 1, "train_num_points": 256, "image_size": 64, "num_queries": 8}'
+    assert main(args) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"], config["patch_size"]) == (32, 2, 16)
+    assert f"`{tmp_path / 'dinov2'}`" in (tmp_path / "out" / "README.md").read_text()
+    # --backbone with an EoMT checkpoint, and a backbone that cannot be found: one line each, nothing trained.
+    fails_with(capsys, [*args[:1], str(tmp_path / "out"), *args[2:]], "--backbone starts from a pretrained ViT")
+    missing = [*args[: args.index("--backbone") + 1], str(tmp_path / "nowhere"), *args[args.index("--backbone") + 2 :]]
+    fails_with(capsys, missing, "nowhere")

@@ -41,9 +41,12 @@ logger = logging.get_logger(__name__)
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str = field(
-        default="coco_panoptic_eomt_large_640",
-        metadata={"help": "Preset name (random init), checkpoint folder or Hub id."},
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Preset name (random init), checkpoint folder or Hub id (default: coco_panoptic_eomt_large_640). "
+            "With --backbone, a preset only names the queries, input size and recipe."
+        },
     )
     config_overrides: str | None = field(
         default=None, metadata={"help": "JSON of config fields to override, e.g. '{\"num_queries\": 100}'."}
@@ -61,6 +64,14 @@ class ModelArguments:
     )
     drop_path_rate: float | None = field(
         default=None, metadata={"help": "Stochastic depth rate of the ViT blocks (default: the config's)."}
+    )
+    backbone: str | None = field(
+        default=None,
+        metadata={
+            "help": "Start from a pretrained DINOv2/DINOv3 backbone: a Hub id or folder in transformers' format "
+            "(facebook/dinov2-with-registers-large, facebook/dinov3-vitl16-pretrain-lvd1689m) or a timm DINOv2 "
+            "state dict; queries and heads start fresh."
+        },
     )
 
 
@@ -86,6 +97,8 @@ class DataArguments:
     )
 
 
+# The architecture trained when neither a model nor a backbone is named.
+DEFAULT_PRESET = "coco_panoptic_eomt_large_640"
 # Buffers the model derives from its config: a checkpoint without them loses nothing.
 _DERIVED_BUFFERS = {"criterion.empty_weight", "attn_mask_probs"}
 # Weights that depend on the number of classes: a new class head.
@@ -99,6 +112,18 @@ def load_model(model_args: ModelArguments, dataset: SegmentationDataset) -> Eomt
     labels = {"num_labels": len(id2label), "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
     overrides = config_overrides(model_args)
     name = model_args.model_name_or_path
+    if model_args.backbone:
+        if name is not None and name not in PRESETS:
+            raise ValueError(
+                f"--backbone starts from a pretrained ViT, but {name} is an EoMT checkpoint (which holds its own ViT); "
+                "pass one of them (with --backbone, --model_name_or_path may only name a preset)."
+            )
+        preset = EomtConfig.from_preset(name) if name else None
+        architecture = {"image_size": preset.image_size, "num_queries": preset.num_queries} if preset else {}
+        return EomtForUniversalSegmentation.from_backbone(
+            model_args.backbone, **{**architecture, **labels, **overrides}
+        )
+    name = name or DEFAULT_PRESET
     if name in PRESETS:
         config = EomtConfig.from_preset(name, **labels, **overrides)  # the preset's family
         return MODEL_CLASSES[config.model_type](config)
@@ -222,6 +247,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Eom
             metrics={headline: round(100 * metrics[f"eval_{headline}"], 2)} if eval_dataset else None,
             model_name=Path(training_args.output_dir).name,
             notes=f"Trained with `eomt-train` on `{data_args.dataset_name}`.",
+            base_backbone=model_args.backbone,
         )
         (folder / "README.md").write_text(card)
 
