@@ -29,6 +29,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .modeling import eager_attention_forward
+
 FORMATS = {"onnx": "model.onnx", "pt2": "model.pt2"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Largest accepted `max|runtime - PyTorch| / max|PyTorch|` per output, by export dtype (the reference is float32).
@@ -65,13 +67,12 @@ def float32_scores_attention(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """Attention for half-precision graphs: q·kᵀ and the softmax in float32 (in float16 the scores of EoMT's larger
-    models overflow to inf and the softmax returns NaN), the weighted sum of values in the model's dtype."""
-    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
-    if attention_mask is not None:
-        scores = scores + attention_mask
-    weights = scores.softmax(dim=-1).to(value.dtype)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), None
+    """Eager attention in float32 for half-precision graphs: in float16 the scores of EoMT's larger models overflow
+    to inf and the softmax returns NaN."""
+    output, _ = eager_attention_forward(
+        module, query.float(), key.float(), value.float(), attention_mask, scaling, dropout
+    )
+    return output.to(value.dtype), None
 
 
 class LogitsOnly(nn.Module):

@@ -3,19 +3,9 @@
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_eomt import TINY
 
 from modeling_eomt import EomtConfig, EomtForUniversalSegmentation
-
-TINY = {
-    "hidden_size": 32,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 2,
-    "num_blocks": 2,
-    "image_size": 64,
-    "num_queries": 6,
-    "num_labels": 5,
-    "num_register_tokens": 2,
-}
 
 
 @pytest.fixture

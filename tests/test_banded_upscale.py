@@ -3,21 +3,12 @@
 
 import pytest
 import torch
+from tiny_eomt import TINY
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from modeling_eomt import EomtConfig, EomtForUniversalSegmentation, banded_upscale
 from modeling_eomt.head import EomtScaleBlock, compute_mask_logits
 
-TINY = {
-    "hidden_size": 32,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 2,
-    "num_blocks": 2,
-    "image_size": 64,
-    "num_queries": 6,
-    "num_labels": 5,
-    "num_register_tokens": 2,
-}
 BAND_ROWS = (2, 4, 64)  # bands of one and two coarse rows, and whole-map bands
 
 

@@ -3,6 +3,7 @@ dynamic batch, height and width, for both backbone families; compiled and export
 
 import pytest
 import torch
+from tiny_eomt import TINY
 from torch.export import Dim
 
 from modeling_eomt import (
@@ -11,17 +12,6 @@ from modeling_eomt import (
     EomtDinov3ForUniversalSegmentation,
     EomtForUniversalSegmentation,
 )
-
-TINY = {
-    "hidden_size": 32,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 2,
-    "num_blocks": 2,
-    "image_size": 64,
-    "num_queries": 6,
-    "num_labels": 5,
-    "num_register_tokens": 2,
-}
 
 
 def annealed_model(family: str) -> torch.nn.Module:
