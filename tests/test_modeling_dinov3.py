@@ -149,3 +149,21 @@ def test_auto_classes_and_pipeline_use_ours(tmp_path):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8))
     results = segmenter(image, subtask="panoptic", threshold=0.0)
     assert all(result["mask"].size == (60, 40) for result in results)
+
+
+def test_sliding_window_semantic_inference():
+    # Windows of the processor's size, the model at that size (not its native 64), stitched back to the image.
+    ours, _ = make_pair()
+    ours.eval().set_attn_mask_probs([0.0, 0.0])
+    processor = EomtImageProcessor.for_task("semantic", 32)
+    image = np.random.default_rng(0).integers(0, 256, (32, 80, 3), dtype=np.uint8)
+    inputs = processor(images=image, return_tensors="pt")
+    assert inputs["pixel_values"].shape == (3, 3, 32, 32) and len(inputs["patch_offsets"]) == 3
+    with torch.no_grad():
+        outputs = ours(**inputs)
+    (labels,) = processor.post_process_semantic_segmentation(outputs, target_sizes=[(32, 80)])
+    assert labels.shape == (32, 80) and 0 <= labels.min() and labels.max() < TINY["num_labels"]
+    # The windows' logits are the model's on each window alone: RoPE follows each input, nothing leaks between them.
+    with torch.no_grad():
+        first = ours(inputs["pixel_values"][:1]).masks_queries_logits
+    torch.testing.assert_close(outputs.masks_queries_logits[:1], first, atol=1e-5, rtol=1e-5)
