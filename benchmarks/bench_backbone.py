@@ -5,14 +5,15 @@
 No real weights reach this machine, so the evidence is synthetic:
 
 1. Pretraining (the proxy task): a demo-sized EoMT (`modeling_eomt/training/demo.py`) learns panoptic segmentation
-   of `shapes` images of a seed that neither of `eomt-train`'s `shapes` splits uses. A per-patch proxy (classifying
-   each patch) was tried first and made a worse start than random weights: it teaches features that merge instances
-   of one class, which the mask queries must then pull apart.
-2. Its ViT trunk (embeddings, blocks, final norm) is written as a transformers `Dinov2WithRegistersModel` folder, at
-   the demo's patch 16 and 128 pixels; the queries and heads are dropped.
-3. `eomt-train --backbone FOLDER` fine-tunes a fresh EoMT (new queries and heads) on the demo's training split, and
-   the same command without `--backbone` trains the same architecture from random weights, with the same recipe and
-   seed. Both evaluate PQ on held-out images every few steps.
+   of `shapes` images of a seed that neither of `eomt-train`'s `shapes` splits uses.
+2. Its ViT trunk is written as a transformers `Dinov2WithRegistersModel` folder at the demo's patch 16 and 128
+   pixels: the embeddings and the blocks before the queries join as trained; the last `num_blocks` blocks and the
+   final norm freshly initialised, since fresh queries start worse from blocks fitted to the pretraining's queries
+   than from random ones (with them kept, the pretrained start trailed the random one, the ViT fine-tuned or frozen).
+   A per-patch proxy (classifying each patch) made a worse start than random weights too.
+3. `eomt-train --backbone FOLDER` fine-tunes a fresh EoMT (new queries and heads) on 32 images of the training split,
+   and the same command without `--backbone` trains the same architecture from random weights, with the same recipe;
+   each for two seeds. Both evaluate PQ on held-out images every 20 steps.
 
 Writes both PQ curves to `backbone_pq.png` in the output folder and prints them.
 """
@@ -50,10 +51,11 @@ BATCH_SIZE = 8
 RECIPE = {"learning_rate": 1e-3, "layer_decay": 1.0, "head_warmup_steps": 10, "backbone_warmup_steps": 0,
           "max_grad_norm": 1.0, "per_device_train_batch_size": BATCH_SIZE, "dataloader_num_workers": 0}  # fmt: skip
 # Full size: pretraining steps, fine-tuning steps, PQ every this many steps, held-out images.
-FULL = {"pretrain_steps": 150, "steps": 80, "eval_every": 20, "eval_images": 48, "train_images": 640}
-QUICK = {"pretrain_steps": 2, "steps": 2, "eval_every": 1, "eval_images": 2, "train_images": 16}
-# The ViT during fine-tuning: trained with the rest, or frozen (queries, final norm and heads trained).
-VIT_MODES = ("fine-tuned", "frozen")
+# Fine-tuning on few images, where a pretrained start matters most.
+FULL = {"pretrain_steps": 120, "steps": 80, "eval_every": 20, "eval_images": 48, "train_images": 32}
+QUICK = {"pretrain_steps": 2, "steps": 2, "eval_every": 1, "eval_images": 2, "train_images": 8}
+# Fine-tuning seeds (data order, augmentation, fresh heads); the curves are their mean, one run's noise being large.
+SEEDS = (0, 1)
 
 
 def pretrain(model_fields: dict, steps: int, output_dir: Path) -> EomtForUniversalSegmentation:
@@ -94,6 +96,18 @@ def dinov2_from_trunk(model: EomtForUniversalSegmentation) -> Dinov2WithRegister
     return dinov2.eval()
 
 
+def reset_query_blocks(backbone: Dinov2WithRegistersModel, num_blocks: int) -> Dinov2WithRegistersModel:
+    """`backbone` with its last `num_blocks` blocks and final norm freshly initialised (DINOv2's own init): in the
+    pretraining EoMT, those blocks mixed the patch tokens with its queries, and fresh queries start better from
+    random blocks than from ones fitted to other queries."""
+    torch.manual_seed(PRETRAIN_SEED)
+    fresh = Dinov2WithRegistersModel(backbone.config).state_dict()
+    layers = backbone.config.num_hidden_layers
+    reset = tuple(f"encoder.layer.{i}." for i in range(layers - num_blocks, layers)) + ("layernorm.",)
+    backbone.load_state_dict({**backbone.state_dict(), **{k: v for k, v in fresh.items() if k.startswith(reset)}})
+    return backbone
+
+
 def save_backbone(backbone: Dinov2WithRegistersModel, folder: Path) -> Path:
     """Write `backbone` in the transformers format to `folder`: staged beside it, then renamed into place."""
     folder = Path(folder)
@@ -120,24 +134,23 @@ def fine_tune(
     eval_images: int,
     train_images: int,
     backbone: Path | None = None,
-    frozen: bool = False,
+    seed: int = 0,
 ) -> dict[int, float]:
     """Train with `eomt-train` on the first `train_images` images of the `shapes` training split, from `backbone` or
-    (None) from random weights, the ViT `frozen` or not, and return the held-out PQ every `eval_every` steps."""
+    (None) from random weights, and return the held-out PQ every `eval_every` steps: {step: PQ}."""
     if steps % eval_every:
         raise ValueError(f"steps ({steps}) must be a multiple of eval_every ({eval_every}): PQ is read at the end.")
     # The same command for both starts but `--backbone` (whose trunk fields agree with `model_fields`).
     argv = ["--model_name_or_path", PRESET, "--config_overrides", json.dumps(model_fields), "--dataset_name", "shapes",
             "--image_size", str(model_fields["image_size"]), "--scale_min", "0.8", "--scale_max", "1.25",
-            "--max_train_samples", str(train_images), "--max_eval_samples", str(eval_images),
-            "--do_train", "true", "--output_dir", str(output_dir), "--max_steps", str(steps), "--per_device_eval_batch_size", "8",
+            "--max_train_samples", str(train_images), "--max_eval_samples", str(eval_images), "--do_train", "true",
+            "--output_dir", str(output_dir), "--max_steps", str(steps), "--per_device_eval_batch_size", "8",
             "--eval_strategy", "steps", "--eval_steps", str(eval_every), "--logging_strategy", "no",
             # The evaluations are read from the last checkpoint's log history.
             "--save_strategy", "steps", "--save_steps", str(steps), "--save_only_model", "true",
-            "--report_to", "none", "--disable_tqdm", "true", "--seed", "0"]  # fmt: skip
+            "--report_to", "none", "--disable_tqdm", "true", "--seed", str(seed)]  # fmt: skip
     argv += [item for name, value in RECIPE.items() for item in (f"--{name}", str(value))]
     argv += ["--backbone", str(backbone)] if backbone is not None else []
-    argv += ["--freeze_backbone", "true"] if frozen else []
     if eomt_train(argv) != 0:
         raise RuntimeError(f"eomt-train failed (see stderr): {' '.join(argv)}")
     state = json.loads((output_dir / f"checkpoint-{steps}" / "trainer_state.json").read_text())
@@ -145,9 +158,8 @@ def fine_tune(
 
 
 def compare_starts(quick: bool = False, workdir: Path | None = None) -> dict:
-    """Pretrain, save the trunk as DINOv2, then train EoMT from it and from random weights, with the ViT fine-tuned
-    and with it frozen (queries, final norm and heads trained): the PQ curves {(start, ViT): {step: PQ}} and the CPU
-    seconds of each part."""
+    """Pretrain, save the trunk as DINOv2, then fine-tune EoMT from it and from random weights once per seed of
+    `SEEDS`: the mean PQ curves {start: {step: PQ}}, each seed's {start: [{step: PQ}]} and the CPU seconds."""
     sizes, model_fields = (QUICK, QUICK_MODEL) if quick else (FULL, DEMO_MODEL)
     # One thread: this model's small ops spend more time in OpenMP waits than in arithmetic when a second thread
     # shares its core with another process (20x slower on a busy 2-core machine).
@@ -165,16 +177,19 @@ def _compare_starts(sizes: dict, model_fields: dict, workdir: Path | None) -> di
         tmp = Path(tmp)
         start = time.process_time()
         pretrained = pretrain(model_fields, sizes["pretrain_steps"], tmp / "pretraining")
-        folder = save_backbone(dinov2_from_trunk(pretrained), tmp / "dinov2")
+        trunk = reset_query_blocks(dinov2_from_trunk(pretrained), model_fields["num_blocks"])
+        folder = save_backbone(trunk, tmp / "dinov2")
         seconds = {"pretraining": time.process_time() - start}
-        curves = {}
-        for vit in VIT_MODES:
-            for name, backbone in (("pretrained", folder), ("random", None)):
-                start = time.process_time()
-                output = tmp / f"{name}-{vit}"
-                curves[name, vit] = fine_tune(output, model_fields, backbone=backbone, frozen=vit == "frozen", **run)
-                seconds[f"{name}, {vit}"] = time.process_time() - start
-    return {"curves": curves, "cpu_seconds": seconds}
+        runs = {}
+        for name, backbone in (("pretrained", folder), ("random", None)):
+            start = time.process_time()
+            runs[name] = [
+                fine_tune(tmp / f"{name}-{seed}", model_fields, backbone=backbone, seed=seed, **run) for seed in SEEDS
+            ]
+            seconds[name] = time.process_time() - start
+    curves = {name: {step: sum(c[step] for c in seed_curves) / len(seed_curves) for step in seed_curves[0]}
+              for name, seed_curves in runs.items()}  # fmt: skip
+    return {"curves": curves, "runs": runs, "cpu_seconds": seconds}
 
 
 def plot_curves(result: dict, path: Path) -> Path:
@@ -185,12 +200,14 @@ def plot_curves(result: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axis = plt.subplots(figsize=(6, 4))
-    colors = {"pretrained": "tab:blue", "random": "0.5"}
-    for (name, vit), curve in result["curves"].items():
-        label = f"{name} start (--backbone), ViT {vit}" if name == "pretrained" else f"{name} start, ViT {vit}"
-        style = "o-" if vit == "fine-tuned" else "s--"
-        axis.plot(list(curve), [100 * pq for pq in curve.values()], style, color=colors[name], label=label)
-    axis.set_xlabel("fine-tuning steps (batch 8)")
+    styles = {"pretrained": ("tab:blue", "pretrained start (--backbone)"), "random": ("0.5", "random start")}
+    for name, curve in result["curves"].items():
+        color, label = styles[name]
+        for run in result["runs"][name]:  # each seed, faint
+            axis.plot(list(run), [100 * pq for pq in run.values()], "-", color=color, alpha=0.3, lw=1)
+        mean = f"{label}, mean of {len(result['runs'][name])} seeds"
+        axis.plot(list(curve), [100 * pq for pq in curve.values()], "o-", color=color, label=mean)
+    axis.set_xlabel(f"fine-tuning steps (batch 8, {result['train_images']} training images)")
     axis.set_ylabel(f"PQ on {result['eval_images']} held-out shapes images")
     axis.set_title(f"EoMT on shapes: a DINOv2 pretrained for {result['pretrain_steps']} steps vs random weights")
     axis.title.set_fontsize(9)
@@ -212,9 +229,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     result = compare_starts(args.quick)
     plot = plot_curves(result, args.output / "backbone_pq.png")
-    for (name, vit), curve in result["curves"].items():
-        steps = ", ".join(f"{step}: {100 * pq:.1f}" for step, pq in curve.items())
-        print(f"{name:>10} start, ViT {vit:<10} PQ by step: {steps}")
+    for name, curve in result["curves"].items():
+        for label, points in [("mean", curve)] + [
+            (f"seed {seed}", run) for seed, run in zip(SEEDS, result["runs"][name])
+        ]:
+            steps = ", ".join(f"{step}: {100 * pq:.1f}" for step, pq in points.items())
+            print(f"{name:>10} start, {label:<6} PQ by step: {steps}")
     print(f"CPU seconds: {json.dumps({k: round(v) for k, v in result['cpu_seconds'].items()})}; plot: {plot}")
     return result
 

@@ -59,11 +59,14 @@ def test_from_backbone_reads_back_the_whole_trunk(tmp_path):
 def test_the_quick_comparison_trains_both_starts_and_plots_their_curves(tmp_path, capsys):
     result = bench.main(["--quick", "--output", str(tmp_path)])
     steps = list(range(bench.QUICK["eval_every"], bench.QUICK["steps"] + 1, bench.QUICK["eval_every"]))
-    assert set(result["curves"]) == {(start, vit) for start in ("pretrained", "random") for vit in bench.VIT_MODES}
-    for curve in result["curves"].values():
-        assert list(curve) == steps and all(0 <= pq <= 1 for pq in curve.values())
+    assert set(result["curves"]) == set(result["runs"]) == {"pretrained", "random"}
+    for name, curve in result["curves"].items():
+        runs = result["runs"][name]
+        assert len(runs) == len(bench.SEEDS) and all(list(run) == steps for run in runs)
+        for step, pq in curve.items():  # the mean of the seeds' runs
+            assert 0 <= pq <= 1 and pq == pytest.approx(sum(run[step] for run in runs) / len(runs))
     out = capsys.readouterr().out
-    assert "pretrained start, ViT frozen" in out and "random start, ViT fine-tuned" in out
+    assert "pretrained start, mean" in out and "random start, seed 1" in out
     data = (tmp_path / "backbone_pq.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", data[16:24])[0] > 300
 
@@ -71,3 +74,13 @@ def test_the_quick_comparison_trains_both_starts_and_plots_their_curves(tmp_path
 def test_eval_points_that_miss_the_last_step_are_refused(tmp_path):
     with pytest.raises(ValueError, match="multiple of eval_every"):
         bench.fine_tune(tmp_path, bench.QUICK_MODEL, steps=5, eval_every=2, eval_images=2, train_images=8)
+
+
+def test_only_the_blocks_that_saw_the_queries_and_the_final_norm_are_reset():
+    model = trained_looking(EomtForUniversalSegmentation(EomtConfig(**TINY)))
+    converted = bench.dinov2_from_trunk(model).state_dict()
+    reset = bench.reset_query_blocks(bench.dinov2_from_trunk(model), TINY["num_blocks"]).state_dict()
+    last = f"encoder.layer.{TINY['num_hidden_layers'] - 1}."
+    for key, tensor in converted.items():
+        kept = not key.startswith((last, "layernorm."))
+        assert torch.equal(reset[key], tensor) == kept, key
