@@ -1,119 +1,111 @@
-"""A small pretrained backbone for `from_backbone` comparisons: a DINOv2-format ViT pretrained on `shapes` images.
+"""Does EoMT learn from a pretrained start? A tiny DINOv2 pretrained on `shapes`, fine-tuned against random weights.
 
-    python benchmarks/bench_backbone.py [--output demo_output/shapes_dinov2] [--steps 300] [--quick]
+    python benchmarks/bench_backbone.py [--output benchmarks/results] [--quick]
 
-The proxy task is supervised patch classification: a linear head on the last hidden states predicts the class that
-covers most of each patch, on images of another seed than the demo's training and evaluation sets. The ViT has the
-demo EoMT's width and depth at DINOv2's patch size 14 and 112 pixels, the 8×8 grid the demo's patch 16 at 128 pixels
-gives, so `from_backbone(folder, image_size=128)` takes the paper's path: the 14×14 kernel resampled to 16×16. The
-folder is written in the transformers DINOv2-with-registers format.
+No real weights reach this machine, so the evidence is synthetic:
 
-Prints the held-out patch accuracy of the pretrained ViT and, as the baseline, of the untrained one with the same head
-training budget (a linear probe of its random features).
+1. Pretraining (the proxy task): a demo-sized EoMT (`modeling_eomt/training/demo.py`) learns panoptic segmentation
+   of `shapes` images of a seed that neither of `eomt-train`'s `shapes` splits uses.
+2. Its ViT trunk is written as a transformers `Dinov2WithRegistersModel` folder at the demo's patch 16 and 128
+   pixels: the embeddings and the blocks before the queries join as trained; the last `num_blocks` blocks and the
+   final norm freshly initialised, since fresh queries start worse from blocks fitted to the pretraining's queries
+   than from random ones (with them kept, the pretrained start trailed the random one, the ViT fine-tuned or frozen).
+   A per-patch proxy (classifying each patch) made a worse start than random weights too.
+3. `eomt-train --backbone FOLDER` fine-tunes a fresh EoMT (new queries and heads) on 32 images of the training split,
+   and the same command without `--backbone` trains the same architecture from random weights, with the same recipe;
+   each for two seeds. Both evaluate PQ on held-out images every 20 steps.
+
+Writes both PQ curves to `backbone_pq.png` in the output folder and prints them.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import json
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from modeling_eomt.configuration import IMAGENET_MEAN, IMAGENET_STD
-from torch import nn
 from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
-from modeling_eomt.training.shapes import SHAPES_ID2LABEL, render_shapes_example
+from modeling_eomt import EomtConfig, EomtForUniversalSegmentation
+from modeling_eomt.backbones import HEAD_PREFIXES
+from modeling_eomt.training.augmentation import TrainTransform
+from modeling_eomt.training.collators import SegmentationCollator
+from modeling_eomt.training.demo import DEMO_MODEL
+from modeling_eomt.training.shapes import SHAPES_ID2LABEL, shapes_dataset
+from modeling_eomt.training.train import main as eomt_train
+from modeling_eomt.training.trainer import EomtTrainer, EomtTrainingArguments
 
-# The demo EoMT's trunk (modeling_eomt/training/demo.py) at DINOv2's patch size; same 8×8 grid.
-BACKBONE = {"hidden_size": 192, "num_hidden_layers": 6, "num_attention_heads": 3, "num_register_tokens": 4}
-IMAGE_SIZE, PATCH_SIZE = 112, 14
-QUICK = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_register_tokens": 4}
-BATCH_SIZE = 16
-
-
-def render_images(count: int, seed: int, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`count` shapes images normalised with the ImageNet statistics `(count, 3, S, S)`, and the class covering most
-    of each patch `(count, N)`."""
-    images, labels = [], []
-    for index in range(count):
-        example = render_shapes_example(index, seed=seed, image_size=image_size)
-        images.append(example["image"])
-        # Segments do not overlap: one class per pixel.
-        semantic = (example["masks"].long() * example["class_labels"].view(-1, 1, 1)).sum(0)
-        shares = F.avg_pool2d(F.one_hot(semantic, len(SHAPES_ID2LABEL)).permute(2, 0, 1).float(), PATCH_SIZE)
-        labels.append(shares.flatten(1).argmax(0))
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (torch.stack(images).float() / 255 - mean) / std, torch.stack(labels)
-
-
-def patch_logits(backbone: Dinov2WithRegistersModel, head: nn.Linear, images: torch.Tensor) -> torch.Tensor:
-    """Class logits of every patch `(B, N, classes)` from the final normalised patch tokens."""
-    return head(backbone(images).last_hidden_state[:, 1 + backbone.config.num_register_tokens :])
-
-
-def train_patch_classifier(
-    backbone: Dinov2WithRegistersModel, images: torch.Tensor, labels: torch.Tensor, steps: int, seed: int
-) -> nn.Linear:
-    """Train a fresh linear head, and the backbone unless it is frozen (`requires_grad_(False)`), for `steps` steps of
-    AdamW (batches of 16, horizontal flips; warmup, then cosine decay). Returns the head."""
-    torch.manual_seed(seed)
-    head = nn.Linear(backbone.config.hidden_size, len(SHAPES_ID2LABEL))
-    parameters = [p for p in (*backbone.parameters(), *head.parameters()) if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=0.05)
-    warmup = max(1, steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
-    )
-    generator = torch.Generator().manual_seed(seed)
-    grid = math.isqrt(labels.shape[1])
-    backbone.train()
-    for _ in range(steps):
-        batch = torch.randint(len(images), (BATCH_SIZE,), generator=generator)
-        batch_images, batch_labels = images[batch], labels[batch]
-        # A horizontal flip mirrors the patch grid too.
-        if torch.rand((), generator=generator) < 0.5:
-            batch_images = batch_images.flip(-1)
-            batch_labels = batch_labels.view(-1, grid, grid).flip(-1).flatten(1)
-        loss = F.cross_entropy(patch_logits(backbone, head, batch_images).flatten(0, 1), batch_labels.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        schedule.step()
-    backbone.eval()
-    return head
+# The architecture preset under the demo's sizes (`DEMO_MODEL`), as in `make demo`.
+PRESET = "coco_panoptic_eomt_small_640_2x"
+# A tiny model at 32 pixels for --quick (a smoke test: its PQ means nothing).
+QUICK_MODEL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_blocks": 1,
+               "image_size": 32, "num_queries": 5, "train_num_points": 64}  # fmt: skip
+# eomt-train's `shapes` splits use seeds 0 (train) and 1_000_003 (the others): pretraining sees other images.
+PRETRAIN_SEED = 7
+BATCH_SIZE = 8
+# One short recipe for pretraining and both fine-tuning runs (the demo's, with a shorter head warmup).
+RECIPE = {"learning_rate": 1e-3, "layer_decay": 1.0, "head_warmup_steps": 10, "backbone_warmup_steps": 0,
+          "max_grad_norm": 1.0, "per_device_train_batch_size": BATCH_SIZE, "dataloader_num_workers": 0}  # fmt: skip
+# Full size: pretraining steps, fine-tuning steps, PQ every this many steps, held-out images.
+# Fine-tuning on few images, where a pretrained start matters most.
+FULL = {"pretrain_steps": 120, "steps": 80, "eval_every": 20, "eval_images": 48, "train_images": 32}
+QUICK = {"pretrain_steps": 2, "steps": 2, "eval_every": 1, "eval_images": 2, "train_images": 8}
+# Fine-tuning seeds (data order, augmentation, fresh heads); the curves are their mean, one run's noise being large.
+SEEDS = (0, 1)
 
 
-def patch_accuracy(
-    backbone: Dinov2WithRegistersModel, head: nn.Linear, images: torch.Tensor, labels: torch.Tensor
-) -> float:
-    with torch.no_grad():
-        return (patch_logits(backbone, head, images).argmax(-1) == labels).float().mean().item()
+def pretrain(model_fields: dict, steps: int, output_dir: Path) -> EomtForUniversalSegmentation:
+    """A `model_fields` EoMT trained on panoptic `shapes` (seed `PRETRAIN_SEED`) for `steps` steps with `RECIPE`."""
+    size = model_fields["image_size"]
+    dataset = shapes_dataset(steps * BATCH_SIZE, image_size=size, seed=PRETRAIN_SEED)
+    labels = {"num_labels": len(SHAPES_ID2LABEL), "id2label": SHAPES_ID2LABEL,
+              "label2id": {name: i for i, name in SHAPES_ID2LABEL.items()}}  # fmt: skip
+    torch.manual_seed(PRETRAIN_SEED)
+    model = EomtForUniversalSegmentation(EomtConfig.from_preset(PRESET, **model_fields, **labels))
+    args = EomtTrainingArguments(
+        output_dir=str(output_dir), max_steps=steps, save_strategy="no", report_to="none", disable_tqdm=True,
+        logging_strategy="no", seed=PRETRAIN_SEED, remove_unused_columns=False, **RECIPE,
+    )  # fmt: skip
+    train_dataset = dataset.with_transform(TrainTransform(size, (0.8, 1.25)), seed=PRETRAIN_SEED)
+    EomtTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=SegmentationCollator()).train()
+    return model.eval()
 
 
-def pretrain(
-    architecture: dict, steps: int, pool: int = 512, seed: int = 1000
-) -> tuple[Dinov2WithRegistersModel, dict]:
-    """A DINOv2-with-registers ViT pretrained by patch classification on `shapes` (seed `seed`, not the demo's); with
-    the held-out patch accuracy of it and of a linear probe of the untrained ViT, trained for as many steps."""
-    torch.manual_seed(seed)
-    config = Dinov2WithRegistersConfig(**architecture, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
-    untrained, backbone = Dinov2WithRegistersModel(config), Dinov2WithRegistersModel(config)
-    backbone.load_state_dict(untrained.state_dict())
-    images, labels = render_images(pool, seed, IMAGE_SIZE)
-    held_out = render_images(64, seed + 1, IMAGE_SIZE)
-    head = train_patch_classifier(backbone, images, labels, steps, seed)
-    probe = train_patch_classifier(untrained.requires_grad_(False), images, labels, steps, seed)
-    accuracy = {
-        "pretrained": patch_accuracy(backbone, head, *held_out),
-        "untrained": patch_accuracy(untrained, probe, *held_out),
-    }
-    return backbone, accuracy
+def dinov2_from_trunk(model: EomtForUniversalSegmentation) -> Dinov2WithRegistersModel:
+    """The ViT trunk of `model` as a transformers DINOv2-with-registers model: `layers.N` → `encoder.layer.N`,
+    `out_proj` → `o_proj`, and a position table with a zero CLS entry (EoMT's CLS token carries no position)."""
+    config = model.config
+    fields = ("hidden_size", "num_hidden_layers", "num_attention_heads", "mlp_ratio", "hidden_act", "layer_norm_eps",
+              "layerscale_value", "num_register_tokens", "image_size", "patch_size", "num_channels")  # fmt: skip
+    dinov2 = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**{field: getattr(config, field) for field in fields}))
+    weights = {}
+    for key, tensor in model.state_dict().items():
+        if key.startswith(HEAD_PREFIXES):
+            continue
+        key = key.replace(".attention.out_proj.", ".attention.o_proj.")
+        weights[key.replace("layers.", "encoder.layer.", 1) if key.startswith("layers.") else key] = tensor
+    positions = weights.pop("embeddings.position_embeddings.weight")
+    cls_entry = positions.new_zeros(1, positions.shape[1])
+    weights["embeddings.position_embeddings"] = torch.cat([cls_entry, positions])[None]
+    weights["embeddings.mask_token"] = dinov2.embeddings.mask_token.detach()  # unused by a forward without masks
+    dinov2.load_state_dict(weights, strict=True)
+    return dinov2.eval()
+
+
+def reset_query_blocks(backbone: Dinov2WithRegistersModel, num_blocks: int) -> Dinov2WithRegistersModel:
+    """`backbone` with its last `num_blocks` blocks and final norm freshly initialised (DINOv2's own init): in the
+    pretraining EoMT, those blocks mixed the patch tokens with its queries, and fresh queries start better from
+    random blocks than from ones fitted to other queries."""
+    torch.manual_seed(PRETRAIN_SEED)
+    fresh = Dinov2WithRegistersModel(backbone.config).state_dict()
+    layers = backbone.config.num_hidden_layers
+    reset = tuple(f"encoder.layer.{i}." for i in range(layers - num_blocks, layers)) + ("layernorm.",)
+    backbone.load_state_dict({**backbone.state_dict(), **{k: v for k, v in fresh.items() if k.startswith(reset)}})
+    return backbone
 
 
 def save_backbone(backbone: Dinov2WithRegistersModel, folder: Path) -> Path:
@@ -134,23 +126,117 @@ def save_backbone(backbone: Dinov2WithRegistersModel, folder: Path) -> Path:
     return folder
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", type=Path, default=Path("demo_output/shapes_dinov2"))
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--quick", action="store_true", help="a tiny ViT for a few steps (a smoke test)")
-    args = parser.parse_args(argv)
-    architecture, steps, pool = (QUICK, 3, 16) if args.quick else (BACKBONE, args.steps, 512)
+def fine_tune(
+    output_dir: Path,
+    model_fields: dict,
+    steps: int,
+    eval_every: int,
+    eval_images: int,
+    train_images: int,
+    backbone: Path | None = None,
+    seed: int = 0,
+) -> dict[int, float]:
+    """Train with `eomt-train` on the first `train_images` images of the `shapes` training split, from `backbone` or
+    (None) from random weights, and return the held-out PQ every `eval_every` steps: {step: PQ}."""
+    if steps % eval_every:
+        raise ValueError(f"steps ({steps}) must be a multiple of eval_every ({eval_every}): PQ is read at the end.")
+    # The same command for both starts but `--backbone` (whose trunk fields agree with `model_fields`).
+    argv = ["--model_name_or_path", PRESET, "--config_overrides", json.dumps(model_fields), "--dataset_name", "shapes",
+            "--image_size", str(model_fields["image_size"]), "--scale_min", "0.8", "--scale_max", "1.25",
+            "--max_train_samples", str(train_images), "--max_eval_samples", str(eval_images), "--do_train", "true",
+            "--output_dir", str(output_dir), "--max_steps", str(steps), "--per_device_eval_batch_size", "8",
+            "--eval_strategy", "steps", "--eval_steps", str(eval_every), "--logging_strategy", "no",
+            # The evaluations are read from the last checkpoint's log history.
+            "--save_strategy", "steps", "--save_steps", str(steps), "--save_only_model", "true",
+            "--report_to", "none", "--disable_tqdm", "true", "--seed", str(seed)]  # fmt: skip
+    argv += [item for name, value in RECIPE.items() for item in (f"--{name}", str(value))]
+    argv += ["--backbone", str(backbone)] if backbone is not None else []
+    if eomt_train(argv) != 0:
+        raise RuntimeError(f"eomt-train failed (see stderr): {' '.join(argv)}")
+    state = json.loads((output_dir / f"checkpoint-{steps}" / "trainer_state.json").read_text())
+    return {entry["step"]: entry["eval_pq"] for entry in state["log_history"] if "eval_pq" in entry}
 
-    start = time.process_time()
-    backbone, accuracy = pretrain(architecture, steps, pool=pool)
-    folder = save_backbone(backbone, args.output)
-    print(f"pretrained for {steps} steps in {time.process_time() - start:.0f} s of CPU time; saved to {folder}")
-    ratio = (1 - accuracy["pretrained"]) / (1 - accuracy["untrained"])
-    print(
-        f"held-out patch accuracy: {accuracy['pretrained']:.3f} vs {accuracy['untrained']:.3f} for a linear probe of "
-        f"the untrained ViT (error ratio {ratio:.2f})"
-    )
+
+def compare_starts(quick: bool = False, workdir: Path | None = None) -> dict:
+    """Pretrain, save the trunk as DINOv2, then fine-tune EoMT from it and from random weights once per seed of
+    `SEEDS`: the mean PQ curves {start: {step: PQ}}, each seed's {start: [{step: PQ}]} and the CPU seconds."""
+    sizes, model_fields = (QUICK, QUICK_MODEL) if quick else (FULL, DEMO_MODEL)
+    # One thread: this model's small ops spend more time in OpenMP waits than in arithmetic when a second thread
+    # shares its core with another process (20x slower on a busy 2-core machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return {**_compare_starts(sizes, model_fields, workdir), **sizes}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compare_starts(sizes: dict, model_fields: dict, workdir: Path | None) -> dict:
+    run = {key: sizes[key] for key in ("steps", "eval_every", "eval_images", "train_images")}
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        tmp = Path(tmp)
+        start = time.process_time()
+        pretrained = pretrain(model_fields, sizes["pretrain_steps"], tmp / "pretraining")
+        trunk = reset_query_blocks(dinov2_from_trunk(pretrained), model_fields["num_blocks"])
+        folder = save_backbone(trunk, tmp / "dinov2")
+        seconds = {"pretraining": time.process_time() - start}
+        runs = {}
+        for name, backbone in (("pretrained", folder), ("random", None)):
+            start = time.process_time()
+            runs[name] = [
+                fine_tune(tmp / f"{name}-{seed}", model_fields, backbone=backbone, seed=seed, **run) for seed in SEEDS
+            ]
+            seconds[name] = time.process_time() - start
+    curves = {name: {step: sum(c[step] for c in seed_curves) / len(seed_curves) for step in seed_curves[0]}
+              for name, seed_curves in runs.items()}  # fmt: skip
+    return {"curves": curves, "runs": runs, "cpu_seconds": seconds}
+
+
+def plot_curves(result: dict, path: Path) -> Path:
+    """Both PQ curves against fine-tuning steps, as a PNG at `path` (written beside it, then renamed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(6, 4))
+    styles = {"pretrained": ("tab:blue", "pretrained start (--backbone)"), "random": ("0.5", "random start")}
+    for name, curve in result["curves"].items():
+        color, label = styles[name]
+        for run in result["runs"][name]:  # each seed, faint
+            axis.plot(list(run), [100 * pq for pq in run.values()], "-", color=color, alpha=0.3, lw=1)
+        mean = f"{label}, mean of {len(result['runs'][name])} seeds"
+        axis.plot(list(curve), [100 * pq for pq in curve.values()], "o-", color=color, label=mean)
+    axis.set_xlabel(f"fine-tuning steps (batch 8, {result['train_images']} training images)")
+    axis.set_ylabel(f"PQ on {result['eval_images']} held-out shapes images")
+    axis.set_title(f"EoMT on shapes: a DINOv2 pretrained for {result['pretrain_steps']} steps vs random weights")
+    axis.title.set_fontsize(9)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    fig.savefig(staging, dpi=110, format="png")
+    plt.close(fig)
+    staging.replace(path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--quick", action="store_true", help="a tiny model for a few steps (a smoke test)")
+    args = parser.parse_args(argv)
+    result = compare_starts(args.quick)
+    plot = plot_curves(result, args.output / "backbone_pq.png")
+    for name, curve in result["curves"].items():
+        for label, points in [("mean", curve)] + [
+            (f"seed {seed}", run) for seed, run in zip(SEEDS, result["runs"][name])
+        ]:
+            steps = ", ".join(f"{step}: {100 * pq:.1f}" for step, pq in points.items())
+            print(f"{name:>10} start, {label:<6} PQ by step: {steps}")
+    print(f"CPU seconds: {json.dumps({k: round(v) for k, v in result['cpu_seconds'].items()})}; plot: {plot}")
+    return result
 
 
 if __name__ == "__main__":

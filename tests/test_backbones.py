@@ -1,9 +1,6 @@
 """`EomtForUniversalSegmentation.from_backbone`: a pretrained DINOv2/DINOv3 trunk, checked against the backbone models
 themselves (transformers' DINOv2 and DINOv3 at their own patch size) and against timm's loader after resampling."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 import transformers
@@ -261,17 +258,3 @@ def test_a_state_dict_of_unusual_width_asks_for_the_head_count(tmp_path):
     save_file(timm_dinov2(56).state_dict(), tmp_path / "dinov2.safetensors")
     with pytest.raises(BackboneError, match="Pass num_attention_heads"):
         EomtForUniversalSegmentation.from_backbone(str(tmp_path / "dinov2.safetensors"), **HEADS)
-
-
-# ------------------------------------------------------------------------------------------ the pretraining benchmark
-def test_the_pretraining_benchmark_saves_a_backbone_that_from_backbone_reads(tmp_path, capsys):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_backbone.py"
-    spec = importlib.util.spec_from_file_location("bench_backbone", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    bench.main(["--quick", "--output", str(tmp_path / "backbone")])
-    assert "ratio" in capsys.readouterr().out
-    # The demo's patch 16 at 128 pixels: the 14-pixel kernel resampled, the 8×8 grid kept.
-    model = EomtForUniversalSegmentation.from_backbone(str(tmp_path / "backbone"), image_size=128, **HEADS)
-    assert model.embeddings.patch_embeddings.projection.weight.shape[-1] == 16
-    assert model.embeddings.position_embeddings.weight.shape[0] == 64
