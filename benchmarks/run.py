@@ -2,11 +2,14 @@
 
     python benchmarks/run.py [--large] [--repeats 5] [--quick] [--output benchmarks/results]
 
-- model forward: ours vs a bare ViT with registers of the same size (the floor) vs transformers' built-in EoMT,
-  ViT-S and ViT-B at 640 (ViT-L with --large), batch 1 and 4; Mask2Former (Swin-T) at 640 as the alternative;
+- model forward: ours vs a bare ViT with registers of the same size (the floor, also per FLOP) vs transformers'
+  built-in EoMT, ViT-S and ViT-B at 640 (ViT-L with --large), batch 1 and 4; Mask2Former (Swin-T) at 640 as the
+  alternative; DINOv3 ViT-S/B vs the built-in `eomt_dinov3` and a bare DINOv3 ViT; compiled ours vs compiled built-in;
 - post-processing (panoptic, instance, semantic) and image → panoptic segments vs the built-in processor;
 - one training step (forward, matching, loss, backward, AdamW) vs the built-in, ViT-S 640, batch 2;
-- peak memory of inference and of a training step, one fresh subprocess per model so peaks are comparable.
+- peak memory of inference and of a training step, one fresh subprocess per model so peaks are comparable;
+- ONNX export: onnxruntime vs PyTorch eager forward, export time, file size;
+- fine-tuning from a pretrained (shapes-pretrained, DINOv2-format) backbone vs from random weights: PQ curves.
 
 Writes `benchmarks.md` (ratios first, absolute numbers second, targets and whether they are met), `benchmarks.png`
 and the raw `benchmarks.json` to the output folder. Times are medians of interleaved repeats in process CPU time
