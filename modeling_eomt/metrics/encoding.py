@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import datasets
+import evaluate
 import numpy as np
 
 # Arrow schema of one run-length encoded array.
@@ -208,3 +209,16 @@ class EncodedInputsMixin:
         if reference is not None:
             reference = self.encode_example(reference, "references")
         super().add(prediction=prediction, reference=reference, **kwargs)
+
+
+def metric_info(
+    description: str, citation: str, inputs_description: str, stored: Any, reference_urls: Sequence[str] = ()
+) -> evaluate.MetricInfo:
+    """The `MetricInfo` of a metric whose predictions and references are stored in their encoded form `stored`."""
+    return evaluate.MetricInfo(
+        description=description,
+        citation=citation,
+        inputs_description=inputs_description,
+        features=datasets.Features({"predictions": stored, "references": stored}),
+        reference_urls=list(reference_urls),
+    )

@@ -26,6 +26,7 @@ from modeling_eomt.metrics.encoding import (
     check_labels,
     decode_runs,
     encode_runs,
+    metric_info,
     segments_from_example,
 )
 
@@ -245,12 +246,8 @@ class MaskAP(EncodedInputsMixin, evaluate.Metric):
     encode_example = staticmethod(encode_instances)
 
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": _STORED, "references": _STORED}),
-            reference_urls=["https://github.com/cocodataset/cocoapi"],
+        return metric_info(
+            _DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION, _STORED, ["https://github.com/cocodataset/cocoapi"]
         )
 
     def _compute(self, predictions, references, per_category=False, num_labels=None):

@@ -11,11 +11,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import datasets
 import evaluate
 import numpy as np
 
-from modeling_eomt.metrics.encoding import RUNS_FEATURE, EncodedInputsMixin, decode_runs, encode_runs, integer_map
+from modeling_eomt.metrics.encoding import (
+    RUNS_FEATURE,
+    EncodedInputsMixin,
+    decode_runs,
+    encode_runs,
+    integer_map,
+    metric_info,
+)
 
 _DESCRIPTION = __doc__
 
@@ -99,12 +105,7 @@ class MeanIoU(EncodedInputsMixin, evaluate.Metric):
     encode_example = staticmethod(encode_semantic)
 
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": RUNS_FEATURE, "references": RUNS_FEATURE}),
-        )
+        return metric_info(_DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION, RUNS_FEATURE)
 
     def _compute(self, predictions, references, num_labels: int | None = None, ignore_index: int = 255):
         if num_labels is None or num_labels <= 0:

@@ -25,6 +25,7 @@ from modeling_eomt.metrics.encoding import (
     check_labels,
     decode_runs,
     encode_runs,
+    metric_info,
     segment_index_map,
 )
 
@@ -163,12 +164,8 @@ class PanopticQuality(EncodedInputsMixin, evaluate.Metric):
     encode_example = staticmethod(encode_panoptic)
 
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": _STORED, "references": _STORED}),
-            reference_urls=["https://github.com/cocodataset/panopticapi"],
+        return metric_info(
+            _DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION, _STORED, ["https://github.com/cocodataset/panopticapi"]
         )
 
     def _compute(self, predictions, references, stuff_classes=None, per_category=False, num_labels=None):
