@@ -111,13 +111,22 @@ def original_state_dict(
                     block + "mlp.fc2.bias": rand(d),
                 }
             )
-    sd["network.q.weight"] = rand(num_queries, d, scale=1.0)
-    sd["network.class_head.weight"], sd["network.class_head.bias"] = rand(num_labels + 1, d), rand(num_labels + 1)
+    sd.update(release_head(rand, d, num_queries, num_labels, max(1, int(math.log2(patch_size)) - 2)))
+    empty_weight = torch.ones(num_labels + 1)
+    empty_weight[-1] = 0.1
+    sd["criterion.empty_weight"] = empty_weight
+    return sd
+
+
+def release_head(rand, d: int, num_queries: int, num_labels: int, num_upscale: int) -> dict[str, torch.Tensor]:
+    """Queries and heads of an original-release state dict (`network.` names), drawn with `rand(*shape, scale=...)`."""
+    head = {"network.q.weight": rand(num_queries, d, scale=1.0)}
+    head["network.class_head.weight"], head["network.class_head.bias"] = rand(num_labels + 1, d), rand(num_labels + 1)
     for i in (0, 2, 4):
-        sd[f"network.mask_head.{i}.weight"], sd[f"network.mask_head.{i}.bias"] = rand(d, d), rand(d)
-    for i in range(max(1, int(math.log2(patch_size)) - 2)):
+        head[f"network.mask_head.{i}.weight"], head[f"network.mask_head.{i}.bias"] = rand(d, d), rand(d)
+    for i in range(num_upscale):
         up = f"network.upscale.{i}."
-        sd.update(
+        head.update(
             {
                 up + "conv1.weight": rand(d, d, 2, 2),
                 up + "conv1.bias": rand(d),
@@ -126,10 +135,7 @@ def original_state_dict(
                 up + "norm.bias": rand(d),
             }
         )
-    empty_weight = torch.ones(num_labels + 1)
-    empty_weight[-1] = 0.1
-    sd["criterion.empty_weight"] = empty_weight
-    return sd
+    return head
 
 
 def original_config(size: str = "small", **arch) -> dict:

@@ -18,6 +18,7 @@ from modeling_eomt.convert.__main__ import main
 from modeling_eomt.convert.convert import logit_difference, verification_pixels
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from test_convert import release_head
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
 import modeling_eomt  # registers the Auto classes
@@ -82,21 +83,7 @@ def delta_state_dict(
     for name, tensor in base.state_dict().items():
         if not name.endswith("mask_token"):  # the release deletes it
             sd[release_name(name)] = 0.1 * rand(*tensor.shape, scale=tensor.std().item() if tensor.numel() > 1 else 1)
-    sd["network.q.weight"] = rand(num_queries, d, scale=1.0)
-    sd["network.class_head.weight"], sd["network.class_head.bias"] = rand(num_labels + 1, d), rand(num_labels + 1)
-    for i in (0, 2, 4):
-        sd[f"network.mask_head.{i}.weight"], sd[f"network.mask_head.{i}.bias"] = rand(d, d), rand(d)
-    for i in range(2):
-        up = f"network.upscale.{i}."
-        sd.update(
-            {
-                up + "conv1.weight": rand(d, d, 2, 2),
-                up + "conv1.bias": rand(d),
-                up + "conv2.weight": rand(d, 1, 3, 3, scale=0.3),
-                up + "norm.weight": 1 + rand(d),
-                up + "norm.bias": rand(d),
-            }
-        )
+    sd.update(release_head(rand, d, num_queries, num_labels, 2))
     sd["criterion.empty_weight"] = torch.ones(num_labels + 1)
     return sd
 
