@@ -131,7 +131,9 @@ class EomtBaseConfig(PretrainedConfig):
 
     def check(self) -> None:
         """Raise a `TypeError`/`ValueError` naming the first ill-typed or inconsistent field (called on construction)."""
-        for name, kind in _FIELD_TYPES.items():
+        numeric = {field.name: _NUMBER_KINDS[field.type] for field in dataclasses.fields(self)
+                   if field.type in _NUMBER_KINDS}  # fmt: skip
+        for name, kind in numeric.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, kind):
                 raise TypeError(
@@ -279,17 +281,20 @@ class EomtDinov3Config(EomtBaseConfig):
     model_type = "eomt_dinov3"
     uses_rope = True
 
-    intermediate_size: int = 4096
+    # Positions: RoPE on the patch tokens, and its training-time coordinate augmentations.
     rope_parameters: dict | None = None
-    query_bias: bool = True
+    pos_embed_rescale: float | None = 2.0
+    pos_embed_jitter: float | None = None
+    pos_embed_shift: float | None = None
+    # Feed-forward network.
+    use_gated_mlp: bool = False
+    intermediate_size: int = 4096
+    mlp_bias: bool = True
+    # Attention projections: DINOv3 drops the key bias.
     key_bias: bool = False
+    query_bias: bool = True
     value_bias: bool = True
     proj_bias: bool = True
-    mlp_bias: bool = True
-    use_gated_mlp: bool = False
-    pos_embed_shift: float | None = None
-    pos_embed_jitter: float | None = None
-    pos_embed_rescale: float | None = 2.0
 
     def __post_init__(self, **kwargs):
         if self.rope_parameters is None:
@@ -341,18 +346,13 @@ class EomtDinov3Config(EomtBaseConfig):
         return self.mlp_bias
 
 
-# Fields whose type a hand-edited config.json can get wrong ("32" for 32): checked on construction.
-_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
-    **dict.fromkeys(
-        ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
-         "num_register_tokens", "num_queries", "num_blocks", "num_upscale_blocks", "train_num_points"), int,
-    ),
-    **dict.fromkeys(
-        ("layer_norm_eps", "layerscale_value", "hidden_dropout_prob", "attention_dropout", "drop_path_rate",
-         "initializer_range", "class_weight", "mask_weight", "dice_weight", "no_object_weight", "oversample_ratio",
-         "importance_sample_ratio"), (int, float),
-    ),
-}  # fmt: skip
+# Numeric fields, by their annotation, whose type a hand-edited config.json can get wrong ("32" for 32).
+_NUMBER_KINDS: dict[object, type | tuple[type, ...]] = {
+    "int": int,
+    int: int,
+    "float": (int, float),
+    float: (int, float),
+}
 
 
 def _refuse_misspelled_fields(config: EomtBaseConfig, extra: dict) -> None:

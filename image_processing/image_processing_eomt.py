@@ -132,24 +132,17 @@ class EomtImageProcessor(BaseImageProcessor):
         """The settings EoMT uses for a task: panoptic/instance scale the long side to `image_size` and pad to a
         square; semantic scales the short side to `image_size` and slides square windows (ignore index 255;
         `do_reduce_labels` for label files where 0 means "other", like ADE20K's)."""
-        if task == "semantic":
-            return cls(
-                size={"shortest_edge": image_size, "longest_edge": None},
-                do_split_image=True,
-                do_pad=False,
-                image_mean=image_mean,
-                image_std=image_std,
-                ignore_index=IGNORE_INDEX,
-                do_reduce_labels=do_reduce_labels,
-            )
         if task not in TASKS:
             raise ValueError(f"Unknown task {task!r}; choose one of {', '.join(TASKS)}.")
+        semantic = task == "semantic"
         return cls(
-            size={"shortest_edge": image_size, "longest_edge": image_size},
-            do_split_image=False,
-            do_pad=True,
+            size={"shortest_edge": image_size, "longest_edge": None if semantic else image_size},
+            do_split_image=semantic,
+            do_pad=not semantic,
             image_mean=image_mean,
             image_std=image_std,
+            ignore_index=IGNORE_INDEX if semantic else None,
+            do_reduce_labels=do_reduce_labels and semantic,
         )
 
     def resized_size(self, height: int, width: int, size: dict | None = None) -> tuple[int, int]:

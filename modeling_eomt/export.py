@@ -57,22 +57,12 @@ class ExportResult(NamedTuple):
     relative_errors: dict[tuple[int, ...], float] | None
 
 
-def float32_scores_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
+def float32_scores_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             *args, **kwargs) -> tuple[torch.Tensor, None]:  # fmt: skip
     """Eager attention in float32 for half-precision graphs: in float16 the scores of EoMT's larger models overflow
     to inf and the softmax returns NaN."""
-    output, _ = eager_attention_forward(
-        module, query.float(), key.float(), value.float(), attention_mask, scaling, dropout
-    )
-    return output.to(value.dtype), None
+    context, _ = eager_attention_forward(module, query.float(), key.float(), value.float(), *args, **kwargs)
+    return context.to(value.dtype), None
 
 
 class LogitsOnly(nn.Module):

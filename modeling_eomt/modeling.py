@@ -129,22 +129,17 @@ class EomtEmbeddings(nn.Module):
         return self.dropout(torch.cat([prefix.to(patches.dtype), patches], dim=1)), grid
 
 
-def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+def eager_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, *, scaling: float, dropout: float = 0.0,
+                            **_) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Attention with explicit probabilities (kept for `output_attentions`), softmax in float32; `attention_mask` is
+    additive. Returns the context laid out `(B, T, heads, head_dim)`, as transformers' other implementations do."""
+    logits = query @ key.transpose(-2, -1) * scaling
     if attention_mask is not None:
-        scores = scores + attention_mask
-    weights = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
-    output = torch.matmul(F.dropout(weights, p=dropout, training=module.training), value)
-    return output.transpose(1, 2).contiguous(), weights
+        logits += attention_mask  # a fresh tensor: adding in place saves a full-size copy
+    probs = logits.softmax(-1, dtype=torch.float32).to(query.dtype)
+    context = F.dropout(probs, dropout, module.training) @ value
+    return context.transpose(1, 2).contiguous(), probs
 
 
 class EomtAttention(nn.Module):
@@ -254,12 +249,11 @@ class EomtLayer(GradientCheckpointingLayer):
 
     def __init__(self, config: EomtBaseConfig):
         super().__init__()
-        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        # Two residual branches, each pre-normed and scaled: attention (…1), then the MLP (…2).
+        self.norm1, self.norm2 = (nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) for _ in range(2))
+        self.layer_scale1, self.layer_scale2 = EomtLayerScale(config), EomtLayerScale(config)
         self.attention = EomtAttention(config)
-        self.layer_scale1 = EomtLayerScale(config)
-        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = EomtMLP(config) if not (config.uses_rope or config.gated_mlp) else EomtProjectionMLP(config)
-        self.layer_scale2 = EomtLayerScale(config)
         self.drop_path = EomtDropPath(config.drop_path_rate)
         self.selective_recompute = False  # see `EomtForUniversalSegmentation.set_selective_recompute`
 

@@ -11,17 +11,14 @@ from __future__ import annotations
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageSegmentation, AutoModelForUniversalSegmentation
 
-from .configuration import EomtConfig, EomtDinov3Config
 from .image_processing import register_image_processor
-from .modeling import EomtDinov3ForUniversalSegmentation, EomtForUniversalSegmentation
+from .modeling import MODEL_CLASSES
 
 
 def register_auto_classes() -> None:
     """Map model types "eomt" and "eomt_dinov3" to our configs, models and image processor (idempotent)."""
-    for config_class, model_class in (
-        (EomtConfig, EomtForUniversalSegmentation),
-        (EomtDinov3Config, EomtDinov3ForUniversalSegmentation),
-    ):
+    for model_class in MODEL_CLASSES.values():
+        config_class = model_class.config_class
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         # The image-segmentation pipeline tries AutoModelForImageSegmentation before falling back to the class named
         # in `config.architectures`, which it looks up in `transformers` itself (and would find the built-in EoMT).
