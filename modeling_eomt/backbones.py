@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 from transformers.utils import cached_file, logging
 
 from .configuration import SIZES, EomtDinov3Config
+from .modeling import EomtDinov3ForUniversalSegmentation, resize_position_grid
 
 logger = logging.get_logger(__name__)
 
@@ -96,17 +97,6 @@ def resample_patch_kernel(kernel: torch.Tensor, patch_size: int) -> torch.Tensor
     return resampled.reshape(*kernel.shape[:2], patch_size, patch_size).to(kernel.dtype)
 
 
-def resize_position_grid(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Square patch-position table `(N, D)` resized to `grid` by bicubic antialiased interpolation, as timm's
-    `resample_abs_pos_embed` without prefix tokens."""
-    side = math.isqrt(table.shape[0])
-    if (side, side) == tuple(grid):
-        return table
-    image = table.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
-    image = F.interpolate(image, size=grid, mode="bicubic", antialias=True, align_corners=False)
-    return image.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(table.dtype)
-
-
 def fold_cls_position(cls_token: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """CLS token and patch-position table `(N, D)` from a position table `(1, [1 +] N, D)` that may hold a CLS entry:
     EoMT gives CLS no position, so the entry joins the token (as timm's DINOv2 loader does)."""
@@ -130,7 +120,9 @@ def fit_weights(weights: dict[str, torch.Tensor], family: Family, config: Pretra
     old_patch = fitted[family.kernel_key].shape[-1]
     fitted[family.kernel_key] = resample_patch_kernel(fitted[family.kernel_key], patch_size)
     if family.position_key is not None:
-        fitted[family.position_key] = resize_position_grid(fitted[family.position_key], (grid_side, grid_side))
+        table = fitted[family.position_key]
+        side = math.isqrt(table.shape[0])
+        fitted[family.position_key] = resize_position_grid(table, (side, side), (grid_side, grid_side))
     if old_patch != patch_size:
         logger.info(f"Resampled the {old_patch}×{old_patch} patch kernel to {patch_size}×{patch_size}.")
     return fitted
@@ -383,8 +375,6 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------------------------- builder
 def dinov3_target() -> tuple[type[PretrainedConfig], Callable[[PretrainedConfig], PreTrainedModel]]:
     """Config class and model factory of the DINOv3 EoMT (model type "eomt_dinov3")."""
-    from .modeling import EomtDinov3ForUniversalSegmentation  # imported here: modeling imports this module lazily
-
     return EomtDinov3Config, EomtDinov3ForUniversalSegmentation
 
 

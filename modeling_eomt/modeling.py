@@ -93,6 +93,14 @@ class EomtPatchEmbeddings(nn.Module):
         return self.projection(pixel_values)
 
 
+def resize_position_grid(table: torch.Tensor, source: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
+    """A patch-position table `(h·w, D)` laid out on the `source` grid, resized to `grid` by bicubic antialiased
+    interpolation (as timm resizes DINOv2's position embeddings); an exact copy when the grids are equal."""
+    image = table.reshape(1, *source, -1).permute(0, 3, 1, 2)
+    image = F.interpolate(image.float(), size=grid, mode="bicubic", align_corners=False, antialias=True)
+    return image.flatten(2).transpose(1, 2)[0].to(table.dtype)
+
+
 class EomtEmbeddings(nn.Module):
     """`[CLS | registers | patches]`; DINOv2 adds learned position embeddings to the patches (none for the prefix)."""
 
@@ -114,10 +122,7 @@ class EomtEmbeddings(nn.Module):
     def position_embeddings_for(self, grid: tuple[int, int]) -> torch.Tensor:
         """Position embeddings `(1, h·w, D)` for a patch grid: the stored table resampled bicubically (exactly the
         table at the native grid, so no branch on the size is needed and exports stay dynamic)."""
-        weight = self.position_embeddings.weight
-        table = weight.reshape(1, *self.native_grid, -1).permute(0, 3, 1, 2)
-        table = F.interpolate(table.float(), size=grid, mode="bicubic", align_corners=False, antialias=True)
-        return table.to(weight.dtype).flatten(2).transpose(1, 2)
+        return resize_position_grid(self.position_embeddings.weight, self.native_grid, grid)[None]
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         patches = self.patch_embeddings(pixel_values.to(self.cls_token.dtype))

@@ -18,7 +18,8 @@ from transformers import (
 )
 
 from modeling_eomt import EomtDinov3ForUniversalSegmentation, EomtForUniversalSegmentation, backbones
-from modeling_eomt.backbones import BackboneError, resample_patch_kernel, resize_position_grid
+from modeling_eomt.backbones import BackboneError, resample_patch_kernel
+from modeling_eomt.modeling import resize_position_grid
 
 # Oracle target for DINOv3 until the package has its own DINOv3 EoMT (test-only).
 timm = import_timm()
@@ -84,7 +85,7 @@ def test_resampled_kernel_responds_to_a_resized_patch_as_the_original_to_the_pat
 def test_position_grid_resize_matches_timm(grid):
     table = torch.randn(25, 8)
     expected = resample_abs_pos_embed(table[None], list(grid), num_prefix_tokens=0)[0]
-    torch.testing.assert_close(resize_position_grid(table, grid), expected)
+    torch.testing.assert_close(resize_position_grid(table, (5, 5), grid), expected)
 
 
 # ---------------------------------------------------------------------- transformers DINOv2 at its own patch size
