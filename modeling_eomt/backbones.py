@@ -26,7 +26,8 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 from transformers.utils import cached_file, logging
 
 from .configuration import SIZES, EomtDinov3Config
-from .modeling import EomtDinov3ForUniversalSegmentation, resize_position_grid
+from .modeling import EomtDinov3ForUniversalSegmentation
+from .positions import resize_position_grid
 
 logger = logging.get_logger(__name__)
 

@@ -30,8 +30,8 @@ from .head import EomtMaskHead, EomtScaleBlock, MaskPrediction, patch_grid_logit
 from .input_checks import check_inputs
 from .loading import check_loaded, legacy_swiglu_names, readable_weight_errors
 from .loss import EomtLoss
+from .positions import EomtRotaryEmbedding, resize_position_grid, rotate_patch_tokens
 from .recompute import recompute_all_but_matmuls
-from .rope import EomtRotaryEmbedding, rotate_patch_tokens
 
 logger = logging.get_logger(__name__)
 
@@ -91,14 +91,6 @@ class EomtPatchEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.projection(pixel_values)
-
-
-def resize_position_grid(table: torch.Tensor, source: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
-    """A patch-position table `(h·w, D)` laid out on the `source` grid, resized to `grid` by bicubic antialiased
-    interpolation (as timm resizes DINOv2's position embeddings); an exact copy when the grids are equal."""
-    image = table.reshape(1, *source, -1).permute(0, 3, 1, 2)
-    image = F.interpolate(image.float(), size=grid, mode="bicubic", align_corners=False, antialias=True)
-    return image.flatten(2).transpose(1, 2)[0].to(table.dtype)
 
 
 class EomtEmbeddings(nn.Module):
@@ -233,22 +225,6 @@ class EomtProjectionMLP(nn.Module):
         return self.down_proj(self.activation(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
 
 
-class EomtDropPath(nn.Module):
-    """Stochastic depth: drops the whole residual branch per sample."""
-
-    def __init__(self, drop_prob: float):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.drop_prob == 0.0:
-            return hidden_states
-        keep_prob = 1.0 - self.drop_prob
-        shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
-        keep = hidden_states.new_empty(shape).bernoulli_(keep_prob)
-        return hidden_states * keep / keep_prob
-
-
 class EomtLayer(GradientCheckpointingLayer):
     """Pre-norm ViT block with LayerScale: `x + ls1(attn(norm1 x))`, then `x + ls2(mlp(norm2 x))`."""
 
@@ -259,7 +235,7 @@ class EomtLayer(GradientCheckpointingLayer):
         self.layer_scale1, self.layer_scale2 = EomtLayerScale(config), EomtLayerScale(config)
         self.attention = EomtAttention(config)
         self.mlp = EomtMLP(config) if not (config.uses_rope or config.gated_mlp) else EomtProjectionMLP(config)
-        self.drop_path = EomtDropPath(config.drop_path_rate)
+        self.drop_path_rate = config.drop_path_rate  # stochastic depth: drops a residual branch per sample
         self.selective_recompute = False  # see `EomtForUniversalSegmentation.set_selective_recompute`
 
     def forward(
@@ -282,8 +258,10 @@ class EomtLayer(GradientCheckpointingLayer):
         self, hidden_states: torch.Tensor, branch: torch.Tensor, layer_scale: EomtLayerScale
     ) -> torch.Tensor:
         """`x + drop_path(γ · branch)`, in one pass over memory (addcmul) when no path can be dropped."""
-        if self.training and self.drop_path.drop_prob > 0:
-            return hidden_states + self.drop_path(layer_scale(branch))
+        if self.training and self.drop_path_rate > 0:
+            keep_prob = 1.0 - self.drop_path_rate
+            keep = branch.new_empty(branch.shape[0], *(1,) * (branch.ndim - 1)).bernoulli_(keep_prob)
+            return hidden_states + layer_scale(branch) * keep / keep_prob
         return torch.addcmul(hidden_states, branch, layer_scale.lambda1)
 
 
@@ -425,8 +403,7 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
                 loss_dict = {name: sum(terms[name] for terms in loss_terms) for name in loss_terms[0]}
                 loss = sum(loss_dict.values())
         else:  # inference: the logits are made band by band, without a full-size pixel map
-            query_tokens, feature_map = self.split_tokens(sequence_output, grid)
-            mask_embeddings, class_queries_logits = self.mask_head(query_tokens), self.class_predictor(query_tokens)
+            mask_embeddings, class_queries_logits, feature_map = self.head(sequence_output, grid)
             masks_queries_logits = banded_upscale.mask_logits_in_bands(
                 self.upscale_block, feature_map, mask_embeddings, self.upscale_band_rows
             )
@@ -443,9 +420,13 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
             **intermediate_outputs,
         )  # fmt: skip
 
-    def split_tokens(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Query tokens `(B, Q, D)` and patch tokens as a channels-last map `(B, h, w, D)`."""
-        return split_tokens(tokens, grid, self.config.num_queries, self.embeddings.num_prefix_tokens)
+    def head(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mask embeddings `(B, Q, D)` and class logits of the query tokens, and the patch tokens as a channels-last
+        map `(B, h, w, D)` for the upscale."""
+        query_tokens, feature_map = split_tokens(
+            tokens, grid, self.config.num_queries, self.embeddings.num_prefix_tokens
+        )
+        return self.mask_head(query_tokens), self.class_predictor(query_tokens), feature_map
 
     def predict(
         self, tokens: torch.Tensor, grid: tuple[int, int], previous: MaskPrediction | None = None
@@ -456,8 +437,7 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
         share `previous`'s pixel map) when `uses_banded_upscale()`, else the plain modules, recomputed in backward
         under activation checkpointing.
         """
-        query_tokens, feature_map = self.split_tokens(tokens, grid)
-        mask_embeddings, class_logits = self.mask_head(query_tokens), self.class_predictor(query_tokens)
+        mask_embeddings, class_logits, feature_map = self.head(tokens, grid)
         if self.uses_banded_upscale():
             return banded_upscale.prediction_in_bands(
                 self.upscale_block, feature_map, mask_embeddings, class_logits, previous, self.upscale_band_rows

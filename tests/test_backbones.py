@@ -19,7 +19,7 @@ from transformers import (
 
 from modeling_eomt import EomtDinov3ForUniversalSegmentation, EomtForUniversalSegmentation, backbones
 from modeling_eomt.backbones import BackboneError, resample_patch_kernel
-from modeling_eomt.modeling import resize_position_grid
+from modeling_eomt.positions import resize_position_grid
 
 # Oracle target for DINOv3 until the package has its own DINOv3 EoMT (test-only).
 timm = import_timm()

@@ -389,6 +389,21 @@ def test_drop_path_is_random_in_training_and_off_in_eval():
     torch.testing.assert_close(model(pixels).class_queries_logits, model(pixels).class_queries_logits)
 
 
+def test_drop_path_drops_whole_branches_per_sample_and_rescales_the_rest():
+    # Stochastic depth (timm's drop_path): each sample keeps its branch with probability 1 − rate, scaled by
+    # 1 / (1 − rate), so the expectation is the undropped branch.
+    layer = EomtForUniversalSegmentation(EomtConfig(**{**TINY, "drop_path_rate": 0.25})).layers[0].train()
+    branch = torch.ones(4000, 3, TINY["hidden_size"])
+    torch.manual_seed(0)
+    out = layer.add_branch(torch.zeros_like(branch), branch, layer.layer_scale1)
+    scale = layer.layer_scale1.lambda1
+    per_sample = out / scale
+    kept = per_sample[:, 0, 0] != 0
+    torch.testing.assert_close(per_sample[kept], torch.full_like(per_sample[kept], 1 / 0.75))
+    assert (per_sample[~kept] == 0).all()
+    assert abs(kept.float().mean().item() - 0.75) < 0.03
+
+
 @pytest.mark.filterwarnings("error:Dynamo does not know how to trace")
 def test_compiled_training_step_matches_eager():
     # torch.compile traces the head's shared pixel map through functionalization, which does not keep eager's

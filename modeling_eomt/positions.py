@@ -1,14 +1,24 @@
-"""DINOv3's rotary position embeddings: 2-D RoPE on the patch tokens only (queries, CLS and registers are never
-rotated), with the training-time coordinate augmentations."""
+"""Patch positions of the two backbone families: DINOv2's learned table, resized to any patch grid, and DINOv3's
+rotary embeddings (2-D RoPE on the patch tokens only: queries, CLS and registers are never rotated), with the
+training-time coordinate augmentations."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .configuration import EomtDinov3Config
+
+
+def resize_position_grid(table: torch.Tensor, source: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
+    """A patch-position table `(h·w, D)` laid out on the `source` grid, resized to `grid` by bicubic antialiased
+    interpolation (as timm resizes DINOv2's position embeddings); an exact copy when the grids are equal."""
+    image = table.reshape(1, *source, -1).permute(0, 3, 1, 2)
+    image = F.interpolate(image.float(), size=grid, mode="bicubic", align_corners=False, antialias=True)
+    return image.flatten(2).transpose(1, 2)[0].to(table.dtype)
 
 
 class EomtRotaryEmbedding(nn.Module):
