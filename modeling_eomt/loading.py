@@ -68,8 +68,13 @@ def check_loaded(model: torch.nn.Module, info: dict, source: object, allow_missi
             "random. To start them fresh on purpose pass `allow_missing_weights=True` (or start from a backbone "
             "with `from_backbone`)."
         )
-    broken = [name for name, tensor in model.state_dict().items() if tensor.is_floating_point()
-              and not torch.isfinite(tensor).all()]  # fmt: skip
+    # One device read per device, not one per tensor; offloaded (meta) tensors are not checked.
+    by_device: dict[torch.device, dict[str, torch.Tensor]] = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not tensor.is_meta:
+            by_device.setdefault(tensor.device, {})[name] = torch.isfinite(tensor).all()
+    broken = [name for flags in by_device.values() for name, ok in zip(flags, torch.stack([*flags.values()]).tolist())
+              if not ok]  # fmt: skip
     if broken:
         raise ValueError(
             f"{source} holds NaN or infinite values in {', '.join(broken[:6])}: the weights are corrupt. Download "
