@@ -65,13 +65,30 @@ def check_targets(
                 f"Image {index}: {masks.shape[0]} target masks but {classes.shape[0]} class labels; "
                 "each mask needs exactly one class id."
             )
-        if masks.numel() and masks.dtype != torch.bool and ((masks != 0) & (masks != 1)).any():
+    # The value checks read the labels: one device read for the batch, after the checks that need none.
+    device = pixel_values.device
+    flags = torch.stack([
+        torch.stack([_non_binary(masks).to(device), _out_of_range(classes, num_labels).to(device)])
+        for masks, classes in zip(mask_labels, class_labels)
+    ]).tolist() if mask_labels else []  # fmt: skip
+    for index, ((non_binary, out_of_range), classes) in enumerate(zip(flags, class_labels)):
+        if non_binary:
             raise ValueError(
                 f"Image {index}: `mask_labels` must be binary (0/1), got values outside {{0, 1}} (e.g. 0..255 "
                 "masks or NaN); threshold them (`masks > 0`) first."
             )
-        if classes.numel() and (classes.min() < 0 or classes.max() >= num_labels):
+        if out_of_range:
             raise ValueError(
                 f"Image {index}: class ids must lie in [0, {num_labels - 1}] (`num_labels`={num_labels}), got "
                 f"{classes.tolist()}; drop ignored segments before the model."
             )
+
+
+def _non_binary(masks: torch.Tensor) -> torch.Tensor:
+    if masks.dtype == torch.bool:
+        return torch.zeros((), dtype=torch.bool, device=masks.device)
+    return ((masks != 0) & (masks != 1)).any()
+
+
+def _out_of_range(classes: torch.Tensor, num_labels: int) -> torch.Tensor:
+    return ((classes < 0) | (classes >= num_labels)).any()
