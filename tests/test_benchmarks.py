@@ -13,7 +13,7 @@ import transformers
 RUN = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
 HEADER = "| Benchmark | Setting | Ratio | Target | Met | Wall ratio | Ours | Baseline |"
 BENCHMARKS = {
-    "forward vs bare ViT": 1.10,
+    "forward vs bare ViT": None,
     "arithmetic vs bare ViT (FLOPs)": None,
     "forward time per FLOP vs bare ViT": 1.03,
     "forward vs built-in": 1.0,
