@@ -45,6 +45,7 @@ from ..configuration.labels import dataset_for, id2label
 from ..configuration.presets import DATASETS, TIMM_BACKBONES
 from ..image_processing import EomtImageProcessor
 from ..model_card import build_model_card
+from ..umask import apply_umask
 from .dinov3 import absolute_attn_mask_probs, is_dinov3_checkpoint, load_base_backbone, merge_deltas
 from .errors import ConversionError
 from .reference import reference_forward
@@ -848,6 +849,7 @@ def convert_checkpoint(
         )
         (staging / "README.md").write_text(card)
 
+        apply_umask(staging)
         _replace_folder(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
