@@ -354,9 +354,10 @@ _NUMBER_KINDS: dict[object, type | tuple[type, ...]] = {
 
 def _check_type(name: str, value, kind: type | tuple[type, ...]) -> None:
     if isinstance(value, bool) or not isinstance(value, kind):
+        hint = "; write it without quotes in config.json" if isinstance(value, str) else ""
         raise TypeError(
             f"`{name}` must be {'an integer' if kind is int else 'a number'}, got {value!r} "
-            f"({type(value).__name__}); write it without quotes in config.json."
+            f"({type(value).__name__}){hint}."
         )
 
 
