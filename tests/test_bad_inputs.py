@@ -29,6 +29,7 @@ from test_post_processing import fake_outputs
 from test_train import TINY as TRAIN_TINY
 from test_train import train_args
 from tiny_eomt import TINY
+from transformers import pipeline
 
 from modeling_eomt import EomtConfig, EomtForUniversalSegmentation, EomtImageProcessor
 from modeling_eomt.cli import main as segment_main
@@ -154,7 +155,7 @@ def test_images(trigger, error, message, caplog):
 
 
 # ----------------------------------------------------------------------------------------- model inputs (training)
-def forward(pixels: torch.Tensor = None, training: bool = True, **labels) -> None:
+def forward(pixels: torch.Tensor | None = None, training: bool = True, **labels) -> None:
     model = EomtForUniversalSegmentation(EomtConfig(**TINY)).train(training)
     model(torch.randn(1, 3, 64, 64) if pixels is None else pixels, **labels)
 
@@ -342,6 +343,8 @@ LOADING = rows(
      r"NaN or infinite values in mask_head\.fc3\.weight"),
     ("broken preprocessor_config.json: from_pretrained", lambda f: EomtImageProcessor.from_pretrained(
         break_processor(f)), OSError, r"preprocessor_config\.json' is not a valid JSON file"),
+    ("broken preprocessor_config.json: pipeline", lambda f: pipeline("image-segmentation", model=str(
+        break_processor(f))), OSError, r"preprocessor_config\.json' is not a valid JSON file"),
     ("broken preprocessor_config.json: eomt segment", lambda f: segment(break_processor(f)), OneLineError,
      r"cannot load the processor config"),
     ("weights missing a head", lambda f: load(edit_weights(f, without_class_head)), ValueError,
