@@ -1,5 +1,5 @@
-"""Saved files get the umask's permissions. safetensors writes through a private temporary file (mode 0600), so a
-converted or trained model would be unreadable to the user's group and others where any other file is readable."""
+"""Saved files get the umask's permissions. safetensors (0.8) creates its files private (mode 0600, whatever the
+umask), so a converted or trained model's weights were unreadable to the group and others beside readable files."""
 
 from __future__ import annotations
 
