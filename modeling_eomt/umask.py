@@ -7,10 +7,11 @@ import os
 from pathlib import Path
 
 
-def apply_umask(folder: Path) -> None:
-    """Give every file under `folder` the mode a plain `open()` would create it with: 0666 minus the umask."""
+def apply_umask(path: Path) -> None:
+    """Give the file `path`, or every file under the folder `path`, the mode a plain `open()` would create it with:
+    0666 minus the umask."""
     umask = os.umask(0)  # reading the umask means setting it; it is restored at once
     os.umask(umask)
-    for path in folder.rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            path.chmod(0o666 & ~umask)
+    for file in [path] if path.is_file() else path.rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            file.chmod(0o666 & ~umask)

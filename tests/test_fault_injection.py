@@ -15,12 +15,15 @@ import pytest
 import torch
 from modeling_eomt.convert import convert as convert_module
 from modeling_eomt.convert import convert_checkpoint
+from PIL import Image
 from safetensors.torch import load_file
 from test_convert import original_config, original_state_dict, save_folder, use_tiny_sizes
+from test_pipeline import save_tiny_checkpoint
 from test_train import train_args
 from transformers import Trainer
 
 from modeling_eomt import EomtForUniversalSegmentation, EomtImageProcessor
+from modeling_eomt.cli import main as eomt_main
 from modeling_eomt.training import EomtTrainer
 from modeling_eomt.training.train import main as train_main
 
@@ -180,3 +183,19 @@ def test_a_killed_conversions_staging_folder_is_removed_by_the_next_run(tmp_path
     assert not stale.exists() and running.exists() and unrelated.exists()
     assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md"} <= set(names(output))
     assert_umask_permissions(output)
+
+
+# ----------------------------------------------------------------------------------------------- eomt segment
+@pytest.mark.xfail(
+    strict=True,
+    reason="cli._write_together stages each file with tempfile.mkstemp, whose files are 0600 (owner of cli.py: give "
+    "the temporary the umask's mode, e.g. modeling_eomt.umask.apply_umask, before the rename)",
+)
+def test_segment_outputs_get_the_umask_permissions(tmp_path):
+    save_tiny_checkpoint(tmp_path / "model", EomtImageProcessor(size={"shortest_edge": 32, "longest_edge": 32}))
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (60, 40)).save(tmp_path / "images" / "street.png")
+    args = ["segment", tmp_path / "images", "--model", tmp_path / "model", "--output", tmp_path / "out"]
+    assert eomt_main([str(arg) for arg in args]) == 0
+    assert names(tmp_path / "out") == ["street.json", "street.png"]
+    assert_umask_permissions(tmp_path / "out")
