@@ -733,12 +733,19 @@ def convert_checkpoint(
             f"Unknown verification dtype {verify_dtype!r}; choose one of {', '.join(VERIFY_DTYPES)}."
         )
     atol = DEFAULT_ATOL[verify_dtype] if atol is None else atol
+    if not atol > 0:  # also NaN, which no difference could exceed
+        raise ConversionError(f"--atol must be a positive tolerance, got {atol}.")
     if output_dir.exists() and not output_dir.is_dir():
         raise ConversionError(f"{output_dir} is a file; pass a folder path as OUTPUT_DIR.")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
         raise ConversionError(f"{output_dir} exists and is not empty; pass --overwrite to replace it.")
 
     source_path = resolve_source(source)
+    if output_dir.resolve() in (source_path.resolve(), *source_path.resolve().parents):
+        raise ConversionError(
+            f"OUTPUT_DIR {output_dir} holds the source {source_path}, which replacing it would delete; pick another "
+            "folder."
+        )
     if preset is None and _name(source) in PRESETS:
         preset = _name(source)
         logger.info(f"Using preset {preset!r} (from the source name).")

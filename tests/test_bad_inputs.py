@@ -573,6 +573,11 @@ CONVERSION = rows(
                                                     "panoptic"), r"outside \[0, 1\]"),  # DINOv2 stores them raw
     ("no task for 7 labels", lambda t: saved(t, "weights.bin", original_state_dict()), r"pass --task"),
     ("non-empty output without --overwrite", non_empty_output, r"is not empty.*--overwrite"),
+    ("negative --atol", lambda t: flags(t, "--atol", "-1"), r"--atol must be a positive tolerance, got -1\.0"),
+    ("output is the source", lambda t: [source(t, "converted/out"), "--task", "panoptic", "--overwrite"],
+     r"OUTPUT_DIR .*out holds the source .*out, which replacing it would delete; pick another folder"),
+    ("output holds the source", lambda t: [source(t, "converted/out/ckpt"), "--task", "panoptic", "--overwrite"],
+     r"OUTPUT_DIR .*out holds the source .*out/ckpt"),
 )  # fmt: skip
 
 
