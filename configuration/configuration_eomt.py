@@ -103,6 +103,8 @@ class EomtBaseConfig(PretrainedConfig):
 
     def __post_init__(self, **kwargs):
         _refuse_misspelled_fields(self, kwargs)
+        if "num_labels" in kwargs:  # transformers' setter would fail with "'str' object cannot be interpreted ..."
+            _check_type("num_labels", kwargs["num_labels"], int)
         super().__post_init__(**kwargs)
         self.image_size = _square(self.image_size, "image_size")
         self.patch_size = _square(self.patch_size, "patch_size")
@@ -134,12 +136,7 @@ class EomtBaseConfig(PretrainedConfig):
         numeric = {field.name: _NUMBER_KINDS[field.type] for field in dataclasses.fields(self)
                    if field.type in _NUMBER_KINDS}  # fmt: skip
         for name, kind in numeric.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, kind):
-                raise TypeError(
-                    f"`{name}` must be {'an integer' if kind is int else 'a number'}, got {value!r} "
-                    f"({type(value).__name__}); write it without quotes in config.json."
-                )
+            _check_type(name, getattr(self, name), kind)
         for name in (
             "hidden_size",
             "num_hidden_layers",
@@ -353,6 +350,15 @@ _NUMBER_KINDS: dict[object, type | tuple[type, ...]] = {
     "float": (int, float),
     float: (int, float),
 }
+
+
+def _check_type(name: str, value, kind: type | tuple[type, ...]) -> None:
+    if isinstance(value, bool) or not isinstance(value, kind):
+        hint = "; write it without quotes in config.json" if isinstance(value, str) else ""
+        raise TypeError(
+            f"`{name}` must be {'an integer' if kind is int else 'a number'}, got {value!r} "
+            f"({type(value).__name__}){hint}."
+        )
 
 
 def _refuse_misspelled_fields(config: EomtBaseConfig, extra: dict) -> None:

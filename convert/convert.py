@@ -45,6 +45,7 @@ from ..configuration.labels import dataset_for, id2label
 from ..configuration.presets import DATASETS, TIMM_BACKBONES
 from ..image_processing import EomtImageProcessor
 from ..model_card import build_model_card
+from ..umask import apply_umask
 from .dinov3 import absolute_attn_mask_probs, is_dinov3_checkpoint, load_base_backbone, merge_deltas
 from .errors import ConversionError
 from .reference import reference_forward
@@ -732,12 +733,19 @@ def convert_checkpoint(
             f"Unknown verification dtype {verify_dtype!r}; choose one of {', '.join(VERIFY_DTYPES)}."
         )
     atol = DEFAULT_ATOL[verify_dtype] if atol is None else atol
+    if not atol > 0:  # also NaN, which no difference could exceed
+        raise ConversionError(f"--atol must be a positive tolerance, got {atol}.")
     if output_dir.exists() and not output_dir.is_dir():
         raise ConversionError(f"{output_dir} is a file; pass a folder path as OUTPUT_DIR.")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
         raise ConversionError(f"{output_dir} exists and is not empty; pass --overwrite to replace it.")
 
     source_path = resolve_source(source)
+    if output_dir.resolve() in (source_path.resolve(), *source_path.resolve().parents):
+        raise ConversionError(
+            f"OUTPUT_DIR {output_dir} holds the source {source_path}, which replacing it would delete; pick another "
+            "folder."
+        )
     if preset is None and _name(source) in PRESETS:
         preset = _name(source)
         logger.info(f"Using preset {preset!r} (from the source name).")
@@ -848,6 +856,7 @@ def convert_checkpoint(
         )
         (staging / "README.md").write_text(card)
 
+        apply_umask(staging)
         _replace_folder(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

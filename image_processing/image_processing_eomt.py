@@ -109,8 +109,8 @@ class EomtImageProcessor(BaseImageProcessor):
         self.do_rescale = do_rescale
         self.rescale_factor = rescale_factor
         self.do_normalize = do_normalize
-        self.image_mean = list(image_mean)
-        self.image_std = list(image_std)
+        self.image_mean = _channel_statistic("image_mean", image_mean)
+        self.image_std = _channel_statistic("image_std", image_std)
         self.do_split_image = do_split_image
         self.do_pad = do_pad
         self.ignore_index = ignore_index
@@ -193,8 +193,8 @@ class EomtImageProcessor(BaseImageProcessor):
             images: One image or a list of images: PIL images, numpy arrays or torch tensors, HWC or CHW, 8-bit,
                 16-bit (`uint16`, PNG mode "I;16") or float (see `do_rescale`), grayscale, RGB or RGBA. A 4-d array or
                 tensor is a batch. NaN or infinite pixels are an error naming the image.
-            segmentation_maps: One 2-d label map per image (class ids, or instance ids with
-                `instance_id_to_semantic_id`), at the image's size.
+            segmentation_maps: One 2-d label map per image (integer class ids, or instance ids with
+                `instance_id_to_semantic_id`), at the image's size; -1 (and `ignore_index`) marks ignored pixels.
             instance_id_to_semantic_id: Class id of each instance id, for all images or one dict per image.
             return_tensors (`str`, defaults to `"pt"`): `"pt"`, `"np"` (everything as numpy arrays) or `None` (as
                 transformers' processor: `pixel_values` a list of float32 arrays, the rest tensors).
@@ -231,7 +231,7 @@ class EomtImageProcessor(BaseImageProcessor):
             data["patch_offsets"] = [torch.tensor(offset) for offset in offsets]
 
         if segmentation_maps is not None:
-            maps = [_to_label_map(m) for m in _map_list(segmentation_maps, len(pixels))]
+            maps = [_to_label_map(m, i) for i, m in enumerate(_map_list(segmentation_maps, len(pixels)))]
             for index, (label_map, hw) in enumerate(zip(maps, original_sizes)):
                 if tuple(label_map.shape) != hw:
                     raise ValueError(
@@ -270,6 +270,8 @@ class EomtImageProcessor(BaseImageProcessor):
             raise ValueError(f"Unknown option(s) {sorted(unknown)}; valid options: {', '.join(OPTIONS)}.")
         opts = {name: overrides[name] if overrides.get(name) is not None else getattr(self, name) for name in OPTIONS}
         opts["size"] = _size_dict(opts["size"])
+        for name in ("image_mean", "image_std"):
+            opts[name] = _channel_statistic(name, opts[name])
         if opts["do_reduce_labels"] is None:  # the Hub configs' meaning of `ignore_index`
             opts["do_reduce_labels"] = opts["ignore_index"] is not None
         if opts["do_reduce_labels"] and opts["ignore_index"] is None:
@@ -636,6 +638,19 @@ def _to_chw(
     return tensor.float(), 65535.0 if sixteen_bit else 255.0
 
 
+def _channel_statistic(name: str, value) -> list[float]:
+    """`image_mean`/`image_std` as one finite number per RGB channel (a single number stands for all three)."""
+    values = [value] * 3 if isinstance(value, (int, float)) else value
+    try:
+        values = [float(v) for v in values]
+    except (TypeError, ValueError):
+        values = []
+    if len(values) != 3 or not all(np.isfinite(values)) or (name == "image_std" and min(values) <= 0):
+        positive = ", positive" if name == "image_std" else ""
+        raise ValueError(f"`{name}` must be 3 finite{positive} numbers (one per RGB channel), got {value!r}.")
+    return values
+
+
 def _map_list(maps, count: int) -> list:
     if isinstance(maps, (np.ndarray, torch.Tensor)) and maps.ndim == 3:
         if maps.shape[0] != count and maps.shape[-1] in (3, 4):
@@ -651,7 +666,7 @@ def _map_list(maps, count: int) -> list:
     return list(maps)
 
 
-def _to_label_map(label_map) -> torch.Tensor:
+def _to_label_map(label_map, index: int) -> torch.Tensor:
     if isinstance(label_map, Image.Image):
         label_map = np.array(label_map)  # a writable copy: torch warns on PIL's read-only buffer
     tensor = torch.as_tensor(np.asarray(label_map) if not isinstance(label_map, torch.Tensor) else label_map)
@@ -662,7 +677,18 @@ def _to_label_map(label_map) -> torch.Tensor:
             f"A segmentation map must be a 2-d array of labels, got shape {tuple(tensor.shape)} "
             "(convert RGB-encoded ids to single integers first)."
         )
-    return tensor.long()
+    if tensor.is_floating_point() and not bool((tensor == tensor.round()).all()):  # NaN fails too
+        raise ValueError(
+            f"Segmentation map {index} holds non-integer values (NaN, or fractions as in a map resized with "
+            "interpolation); pass integer ids, and resize maps with nearest-neighbour."
+        )
+    tensor = tensor.long()
+    if tensor.numel() and int(tensor.min()) < -1:
+        raise ValueError(
+            f"Segmentation map {index} holds the negative id {int(tensor.min())}; ids are non-negative integers "
+            "(mark pixels to ignore with -1 or `ignore_index`)."
+        )
+    return tensor
 
 
 def _binary_masks(

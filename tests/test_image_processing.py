@@ -1,5 +1,5 @@
 """EomtImageProcessor: defaults, input kinds, parity with the built-in processor (oracle), training targets,
-Hub-config loading and errors."""
+Hub-config loading (bad inputs: test_bad_inputs.py)."""
 
 import json
 
@@ -10,7 +10,6 @@ from PIL import Image
 from transformers import AutoImageProcessor
 from transformers.image_transforms import get_size_with_aspect_ratio
 from transformers.models.eomt.image_processing_pil_eomt import EomtImageProcessorPil as BuiltinProcessor
-from transformers.utils import logging as transformers_logging
 
 from modeling_eomt import EomtConfig, EomtForUniversalSegmentation, EomtImageProcessor
 
@@ -253,24 +252,6 @@ def test_hub_config_loads_unchanged_through_auto(tmp_path):
     assert reloaded.to_dict() == processor.to_dict()
 
 
-def test_clear_errors(rgb):
-    processor = EomtImageProcessor(size=SMALL)
-    with pytest.raises(ValueError, match="channels"):
-        processor(np.zeros((20, 20, 2), np.uint8))
-    with pytest.raises(ValueError, match="channel axis"):
-        processor(np.zeros((5, 20, 20), np.uint8))
-    with pytest.raises(ValueError, match="has size"):
-        processor(rgb, segmentation_maps=np.zeros((10, 10), np.int64))
-    with pytest.raises(ValueError, match="do_pad=True"):
-        processor([rgb, rgb[:10]], do_pad=False)
-    with pytest.raises(ValueError, match="Unknown option"):
-        processor(rgb, do_padding=True)
-    with pytest.raises(ValueError, match="ignore_index"):
-        EomtImageProcessor(do_reduce_labels=True)
-    with pytest.raises(TypeError, match="Unsupported image type"):
-        processor("image.png")
-
-
 @pytest.mark.parametrize("split", [False, True])
 def test_return_tensors_none_gives_what_the_builtin_gives(rgb, split):
     """Without `return_tensors`, as transformers' processor: `pixel_values` a list of float32 arrays, one per model
@@ -342,73 +323,3 @@ def test_pil_alias_saves_the_type_transformers_saves(tmp_path):
     assert json.loads((tmp_path / "preprocessor_config.json").read_text())["image_processor_type"] == expected
     assert EomtImageProcessor().to_dict()["image_processor_type"] == expected
     assert isinstance(AutoImageProcessor.from_pretrained(tmp_path), EomtImageProcessor)
-
-
-def test_16_bit_images_are_scaled_by_their_range(rgb):
-    """16-bit images (uint16 arrays, PNG mode "I;16") mean what the 8-bit image of the same picture means."""
-    processor = EomtImageProcessor(size=SMALL)
-    expected = processor(rgb)["pixel_values"]
-    wide = rgb.astype(np.uint16) * 257  # 255 → 65535
-    for image in (wide, torch.from_numpy(wide.astype(np.int32)).permute(2, 0, 1)):
-        assert (processor(image)["pixel_values"] - expected).abs().max() <= ONE_GREY_LEVEL
-    grey = rgb[..., 0]
-    png = Image.fromarray(grey.astype(np.uint16) * 257)
-    assert png.mode == "I;16"
-    got, reference = processor(png)["pixel_values"], processor(grey)["pixel_values"]
-    assert (got - reference).abs().max() <= ONE_GREY_LEVEL
-
-
-def test_float_images_outside_unit_range_say_what_was_assumed(rgb, caplog):
-    processor = EomtImageProcessor(size=SMALL)
-    expected = processor(rgb)["pixel_values"]
-    levels = rgb.astype(np.float32)  # 0-255 floats, e.g. a 32-bit float TIFF
-    transformers_logging.enable_propagation()
-    try:
-        with caplog.at_level("WARNING"):
-            from_array = processor([rgb, levels])["pixel_values"][1]
-            from_tiff = processor(Image.fromarray(levels[..., 0], mode="F"))["pixel_values"][0]
-    finally:
-        transformers_logging.disable_propagation()
-    assert (from_array - expected[0]).abs().max() <= ONE_GREY_LEVEL
-    assert (from_tiff - processor(rgb[..., 0])["pixel_values"][0]).abs().max() <= ONE_GREY_LEVEL
-    warnings = [r.getMessage() for r in caplog.records if "outside [0, 1]" in r.getMessage()]
-    assert len(warnings) == 2 and "Float image 1 has values in [0, 25" in warnings[0] and "0-255 levels" in warnings[0]
-    unit = Image.fromarray(levels[..., 0] / 255, mode="F")  # a float TIFF in [0, 1] is taken as it is
-    assert (processor(unit)["pixel_values"] - processor(rgb[..., 0])["pixel_values"]).abs().max() <= ONE_GREY_LEVEL
-    half = torch.from_numpy(rgb).permute(2, 0, 1).half() / 255  # float16 tensors are read as float32
-    assert (processor(half)["pixel_values"] - expected).abs().max() <= 2 * ONE_GREY_LEVEL
-
-
-def _with_nan(rgb):
-    image = rgb.astype(np.float32) / 255
-    image[3, 4, 1] = np.nan
-    return image
-
-
-BAD_IMAGES = {
-    # case: (call arguments, error type, message pattern)
-    "NaN pixel": (lambda rgb: ([rgb, _with_nan(rgb)],), ValueError, r"Image 1 has NaN or infinite pixel values"),
-    "inf pixel": (lambda rgb: (np.full((8, 8, 3), np.inf, np.float32),), ValueError, r"Image 0 has NaN or infinite"),
-    "object array": (lambda rgb: (np.array([[None] * 4] * 4, dtype=object),), TypeError, r"dtype object"),
-    "int above 8 bits": (lambda rgb: (rgb.astype(np.int64) * 4,), ValueError, r"outside the 8-bit range 0-255"),
-    "negative ints": (lambda rgb: (rgb.astype(np.int16) - 300,), ValueError, r"outside the 8-bit range"),
-    "two channels": (lambda rgb: (np.zeros((20, 20, 2), np.uint8),), ValueError, r"channel axis of image 0"),
-    "empty image": (lambda rgb: (np.zeros((0, 20, 3), np.uint8),), ValueError, r"Image 0 is empty"),
-    "RGB label map": (lambda rgb: (rgb, rgb), ValueError, r"RGB-encoded label map"),
-    "map of wrong size": (lambda rgb: (rgb, np.zeros((10, 10), np.int64)), ValueError, r"has size \(10, 10\)"),
-}
-
-
-@pytest.mark.parametrize("case", BAD_IMAGES)
-def test_bad_images_are_named(rgb, case):
-    arguments, error, message = BAD_IMAGES[case]
-    with pytest.raises(error, match=message):
-        EomtImageProcessor(size=SMALL)(*arguments(rgb))
-
-
-@pytest.mark.parametrize("size", [-5, 0, {"shortest_edge": -5}, {"shortest_edge": 32, "longest_edge": -1}, 2.5])
-def test_bad_sizes_are_named(rgb, size):
-    with pytest.raises(ValueError, match=r"`size` must give a positive integer"):
-        EomtImageProcessor(size=size)
-    with pytest.raises(ValueError, match=r"`size` must give a positive integer"):
-        EomtImageProcessor()(rgb, size=size)

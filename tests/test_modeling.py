@@ -351,31 +351,6 @@ def test_loss_sums_over_every_block_prediction():
     torch.testing.assert_close(out.loss, sum(per_prediction))
 
 
-@pytest.mark.parametrize(
-    "pixels, labels, message",
-    [
-        (torch.randn(3, 64, 64), {}, "4D"),
-        (torch.randn(1, 4, 64, 64), {}, "channels"),
-        (torch.randn(1, 3, 8, 8), {}, "patch"),
-        (
-            torch.randn(1, 3, 64, 64),
-            {"mask_labels": [torch.ones(2, 64, 64)], "class_labels": [torch.tensor([1])]},
-            "class labels",
-        ),
-        (
-            torch.randn(1, 3, 64, 64),
-            {"mask_labels": [torch.ones(1, 64, 64)], "class_labels": [torch.tensor([5])]},
-            "num_labels",
-        ),
-        (torch.randn(1, 3, 64, 64), {"mask_labels": [torch.ones(1, 64, 64)]}, "both"),
-    ],
-)
-def test_bad_input_names_the_problem(pixels, labels, message):
-    model = EomtForUniversalSegmentation(EomtConfig(**TINY))
-    with pytest.raises(ValueError, match=message):
-        model(pixels, **labels)
-
-
 def test_drop_path_is_random_in_training_and_off_in_eval():
     model = EomtForUniversalSegmentation(EomtConfig(**{**TINY, "drop_path_rate": 0.5}))
     model.attn_mask_probs.zero_()

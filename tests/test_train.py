@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -187,7 +186,7 @@ def test_demo_trains_caches_and_writes_overlays(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Reliability: one-line errors (exit 2), refused checkpoints, unreadable files, staged saves, resume
+# Starting from checkpoints and backbones (bad inputs: test_bad_inputs.py; kills: test_fault_injection.py)
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -219,14 +218,11 @@ def from_checkpoint(args: list[str], checkpoint: Path) -> list[str]:
     return args
 
 
-def test_checkpoint_that_does_not_fit_is_refused(tmp_path, capsys, trained_panoptic):
+def test_adapt_class_head_starts_only_the_class_head_fresh(tmp_path, trained_panoptic):
+    """Another label set (instance: the 3 thing classes) is refused without --adapt_class_head (test_bad_inputs.py);
+    with it, the class head is the only weight that starts fresh."""
     base = from_checkpoint(train_args(tmp_path / "out", steps=1, extra=("--save_strategy", "no")), trained_panoptic)
-    # An override that changes a weight's shape would train that weight from random.
-    fails_with(capsys, [*base, "--config_overrides", '{"num_queries": 5}'], "query.weight", "--config_overrides")
-    # Another label set (instance: the 3 thing classes) needs the user's consent to a new class head ...
     instance = [*base[: base.index("--task") + 1], "instance", *base[base.index("--task") + 2 :]]
-    fails_with(capsys, instance, "--adapt_class_head")
-    # ... with which that is the only weight that starts fresh.
     assert main([*instance, "--adapt_class_head"]) == 0
     trained, adapted = (
         load_file(trained_panoptic / "model.safetensors"),
@@ -235,71 +231,6 @@ def test_checkpoint_that_does_not_fit_is_refused(tmp_path, capsys, trained_panop
     assert adapted["class_predictor.weight"].shape[0] == 4 and trained["class_predictor.weight"].shape[0] == 7
     # (one training step at lr 1e-3 cannot move a weight back to its trained value; the backbone waits for warmup)
     assert torch.equal(adapted["embeddings.cls_token"], trained["embeddings.cls_token"])
-
-
-def test_config_overrides_are_validated(tmp_path, capsys):
-    args = train_args(tmp_path, steps=1)
-    overrides = args.index("--config_overrides") + 1
-    for value, expected in (
-        ('{"num_blokcs": 2}', "num_blokcs not a field of EomtConfig"),
-        (json.dumps({**json.loads(TINY), "num_blocks": 9}), "num_blocks"),  # the config's check: > num_hidden_layers
-        ("num_blocks=2", "JSON object"),
-    ):
-        args[overrides] = value
-        fails_with(capsys, args, expected)
-
-
-def test_unreadable_image_is_named_in_one_line_or_skipped(tmp_path, capsys, caplog):
-    """A truncated JPEG among good ones: named in one line (also from a DataLoader worker), or skipped on request."""
-    from PIL import Image
-
-    data = tmp_path / "data"
-    rng = np.random.default_rng(0)
-    for index in range(4):
-        (data / "images").mkdir(parents=True, exist_ok=True), (data / "masks").mkdir(exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(data / "images" / f"{index}.jpg")
-        Image.fromarray(np.repeat(np.arange(2, dtype=np.uint8), 32)[None].repeat(48, 0)).save(
-            data / "masks" / f"{index}.png"
-        )
-    broken = data / "images" / "2.jpg"
-    broken.write_bytes(broken.read_bytes()[:300])
-    args = train_args(tmp_path / "out", "semantic", steps=2, extra=("--save_strategy", "no"))
-    args[args.index("--dataset_name") + 1] = str(data)
-    args[args.index("--per_device_train_batch_size") + 1] = "4"
-    for workers in ("0", "1"):
-        fails_with(capsys, [*args, "--dataloader_num_workers", workers], "cannot read", str(broken))
-    with caplog.at_level("WARNING"):
-        assert main([*args, "--skip_unreadable"]) == 0
-    assert any(str(broken) in record.getMessage() for record in caplog.records)
-
-
-def test_bad_data_layouts_fail_in_one_line(tmp_path, capsys):
-    args = train_args(tmp_path / "out", steps=1)
-    dataset = args.index("--dataset_name") + 1
-    semantic = tmp_path / "semantic"
-    (semantic / "images").mkdir(parents=True), (semantic / "masks").mkdir()
-    args[dataset] = str(semantic)
-    fails_with(capsys, args, "images/ and masks/", "--task semantic")
-    coco = tmp_path / "coco.json"
-    coco.write_text('{"images": [{"id": 1}], "annotations": [], "categories": []}')
-    args[dataset] = str(coco)
-    fails_with(capsys, args, str(coco), "images[0]", "'file_name'")
-    coco.write_text('{"images": [')
-    fails_with(capsys, args, str(coco), "not valid JSON")
-
-
-def test_resume_from_latest_skips_an_incomplete_checkpoint(tmp_path, caplog):
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    main(train_args(full, steps=4, extra=("--save_strategy", "no")))
-    main(train_args(resumed, steps=4, extra=("--save_strategy", "steps", "--save_steps", "2")))
-    assert not (resumed / ".staging").exists()
-    # What a kill during an unstaged save leaves: the newest checkpoint without its trainer state.
-    (resumed / "checkpoint-4" / "trainer_state.json").unlink()
-    with caplog.at_level("WARNING"):
-        main(train_args(resumed, steps=4, extra=("--save_strategy", "no", "--resume_from_checkpoint", "latest")))
-    assert any("checkpoint-4" in r.getMessage() and "interrupted" in r.getMessage() for r in caplog.records)
-    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
-    assert all(torch.equal(a[name], b[name]) for name in a)  # resumed from checkpoint-2, bit-identical
 
 
 def test_freeze_backbone_and_drop_path_rate(tmp_path):

@@ -163,33 +163,3 @@ def group_names(model, group):
 def test_memory_is_pinned_only_for_an_accelerator(tmp_path):
     args = EomtTrainingArguments(output_dir=str(tmp_path), report_to=[])
     assert args.dataloader_pin_memory == torch.accelerator.is_available()
-
-
-def test_a_kill_during_a_checkpoint_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
-    """The save of step 8 dies after the weights are written: no `checkpoint-8/` appears, and resuming from the
-    latest checkpoint continues from step 4 with the probabilities and lrs of an uninterrupted run."""
-    schedule = {"head_warmup_steps": 2, "backbone_warmup_steps": 3}
-    seen, lrs, _ = run_training(tmp_path / "full", 10, **schedule)
-
-    def killed(self, output_dir):
-        if output_dir.endswith("checkpoint-8"):
-            raise KeyboardInterrupt
-        return original(self, output_dir)
-
-    original = EomtTrainer._save_rng_state
-    monkeypatch.setattr(EomtTrainer, "_save_rng_state", killed)
-    with pytest.raises(KeyboardInterrupt):
-        run_training(tmp_path / "killed", 10, **schedule)
-    monkeypatch.undo()
-    assert sorted(path.name for path in (tmp_path / "killed").iterdir() if path.name.startswith("checkpoint")) == [
-        "checkpoint-4"
-    ]
-    resumed_seen, resumed_lrs, _ = run_training(tmp_path / "killed", 10, resume_from_checkpoint=True, **schedule)
-    assert_rows_close(resumed_seen, seen[4:])
-    assert_rows_close(resumed_lrs, lrs[4:])
-    # The staged remains of the killed save were replaced; nothing is left in staging.
-    assert sorted(path.name for path in (tmp_path / "killed").iterdir()) == [
-        "checkpoint-10",
-        "checkpoint-4",
-        "checkpoint-8",
-    ]

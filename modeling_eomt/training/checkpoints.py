@@ -16,6 +16,8 @@ from pathlib import Path
 from safetensors import safe_open
 from transformers.utils import logging
 
+from ..umask import apply_umask
+
 logger = logging.get_logger(__name__)
 
 STAGING_DIR = ".staging"
@@ -25,8 +27,13 @@ _WEIGHTS_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_
 
 def publish(staging: Path, target: Path) -> None:
     """Move the files of `staging` into `target` (weights last, config just before them), then remove `staging`
-    (and the staging root if that leaves it empty)."""
+    (and the staging root if that leaves it empty). Weights already in `target` are deleted first: a kill midway then
+    leaves no model, never the old weights beside the new config (or stale shards beside new ones)."""
     target.mkdir(parents=True, exist_ok=True)
+    apply_umask(staging)
+    for old in target.iterdir():
+        if old.is_file() and _publish_order(old)[0] == 2:
+            old.unlink()
     for path in sorted(staging.iterdir(), key=_publish_order):
         os.replace(path, target / path.name)
     staging.rmdir()
@@ -41,6 +48,7 @@ def _publish_order(path: Path) -> tuple[int, str]:
 
 def replace_folder(staged: Path, final: Path) -> None:
     """Rename the finished folder `staged` to `final`, replacing a folder of that name (a re-save of the step)."""
+    apply_umask(staged)
     if final.exists():
         shutil.rmtree(final)
     os.replace(staged, final)

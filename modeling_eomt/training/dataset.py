@@ -139,7 +139,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
             example = self.decode(self.records[index])
         except UnreadableSampleError as error:
             if not self.skip_unreadable:
-                raise
+                raise UnreadableSampleError(
+                    f"{error}; replace or remove the file, or skip unreadable examples with a warning "
+                    "(`skip_unreadable`, `--skip_unreadable` in eomt-train)"
+                ) from error
             logger.warning(f"Skipping unreadable example {index}: {error}")
             return None
         example = _convert_task(example, self.source_task, self.task, self._label_map)
