@@ -49,7 +49,10 @@ def check_targets(
         )
     for index, (masks, classes) in enumerate(zip(mask_labels, class_labels)):
         if not isinstance(masks, torch.Tensor) or not isinstance(classes, torch.Tensor):
-            raise TypeError(f"Image {index}: `mask_labels` and `class_labels` entries must be tensors.")
+            raise TypeError(
+                f"Image {index}: `mask_labels` and `class_labels` entries must be tensors, e.g. "
+                "`torch.tensor([1, 4], dtype=torch.long)` for two targets' class ids."
+            )
         if classes.dtype.is_floating_point or classes.dtype == torch.bool or classes.ndim != 1:
             raise ValueError(
                 f"Image {index}: `class_labels` must be a 1-D integer tensor, got {classes.dtype} of shape "

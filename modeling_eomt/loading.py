@@ -47,13 +47,22 @@ def legacy_swiglu_names(class_name: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def readable_weight_errors(source: object) -> Iterator[None]:
-    """A truncated or corrupt weight file raises an `OSError` naming it, not the reader's internal error."""
+    """A truncated or corrupt weight file raises an `OSError` naming it, and weights whose shapes do not fit the
+    config a `ValueError` saying so, not the loader's internal errors."""
     try:
         yield
     except SafetensorError as error:
         raise OSError(
             f"The weights of {source} cannot be read ({error}): the file is truncated or corrupt. Download or copy "
             "the checkpoint again."
+        ) from error
+    except RuntimeError as error:
+        if "ignore_mismatched_sizes" not in str(error):
+            raise
+        raise ValueError(
+            f"The weights of {source} do not fit its config.json (the load report above lists the tensors whose "
+            "shapes differ): the config was edited or belongs to another checkpoint. Restore the matching "
+            "config.json, or pass `ignore_mismatched_sizes=True` to start those tensors fresh on purpose."
         ) from error
 
 
