@@ -45,6 +45,7 @@ from ..configuration.labels import dataset_for, id2label
 from ..configuration.presets import DATASETS, TIMM_BACKBONES
 from ..image_processing import EomtImageProcessor
 from ..model_card import build_model_card
+from ..timm_names import TIMM_DINOV2_MLP_NAMES, TIMM_DINOV2_NAMES, name_pattern
 from ..umask import apply_umask
 from .dinov3 import absolute_attn_mask_probs, is_dinov3_checkpoint, load_base_backbone, merge_deltas
 from .errors import ConversionError
@@ -78,27 +79,10 @@ CONVERTED_MODEL_TYPES = ("eomt", "eomt_dinov3")
 # into equal chunks along dim 0 (timm's fused qkv rows are q|k|v; packed SwiGLU fc1 rows are gate|up).
 _BACKBONE = "network.encoder.backbone."
 # The release's DINOv2 backbone is timm's ViT.
-_DINOV2_RULES: list[tuple[str, tuple[str, ...] | None]] = [
-    (_BACKBONE + "cls_token", ("embeddings.cls_token",)),
-    (_BACKBONE + "reg_token", ("embeddings.register_tokens",)),
-    (_BACKBONE + "pos_embed", ("embeddings.position_embeddings.weight",)),
-    (_BACKBONE + "patch_embed.proj.{p}", ("embeddings.patch_embeddings.projection.{p}",)),
-    (
-        _BACKBONE + "blocks.{n}.attn.qkv.{p}",
-        ("layers.{n}.attention.q_proj.{p}", "layers.{n}.attention.k_proj.{p}", "layers.{n}.attention.v_proj.{p}"),
-    ),
-    (_BACKBONE + "blocks.{n}.attn.proj.{p}", ("layers.{n}.attention.out_proj.{p}",)),
-    (_BACKBONE + "blocks.{n}.ls1.gamma", ("layers.{n}.layer_scale1.lambda1",)),
-    (_BACKBONE + "blocks.{n}.ls2.gamma", ("layers.{n}.layer_scale2.lambda1",)),
-]
-_GELU_MLP_RULES = [
-    (_BACKBONE + "blocks.{n}.mlp.fc1.{p}", ("layers.{n}.mlp.fc1.{p}",)),
-    (_BACKBONE + "blocks.{n}.mlp.fc2.{p}", ("layers.{n}.mlp.fc2.{p}",)),
-]
-_SWIGLU_RULES = [
-    (_BACKBONE + "blocks.{n}.mlp.fc1.{p}", ("layers.{n}.mlp.gate_proj.{p}", "layers.{n}.mlp.up_proj.{p}")),
-    (_BACKBONE + "blocks.{n}.mlp.fc2.{p}", ("layers.{n}.mlp.down_proj.{p}",)),
-]
+_DINOV2_RULES = {
+    swiglu: [(_BACKBONE + source, targets) for source, targets in TIMM_DINOV2_NAMES + TIMM_DINOV2_MLP_NAMES[swiglu]]
+    for swiglu in (False, True)
+}
 # The release's DINOv3 backbone is transformers' DINOv3ViTModel with `embeddings` → `patch_embed`, `layer` → `blocks`.
 _DINOV3_RULES: list[tuple[str, tuple[str, ...] | None]] = [
     (_BACKBONE + "patch_embed.cls_token", ("embeddings.cls_token",)),
@@ -113,11 +97,11 @@ _DINOV3_RULES: list[tuple[str, tuple[str, ...] | None]] = [
     ),
     (_BACKBONE + "blocks.{n}.layer_scale1.lambda1", ("layers.{n}.layer_scale1.lambda1",)),
     (_BACKBONE + "blocks.{n}.layer_scale2.lambda1", ("layers.{n}.layer_scale2.lambda1",)),
-]
-_SHARED_RULES: list[tuple[str, tuple[str, ...] | None]] = [
     (_BACKBONE + "blocks.{n}.norm1.{p}", ("layers.{n}.norm1.{p}",)),
     (_BACKBONE + "blocks.{n}.norm2.{p}", ("layers.{n}.norm2.{p}",)),
     (_BACKBONE + "norm.{p}", ("layernorm.{p}",)),
+]
+_SHARED_RULES: list[tuple[str, tuple[str, ...] | None]] = [
     ("network.q.weight", ("query.weight",)),
     ("network.class_head.{p}", ("class_predictor.{p}",)),
     ("network.mask_head.0.{p}", ("mask_head.fc1.{p}",)),
@@ -136,23 +120,18 @@ _SHARED_RULES: list[tuple[str, tuple[str, ...] | None]] = [
 DERIVED_KEYS = ("criterion.empty_weight",)
 
 
-def _pattern(template: str) -> re.Pattern:
-    escaped = re.escape(template).replace(r"\{n\}", r"(?P<n>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
-    return re.compile(escaped + "$")
-
-
 @dataclass(frozen=True)
 class _Rule:
     source: str
     targets: tuple[str, ...] | None
 
     def match_source(self, key: str) -> dict[str, str] | None:
-        match = _pattern(self.source).match(key)
+        match = name_pattern(self.source).match(key)
         return match.groupdict() if match else None
 
     def match_target(self, key: str) -> dict[str, str] | None:
         for target in self.targets or ():
-            match = _pattern(target).match(key)
+            match = name_pattern(target).match(key)
             if match:
                 return match.groupdict()
         return None
@@ -163,7 +142,7 @@ def mapping_rules(config: EomtBaseConfig) -> list[_Rule]:
     if config.uses_rope:
         family = _DINOV3_RULES
     else:
-        family = _DINOV2_RULES + (_SWIGLU_RULES if config.use_swiglu_ffn else _GELU_MLP_RULES)
+        family = _DINOV2_RULES[config.use_swiglu_ffn]
     return [_Rule(source, targets) for source, targets in family + _SHARED_RULES]
 
 

@@ -28,6 +28,7 @@ from transformers.utils import cached_file, logging
 from .configuration import SIZES, EomtDinov3Config
 from .modeling import EomtDinov3ForUniversalSegmentation
 from .positions import resize_position_grid
+from .timm_names import TIMM_DINOV2_MLP_NAMES, TIMM_DINOV2_NAMES, name_pattern
 
 logger = logging.get_logger(__name__)
 
@@ -277,43 +278,22 @@ def map_dinov3(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return mapped
 
 
-# timm name → EoMT name(s); several names split the tensor in equal chunks along dim 0 (fused q|k|v rows).
-_TIMM_RULES: list[tuple[str, tuple[str, ...]]] = [
-    (r"patch_embed\.proj\.(weight|bias)", (r"embeddings.patch_embeddings.projection.\1",)),
-    (r"blocks\.(\d+)\.norm([12])\.(weight|bias)", (r"layers.\1.norm\2.\3",)),
-    (
-        r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)",
-        (r"layers.\1.attention.q_proj.\2", r"layers.\1.attention.k_proj.\2", r"layers.\1.attention.v_proj.\2"),
-    ),
-    (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", (r"layers.\1.attention.out_proj.\2",)),
-    (r"blocks\.(\d+)\.ls([12])\.gamma", (r"layers.\1.layer_scale\2.lambda1",)),
-    (r"norm\.(weight|bias)", (r"layernorm.\1",)),
-]
-_TIMM_MLP_RULES = {
-    False: [(r"blocks\.(\d+)\.mlp\.fc([12])\.(weight|bias)", (r"layers.\1.mlp.fc\2.\3",))],
-    # timm packs the SwiGLU gate and up projections in fc1, gate rows first.
-    True: [
-        (r"blocks\.(\d+)\.mlp\.fc1\.(weight|bias)", (r"layers.\1.mlp.gate_proj.\2", r"layers.\1.mlp.up_proj.\2")),
-        (r"blocks\.(\d+)\.mlp\.fc2\.(weight|bias)", (r"layers.\1.mlp.down_proj.\2",)),
-    ],
-}
-
-
 def map_timm_dinov2(state_dict: dict[str, torch.Tensor], use_swiglu_ffn: bool) -> dict[str, torch.Tensor]:
     """EoMT trunk weights from a timm DINOv2 ViT state dict (`vit_*_patch14[_reg4]_dinov2`)."""
     state_dict = dict(state_dict)
     cls_token, positions = fold_cls_position(state_dict.pop("cls_token"), state_dict.pop("pos_embed"))
     mapped = {"embeddings.cls_token": cls_token, DINOV2.position_key: positions}
     mapped["embeddings.register_tokens"] = state_dict.pop("reg_token", cls_token.new_zeros(1, 0, cls_token.shape[-1]))
-    rules = _TIMM_RULES + _TIMM_MLP_RULES[use_swiglu_ffn]
+    rules = [(name_pattern(source), targets) for source, targets in
+             TIMM_DINOV2_NAMES + TIMM_DINOV2_MLP_NAMES[use_swiglu_ffn]]  # fmt: skip
     for key, tensor in state_dict.items():
         if key.startswith("head."):  # a classifier on top of the trunk, not part of it
             continue
         for pattern, targets in rules:
-            match = re.fullmatch(pattern, key)
+            match = pattern.match(key)
             if match:
                 for target, chunk in zip(targets, tensor.chunk(len(targets), dim=0)):
-                    mapped[match.expand(target)] = chunk
+                    mapped[target.format(**match.groupdict())] = chunk
                 break
         else:
             raise BackboneError(

@@ -420,10 +420,10 @@ def test_swapped_swiglu_halves_fail_verification(tmp_path, monkeypatch):
     from modeling_eomt.convert import convert as convert_module
 
     swapped = [
-        (source, tuple(reversed(targets))) if len(targets) == 2 else (source, targets)
-        for source, targets in convert_module._SWIGLU_RULES
+        (source, tuple(reversed(targets))) if "mlp.fc1" in source else (source, targets)
+        for source, targets in convert_module._DINOV2_RULES[True]
     ]
-    monkeypatch.setattr(convert_module, "_SWIGLU_RULES", swapped)
+    monkeypatch.setitem(convert_module._DINOV2_RULES, True, swapped)
     sd = original_state_dict(hidden_size=48, swiglu=True)
     source = save_folder(tmp_path / "ckpt", sd, original_config("giant"))
     before = set(tmp_path.iterdir())
