@@ -417,13 +417,13 @@ def test_builtin_eomt_loads_the_converted_folder_with_the_same_logits(tmp_path):
 
 def test_swapped_swiglu_halves_fail_verification(tmp_path, monkeypatch):
     """The check is sharp: mapping the packed fc1 halves the wrong way round is caught and nothing is written."""
-    from modeling_eomt.convert import convert as convert_module
+    from modeling_eomt.convert import mapping
 
     swapped = [
         (source, tuple(reversed(targets))) if "mlp.fc1" in source else (source, targets)
-        for source, targets in convert_module._DINOV2_RULES[True]
+        for source, targets in mapping._DINOV2_RULES[True]
     ]
-    monkeypatch.setitem(convert_module._DINOV2_RULES, True, swapped)
+    monkeypatch.setitem(mapping._DINOV2_RULES, True, swapped)
     sd = original_state_dict(hidden_size=48, swiglu=True)
     source = save_folder(tmp_path / "ckpt", sd, original_config("giant"))
     before = set(tmp_path.iterdir())
