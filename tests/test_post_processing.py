@@ -285,9 +285,12 @@ def test_banded_upsampling_is_bitwise_interpolate():
     sizes += [tuple(torch.randint(20, 700, (2,), generator=g).tolist()) for _ in range(8)]
     placements = [Placement(0, 0, 0, 64, 64, (64, 64)), Placement(0, 0, 0, 40, 64, (64, 64)),
                   Placement(0, 0, 0, 64, 27, (64, 64)), Placement(0, 0, 0, 160, 100, (160, 160))]  # fmt: skip
-    split = 0
+    tested = split = 0
     for placement in placements:
         for size in sizes:
+            if not segments_fast.banded(placement, size, chunk_elements=5000):
+                continue
+            tested += 1
             pieces = list(segments_fast.upsampled_bands(logits, placement, size, chunk_elements=5000))
             result = torch.empty(logits.shape[0], *size)
             for queries, columns, piece in pieces:
@@ -296,7 +299,7 @@ def test_banded_upsampling_is_bitwise_interpolate():
             # one query at a time, as the plain post-processing does at targets this large for `chunk_elements`
             expected = torch.cat([post_processing.upsample_masks(logits[[q]], placement, size) for q in range(5)])
             assert torch.equal(result, expected), (placement, size)
-    assert split >= len(sizes)  # many cases were cut into several bands of columns
+    assert tested >= 3 * len(sizes) and split >= len(sizes)  # many cases were cut into several bands of columns
 
 
 @pytest.mark.parametrize("chunk_elements", [3000, 20000, post_processing.CHUNK_ELEMENTS])
@@ -346,19 +349,23 @@ class LargeTensors(torch.utils._python_dispatch.TorchDispatchMode):
 def test_banded_segments_hold_only_the_result_at_full_size():
     """Cut into bands, panoptic and instance post-processing create one tensor of the target's size, the result: the
     rest is a few bands of columns, whatever the number of queries."""
-    target, chunk_elements = (1200, 600), 2**16
+    target, chunk_elements = (800, 600), 2**16
     pixels = target[0] * target[1]
     outputs = fake_outputs(1, queries=40, classes=20, confident=30, seed=9)
     logits = outputs.class_queries_logits, outputs.masks_queries_logits
     layout = EomtImageProcessor(size=PANOPTIC_SIZE).layout([target])
-    for function in (segments_fast.panoptic_segmentation, segments_fast.instance_segmentation):
+    calls = {
+        "panoptic_segmentation": {"threshold": 0.5, "overlap_mask_area_threshold": 0.5},
+        "instance_segmentation": {"threshold": 0.1},
+    }
+    for name, options in calls.items():
         with LargeTensors(pixels // 2) as mode:
-            result = function(*logits, layout, threshold=0.1, chunk_elements=chunk_elements)[0]
+            result = getattr(segments_fast, name)(*logits, layout, chunk_elements=chunk_elements, **options)[0]
         assert len(result["segments_info"]) >= 3
-        assert mode.sizes == [pixels], function.__name__  # the result, made once
+        assert mode.sizes == [pixels], name  # the result, made once
         # the plain reference, for contrast, makes tens of full-size tensors
         with LargeTensors(pixels // 2) as mode:
-            getattr(post_processing, function.__name__)(*logits, layout, threshold=0.1, chunk_elements=chunk_elements)
+            getattr(post_processing, name)(*logits, layout, chunk_elements=chunk_elements, **options)
         assert len(mode.sizes) >= 20
 
 
