@@ -57,9 +57,8 @@ def panoptic_segmentation(
     options = {"threshold": threshold, "mask_threshold": mask_threshold, "chunk_elements": chunk_elements}
     stuff = {int(c) for c in stuff_classes} if stuff_classes is not None else set()
     results = []
-    for index, (kept, kept_scores, kept_labels) in enumerate(
-        post_processing.panoptic_queries(class_logits, threshold)
-    ):
+    queries_of_images = post_processing.panoptic_queries(class_logits, threshold)
+    for index, (kept, kept_scores, kept_labels) in enumerate(queries_of_images):
         placement, size = layout.placements[index], layout.target_sizes[index]
         if not banded(placement, size, chunk_elements):
             image = _one_image(class_logits, mask_logits, layout, index)
