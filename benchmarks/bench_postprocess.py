@@ -209,7 +209,7 @@ def make_segment_inputs(folder: Path, side: int) -> None:
     Image.fromarray(pixels).save(folder / "image.jpg", quality=90)
 
 
-SEGMENT_STEPS = ("reading the image", "preprocessing", "the forward", "post-processing", "writing the outputs")
+SEGMENT_STEPS = ("reading the image", "preprocessing", "running the model", "post-processing", "writing the outputs")
 
 
 def segment_memory_child(folder: Path) -> None:
@@ -234,7 +234,7 @@ def segment_memory_child(folder: Path) -> None:
     with torch.inference_mode():
         image = step("reading the image", lambda: cli.read_image(folder / "image.jpg"))
         inputs = step("preprocessing", lambda: processor([image]))
-        outputs = step("the forward", lambda: model(pixel_values=inputs["pixel_values"]))
+        outputs = step("running the model", lambda: model(pixel_values=inputs["pixel_values"]))
         sizes = [(image.height, image.width)]
         post = step(
             "post-processing", lambda: processor.post_process(outputs, "panoptic", sizes, threshold=SEGMENT_THRESHOLD)
