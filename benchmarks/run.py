@@ -8,6 +8,7 @@
 - post-processing (panoptic, instance, semantic) and image → panoptic segments vs the built-in processor;
 - one training step (forward, matching, loss, backward, AdamW) vs the built-in, ViT-S 640, batch 2;
 - peak memory of inference and of a training step, one fresh subprocess per model so peaks are comparable;
+- peak memory of `eomt segment` on a large image (tiny model) against its int64 segment map, step by step;
 - ONNX export: onnxruntime vs PyTorch eager forward, export time, file size;
 - fine-tuning from a pretrained (shapes-pretrained, DINOv2-format) backbone vs from random weights: PQ curves.
 
@@ -44,8 +45,8 @@ from bench_model import (
     peak_rss,
     reset_peak_rss,
 )
+from bench_postprocess import SEGMENT_SIDE, SEGMENT_STEPS, segment_memory, time_end_to_end, time_post_processing
 from bench_postprocess import TARGETS as POST_TARGETS
-from bench_postprocess import time_end_to_end, time_post_processing
 from tqdm import tqdm
 
 from modeling_eomt import EomtConfig
@@ -265,6 +266,21 @@ def run_all(args: argparse.Namespace) -> dict:
     stages += [("training step", training)]
     # the quick run keeps subprocesses (seconds of imports each) to a minimum
     stages += [(f"inference memory batch {b}", lambda b=b: memory(b)) for b in batches[: 1 if args.quick else None]]
+
+    def segment_peak_memory() -> None:
+        side = 1000 if args.quick else SEGMENT_SIDE
+        result = segment_memory(side)
+        # In the absolute table (one model, no baseline run): the peak, its ratio to the int64 segment map (target
+        # ≤ 2.5, see bench_postprocess) and the peak of each step, all above the RSS after imports and model.
+        setting = f"`eomt segment`, tiny panoptic model, {side}×{side} image"
+        absolute[f"{setting}: peak MB"] = {"ours": result["peak"]}
+        absolute[f"{setting}: peak ÷ int64 segment map ({result['output']:.0f} MB)"] = {
+            "ours": result["peak"] / result["output"]
+        }
+        for name in SEGMENT_STEPS:
+            absolute[f"{setting}: peak MB while {name}"] = {"ours": result[name]}
+
+    stages += [("eomt segment memory", segment_peak_memory)]
 
     def onnx_export() -> None:
         config = (EomtConfig(**{**TINY, "image_size": 64}) if args.quick

@@ -1,9 +1,9 @@
 """EoMT image processing: preprocessing, training targets and post-processing.
 
 `geometry`: where model inputs (padded canvases, sliding windows) lie in their images; `post_processing`: the plain
-panoptic, instance and semantic algorithms; `semantic_fast`: the same semantic results in bounded memory, which the
-processor runs (chosen in `image_processing_eomt.SEMANTIC`); `checks`: the post-processing arguments, checked against
-the outputs before any work."""
+panoptic, instance and semantic algorithms; `semantic_fast` and `segments_fast`: the same semantic, panoptic and
+instance results in bounded memory, which the processor runs (chosen in `image_processing_eomt`); `checks`: the
+post-processing arguments, checked against the outputs before any work."""
 
 from .geometry import Layout, Placement
 from .image_processing_eomt import EomtImageProcessor, EomtImageProcessorPil

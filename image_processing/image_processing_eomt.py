@@ -17,12 +17,13 @@ from . import geometry, semantic_fast
 from .checks import checked_arguments, has_windows
 from .geometry import Layout, Placement
 from .inputs import binary_masks, channel_statistic, image_list, map_list, size_dict, to_chw, to_label_map
-from .post_processing import instance_segmentation, panoptic_segmentation
+from .segments_fast import instance_segmentation, panoptic_segmentation
 
 logger = logging.get_logger(__name__)
 
-# The one place that picks the semantic implementation: `semantic_fast` gives the labels of the plain
-# `post_processing.semantic_*` (its reference, same signatures) in bounded memory.
+# The one place that picks the implementations: `semantic_fast` gives the labels of the plain
+# `post_processing.semantic_*` (its reference, same signatures) in bounded memory, and `segments_fast` (imported
+# above) the panoptic and instance results of `post_processing` while holding only the result at the target size.
 SEMANTIC = semantic_fast
 # Constructor options, which `preprocess` also takes for one call.
 OPTIONS = (

@@ -3,8 +3,9 @@
 Masks are upsampled the way the model input was built (to the canvas, padding cropped, then to the original size; see
 `geometry`). Panoptic and instance post-processing upsample only the queries that can still produce a segment, a
 bounded number at a time (`chunk_elements`), so a 3000×1500 image costs a few hundred MB instead of `num_queries`
-full-size maps. The semantic functions here are the reference of `semantic_fast`, which gives the same labels in
-bounded memory and is what `EomtImageProcessor` runs.
+full-size maps; they still keep a few full-size maps, which `segments_fast` (what `EomtImageProcessor` runs) does
+not. The semantic functions here are the reference of `semantic_fast`, which gives the same labels in bounded memory
+and is what `EomtImageProcessor` runs.
 """
 
 from __future__ import annotations
@@ -92,18 +93,14 @@ def panoptic_segmentation(
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> list[dict]:
     """Non-overlapping segments; see `EomtImageProcessor.post_process_panoptic_segmentation`."""
-    probs = class_logits.float().softmax(-1)
-    scores, labels = probs.max(-1)
-    no_object = probs.shape[-1] - 1
     stuff = {int(c) for c in stuff_classes} if stuff_classes is not None else set()
     results = []
-    for index, (placement, size) in enumerate(zip(layout.placements, layout.target_sizes)):
-        kept = ((labels[index] != no_object) & (scores[index] > threshold)).nonzero()[:, 0]
+    for index, (kept, kept_scores, kept_labels) in enumerate(panoptic_queries(class_logits, threshold)):
+        placement, size = layout.placements[index], layout.target_sizes[index]
         segmentation = torch.full(size, -1, dtype=torch.long, device=mask_logits.device)
         if kept.numel() == 0:
             results.append({"segmentation": segmentation, "segments_info": []})
             continue
-        kept_scores, kept_labels = scores[index, kept], labels[index, kept]
 
         # Running per-pixel winner of score × mask probability over chunks of kept queries (first index wins ties).
         best_value = best_query = best_prob = None
@@ -125,27 +122,51 @@ def panoptic_segmentation(
         inside = best_prob >= mask_threshold
         won_area = torch.bincount(best_query.flatten(), minlength=kept.numel())
         kept_area = torch.bincount(best_query[inside], minlength=kept.numel())
-        mask_area = torch.cat(mask_areas)
-        valid = (won_area > 0) & (mask_area > 0) & (kept_area > 0)
-        # float32 ratio compared in float64, as `tensor.item() > threshold` does.
-        ratio = (won_area / mask_area.clamp(min=1)).double()
-        valid &= ratio > overlap_mask_area_threshold
-
-        segment_of_query = torch.full((kept.numel(),), -1, dtype=torch.long, device=mask_logits.device)
-        segments, stuff_segment = [], {}
-        for query in valid.nonzero()[:, 0].tolist():
-            label = int(kept_labels[query])
-            if label in stuff and label in stuff_segment:
-                segment_of_query[query] = stuff_segment[label]
-                continue
-            segment_id = len(segments)
-            if label in stuff:
-                stuff_segment[label] = segment_id
-            segment_of_query[query] = segment_id
-            segments.append({"id": segment_id, "label_id": label, "score": round(float(kept_scores[query]), 6)})
+        segment_of_query, segments = panoptic_segments(
+            kept_scores, kept_labels, (won_area, kept_area, torch.cat(mask_areas)), overlap_mask_area_threshold, stuff
+        )
         segmentation = torch.where(inside, segment_of_query[best_query], segmentation)
         results.append({"segmentation": segmentation, "segments_info": segments})
     return results
+
+
+def panoptic_queries(class_logits: torch.Tensor, threshold: float) -> list[tuple[torch.Tensor, ...]]:
+    """Per model input: the queries whose best class is an object with probability above `threshold`, their
+    probabilities and their classes."""
+    scores, labels = class_logits.float().softmax(-1).max(-1)
+    kept = (labels != class_logits.shape[-1] - 1) & (scores > threshold)
+    return [(k.nonzero()[:, 0], s[k], c[k]) for k, s, c in zip(kept, scores, labels)]
+
+
+def panoptic_segments(
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    areas: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    overlap_mask_area_threshold: float,
+    stuff: set[int],
+) -> tuple[torch.Tensor, list[dict]]:
+    """The segment id of each kept query (-1: none) and the segments, from the queries' `scores`, `labels` and
+    `areas`: pixels won, pixels won inside the query's mask, mask. A query makes a segment if it won pixels inside
+    its mask, more than `overlap_mask_area_threshold` of its mask; the queries of a `stuff` class make one segment."""
+    won_area, kept_area, mask_area = areas
+    valid = (won_area > 0) & (mask_area > 0) & (kept_area > 0)
+    # float32 ratio compared in float64, as `tensor.item() > threshold` does.
+    ratio = (won_area / mask_area.clamp(min=1)).double()
+    valid &= ratio > overlap_mask_area_threshold
+
+    segment_of_query = torch.full((scores.numel(),), -1, dtype=torch.long, device=scores.device)
+    segments, stuff_segment = [], {}
+    for query in valid.nonzero()[:, 0].tolist():
+        label = int(labels[query])
+        if label in stuff and label in stuff_segment:
+            segment_of_query[query] = stuff_segment[label]
+            continue
+        segment_id = len(segments)
+        if label in stuff:
+            stuff_segment[label] = segment_id
+        segment_of_query[query] = segment_id
+        segments.append({"id": segment_id, "label_id": label, "score": round(float(scores[query]), 6)})
+    return segment_of_query, segments
 
 
 def instance_segmentation(
@@ -159,26 +180,15 @@ def instance_segmentation(
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> list[dict]:
     """Possibly overlapping instances; see `EomtImageProcessor.post_process_instance_segmentation`."""
-    probs = class_logits.float().softmax(-1)[..., :-1]
-    num_classes = probs.shape[-1]
-    # mask probability > mask_threshold ⇔ logit > logit(mask_threshold) (0 at the default 0.5)
-    logit_threshold = torch.logit(torch.tensor(float(mask_threshold), dtype=torch.float64)).item()
+    logit_threshold = instance_logit_threshold(mask_threshold)
     results = []
-    for index, (placement, size) in enumerate(zip(layout.placements, layout.target_sizes)):
-        if top_k is None:
-            class_scores, classes = probs[index].max(-1)
-            queries = torch.arange(class_scores.numel(), device=probs.device)
-        else:
-            class_scores, pairs = probs[index].flatten().topk(min(top_k, probs[index].numel()))
-            queries, classes = pairs // num_classes, pairs % num_classes
-        # score = class score × mean mask probability ≤ class score: other candidates cannot reach the threshold.
-        candidates = (class_scores * (1 + 1e-6) >= threshold).nonzero()[:, 0]
-
+    for index, (class_scores, queries, classes) in enumerate(instance_candidates(class_logits, threshold, top_k)):
+        placement, size = layout.placements[index], layout.target_sizes[index]
         segmentation = torch.full(size, -1, dtype=torch.long, device=mask_logits.device)
         binary_maps, segments = [], []
-        step = _chunk(candidates.numel(), size, chunk_elements)
-        for start in range(0, candidates.numel(), step):
-            chunk = candidates[start : start + step]
+        step = _chunk(queries.numel(), size, chunk_elements)
+        for start in range(0, queries.numel(), step):
+            chunk = slice(start, start + step)
             logits = upsample_masks(mask_logits[index, queries[chunk]], placement, size)
             masks = (logits > logit_threshold).float()
             mask_scores = (logits.sigmoid().flatten(1) * masks.flatten(1)).sum(1) / (masks.flatten(1).sum(1) + 1e-6)
@@ -201,6 +211,32 @@ def instance_segmentation(
             segmentation = torch.cat(binary_maps) if binary_maps else torch.zeros((0, *size), dtype=torch.bool)
         results.append({"segmentation": segmentation, "segments_info": segments})
     return results
+
+
+def instance_candidates(
+    class_logits: torch.Tensor, threshold: float, top_k: int | None
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per model input: the class probabilities, queries and classes of the instances that may reach `threshold`:
+    each query's best class, or with `top_k` the `top_k` best (query, class) pairs."""
+    probs = class_logits.float().softmax(-1)[..., :-1]
+    num_classes = probs.shape[-1]
+    results = []
+    for image_probs in probs:
+        if top_k is None:
+            class_scores, classes = image_probs.max(-1)
+            queries = torch.arange(class_scores.numel(), device=probs.device)
+        else:
+            class_scores, pairs = image_probs.flatten().topk(min(top_k, image_probs.numel()))
+            queries, classes = pairs // num_classes, pairs % num_classes
+        # score = class score × mean mask probability ≤ class score: other candidates cannot reach the threshold.
+        candidates = (class_scores * (1 + 1e-6) >= threshold).nonzero()[:, 0]
+        results.append((class_scores[candidates], queries[candidates], classes[candidates]))
+    return results
+
+
+def instance_logit_threshold(mask_threshold: float) -> float:
+    """mask probability > mask_threshold ⇔ logit > logit(mask_threshold) (0 at the default 0.5)."""
+    return torch.logit(torch.tensor(float(mask_threshold), dtype=torch.float64)).item()
 
 
 def segments_from_semantic(segmentation: torch.Tensor, shares: torch.Tensor, return_binary_maps: bool = False) -> dict:

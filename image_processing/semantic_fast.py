@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
 
 from .geometry import Layout, Placement
-from .post_processing import CHUNK_ELEMENTS, segments_from_semantic
+from .post_processing import CHUNK_ELEMENTS
 
 # Elements (pixels × queries) of a band of sigmoid masks (16 MB): the band is reused from the interpolation through
 # the sigmoid to the class contraction. Halving it cost ~10 % CPU and, with sleeping OpenMP threads
@@ -74,8 +74,7 @@ def semantic_segments(
         # The labels of `semantic_segmentation` to the tie (an argmax of the banded scores below could differ from
         # them at float ties), at the price of a second pass over the sigmoid masks.
         labels = _pruned_argmax(image, size, candidate_fraction)
-        shares = _label_shares(_stitched_scores(image), labels)
-        results.append(segments_from_semantic(labels, shares, return_binary_maps))
+        results.append(_segments(labels, _stitched_scores(image), return_binary_maps))
     return results
 
 
@@ -119,13 +118,41 @@ def _images(
         yield _Image(windows, height, width, band_rows), size
 
 
-def _label_shares(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Each pixel's share of its label in the sum of the class scores: `scores` `(classes, h, w)` bilinearly resized to
-    `labels.shape`, a band of rows at a time."""
-    shares = scores.new_empty(labels.shape)
+def _segments(labels: torch.Tensor, scores: torch.Tensor, return_binary_maps: bool) -> dict:
+    """`segments_from_semantic(labels, shares)`, `shares` each pixel's share of its label in the sum of the class
+    scores (`scores` `(classes, h, w)` bilinearly resized to `labels.shape`), a band of rows at a time: `labels` become
+    segment ids in place, and no full-size shares or ids are made (share sums in float64, so scores agree with the
+    reference's float32 sums to their rounding)."""
+    present = torch.zeros(scores.shape[0], dtype=torch.bool, device=labels.device)
+    for rows in _row_bands(labels):
+        present[labels[rows].unique()] = True
+    classes = present.nonzero()[:, 0]
+    segment_of_class = torch.full((scores.shape[0],), -1, dtype=torch.long, device=labels.device)
+    segment_of_class[classes] = torch.arange(classes.numel(), device=labels.device)
+    area = torch.zeros(classes.numel(), dtype=torch.long, device=labels.device)
+    share_sum = torch.zeros(classes.numel(), dtype=torch.float64, device=labels.device)
     for rows, resized in _resized_bands(scores, tuple(labels.shape)):
-        shares[rows] = resized.gather(0, labels[None, rows])[0] / resized.sum(0).clamp(min=1e-12)
-    return shares
+        shares = resized.gather(0, labels[None, rows])[0] / resized.sum(0).clamp(min=1e-12)
+        ids = segment_of_class[labels[rows]].flatten()
+        area += torch.bincount(ids, minlength=classes.numel())
+        share_sum += torch.bincount(ids, weights=shares.flatten().double(), minlength=classes.numel())
+        labels[rows] = ids.view(-1, labels.shape[1])
+    mean_share = (share_sum / area).float()
+    segments = [
+        {"id": i, "label_id": int(label), "score": round(float(s), 6)}
+        for i, (label, s) in enumerate(zip(classes, mean_share))
+    ]
+    if return_binary_maps:
+        maps = torch.empty((classes.numel(), *labels.shape), dtype=torch.bool, device=labels.device)
+        for rows in _row_bands(labels):
+            maps[:, rows] = labels[None, rows] == torch.arange(classes.numel(), device=labels.device)[:, None, None]
+        return {"segmentation": maps, "segments_info": segments}
+    return {"segmentation": labels, "segments_info": segments}
+
+
+def _row_bands(labels: torch.Tensor) -> Iterator[slice]:
+    step = _chunk(labels.shape[0], labels.shape[1])
+    return (slice(top, top + step) for top in range(0, labels.shape[0], step))
 
 
 @dataclass(frozen=True)

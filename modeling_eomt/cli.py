@@ -19,9 +19,11 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from .configuration import TASKS
-from .rle import encode_rle
+from .rle import encode_rle_columns
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+# Pixels per band of the per-segment work on a segment id map (area, bbox, RLE, PNG of ids): bounded temporaries.
+BAND_PIXELS = 2**20
 # Command-line flag → post-processing option; unset flags leave the processor's defaults.
 OPTION_FLAGS = {
     "threshold": "threshold",
@@ -167,7 +169,9 @@ def read_image(path: Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()
-            return ImageOps.exif_transpose(image).convert("RGB")
+            # in place, and no RGB → RGB copy: each copy of a 10000×10000 photo is 300 MB
+            ImageOps.exif_transpose(image, in_place=True)
+            return image if image.mode == "RGB" else image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise CliError(f"cannot read image {path}: {error}") from None
 
@@ -232,21 +236,17 @@ def write_outputs(stem: Path, source: Path, image, segmentation, segments, id2la
     ids = segmentation.numpy()
     records = []
     for segment in segments:
-        mask = ids == segment["id"]
-        rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
-        bbox = [0, 0, 0, 0]
-        if rows.size:  # COCO [x, y, width, height]
-            bbox = [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
+        area, bbox, counts = _mask_summary(ids, segment["id"])
         record = {
             "id": segment["id"],
             "label_id": segment["label_id"],
             "label": id2label.get(segment["label_id"], str(segment["label_id"])),
             "score": segment.get("score"),
-            "area": int(mask.sum()),
+            "area": area,
             "bbox": bbox,
         }
         if args.mask_format == "rle":
-            record["rle"] = {"size": [int(ids.shape[0]), int(ids.shape[1])], "counts": encode_rle(mask)}
+            record["rle"] = {"size": [int(ids.shape[0]), int(ids.shape[1])], "counts": counts}
         else:
             record["png_value"] = segment["id"] + 1
         records.append(record)
@@ -255,10 +255,43 @@ def write_outputs(stem: Path, source: Path, image, segmentation, segments, id2la
     files = {}
     if args.mask_format == "png":
         summary["mask_png"] = stem.name + ".segments.png"
-        files[summary["mask_png"]] = _png(Image.fromarray((ids + 1).clip(0, 65535).astype(np.uint16)))
+        values = np.empty(ids.shape, dtype=np.uint16)
+        for rows in _bands(ids.shape[0], BAND_PIXELS // ids.shape[1]):
+            values[rows] = (ids[rows] + 1).clip(0, 65535)
+        files[summary["mask_png"]] = _png(Image.fromarray(values))
+        del values
     files[f"{stem.name}.png"] = _png(draw_overlay(image, ids, segments, id2label))
     files[f"{stem.name}.json"] = json.dumps(summary, indent=2).encode()
     _write_together(stem.parent, files)
+
+
+def _mask_summary(ids: np.ndarray, segment_id: int) -> tuple[int, list[int], str]:
+    """Area, COCO bbox `[x, y, width, height]` and compressed RLE of segment `segment_id` of `ids`, a band of columns
+    at a time (RLE runs down the columns): a full-size mask of a 10000×10000 image would take 100 MB, its RLE
+    flattening as much again."""
+    height, width = ids.shape
+    area, rows, cols = 0, np.zeros(height, dtype=bool), np.zeros(width, dtype=bool)
+
+    def column_bands() -> Iterator[np.ndarray]:
+        nonlocal area
+        for band in _bands(width, BAND_PIXELS // height):
+            mask = ids[:, band] == segment_id
+            area += int(mask.sum())
+            rows[:] |= mask.any(1)
+            cols[band] = mask.any(0)
+            yield mask
+
+    counts = encode_rle_columns(column_bands())
+    rows, cols = np.flatnonzero(rows), np.flatnonzero(cols)
+    bbox = [0, 0, 0, 0]
+    if rows.size:
+        bbox = [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
+    return area, bbox, counts
+
+
+def _bands(length: int, step: int) -> Iterator[slice]:
+    step = max(1, step)
+    return (slice(start, min(length, start + step)) for start in range(0, length, step))
 
 
 def _png(image: Image.Image) -> bytes:

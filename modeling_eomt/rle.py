@@ -9,7 +9,7 @@ before.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -17,12 +17,28 @@ import numpy as np
 
 def encode_rle(mask: np.ndarray) -> str:
     """COCO compressed RLE (`pycocotools.mask.encode(...)["counts"]`) of a binary `(height, width)` mask."""
-    flat = np.asarray(mask, dtype=bool).ravel(order="F")
-    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    bounds = np.concatenate([[0], changes, [flat.size]])
-    counts = np.diff(bounds).tolist()
-    if flat.size and flat[0]:
-        counts.insert(0, 0)  # runs start with background
+    return encode_rle_columns([mask])
+
+
+def encode_rle_columns(bands: Iterable[np.ndarray]) -> str:
+    """[`encode_rle`] of the mask made of `bands` `(height, columns)` side by side, left to right: runs go down the
+    columns, so one band at a time is enough (a full-size mask of a 10000×10000 image would take 100 MB, and its
+    flattening as much again)."""
+    counts, value, run = [], False, 0  # runs start with background
+    for band in bands:
+        flat = np.asarray(band, dtype=bool).ravel(order="F")
+        if not flat.size:
+            continue
+        if flat[0] != value:
+            counts.append(run)
+            run = 0
+        lengths = np.diff(np.concatenate([[0], np.flatnonzero(flat[1:] != flat[:-1]) + 1, [flat.size]])).tolist()
+        run += lengths[0]
+        for length in lengths[1:]:
+            counts.append(run)
+            run = length
+        value = bool(flat[-1])
+    counts.append(run)
     chars = []
     for i, count in enumerate(counts):
         value = count - counts[i - 2] if i > 2 else count

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import colorsys
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -11,6 +12,9 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 MAX_LEGEND_ENTRIES = 12
+# Pixels of a band of rows of the overlay; most pixels of a segment's box searched for its label's place.
+BAND_PIXELS = 2**20
+LABEL_PIXELS = 2**20
 
 
 def label_colour(label_id: int) -> tuple[int, int, int]:
@@ -43,8 +47,8 @@ def draw_overlay(
         score) at each segment's most interior point, and a legend of the classes present.
     """
     id2label = id2label or {}
-    base = image.convert("RGB")
-    ids = np.asarray(segmentation.cpu() if torch.is_tensor(segmentation) else segmentation).astype(np.int64)
+    base = image if image.mode == "RGB" else image.convert("RGB")
+    ids = np.asarray(segmentation.cpu() if torch.is_tensor(segmentation) else segmentation, dtype=np.int64)
     if ids.shape != (base.height, base.width):
         raise ValueError(f"Segmentation of shape {ids.shape} does not match the image ({base.height}, {base.width}).")
 
@@ -55,24 +59,35 @@ def draw_overlay(
     for segment_id, segment in known.items():
         colours[segment_id + 1] = label_colour(int(segment["label_id"]))
         tinted[segment_id + 1] = True
-    lookup = np.clip(ids, -1, lut_size - 2) + 1  # -1 (void) → row 0, never tinted
-    pixels = np.asarray(base, dtype=np.float32)
-    mask = tinted[lookup][..., None]
-    pixels = np.where(mask, (1 - alpha) * pixels + alpha * colours[lookup], pixels)
-    pixels[_boundaries(np.where(tinted[lookup], ids, -1))] = 255
-    canvas = Image.fromarray(pixels.round().astype(np.uint8))
+    # A band of rows at a time: float RGB temporaries of a whole 10000×10000 image would take several GB.
+    canvas = base.copy()
+    counts = np.zeros(lut_size, dtype=np.int64)  # pixels per segment id + 1
+    height, width = ids.shape
+    step = max(1, BAND_PIXELS // width)
+    for top in range(0, height, step):
+        bottom = min(height, top + step)
+        lookup = np.clip(ids[top:bottom], -1, lut_size - 2) + 1  # -1 (void) → row 0, never tinted
+        counts += np.bincount(lookup.ravel(), minlength=lut_size)
+        band = np.asarray(base.crop((0, top, width, bottom)), dtype=np.float32)
+        band = np.where(tinted[lookup][..., None], (1 - alpha) * band + alpha * colours[lookup], band)
+        # outlines need the rows above and below the band
+        above, below = min(top, 1), min(height - bottom, 1)
+        around = ids[top - above : bottom + below]
+        edges = _boundaries(np.where(tinted[np.clip(around, -1, lut_size - 2) + 1], around, -1))
+        band[edges[above : above + bottom - top]] = 255
+        canvas.paste(Image.fromarray(band.round().astype(np.uint8)), (0, top))
 
     draw = ImageDraw.Draw(canvas)
     font = _font(max(10, min(base.size) // 40))
     for segment_id, segment in known.items():
-        point = _interior_point(ids == segment_id)
+        point = _interior_point(ids, segment_id)
         if point is None:
             continue
         text = _name(int(segment["label_id"]), id2label)
         if segment.get("score") is not None:
             text += f" {segment['score']:.2f}"
         _text_box(draw, point, text, font, anchor="mm")
-    _legend(draw, known.values(), ids, id2label, font)
+    _legend(draw, known.values(), counts[1:], id2label, font)
     return canvas
 
 
@@ -87,19 +102,32 @@ def _boundaries(ids: np.ndarray) -> np.ndarray:
     return edge & (ids >= 0)
 
 
-def _interior_point(mask: np.ndarray) -> tuple[int, int] | None:
-    """(x, y) of the pixel farthest from the segment's border, computed on its bounding box only."""
-    rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
+def _interior_point(ids: np.ndarray, segment_id: int) -> tuple[int, int] | None:
+    """(x, y) of the pixel of segment `segment_id` farthest from its border, computed on its bounding box only, and
+    on every s-th row and column of it if it has more than `LABEL_PIXELS` pixels (the distance transform takes 16
+    bytes per pixel)."""
+    rows, cols = np.zeros(ids.shape[0], dtype=bool), np.zeros(ids.shape[1], dtype=bool)
+    step = max(1, BAND_PIXELS // ids.shape[1])
+    for top in range(0, ids.shape[0], step):
+        mask = ids[top : top + step] == segment_id
+        rows[top : top + step] = mask.any(1)
+        cols |= mask.any(0)
+    rows, cols = np.flatnonzero(rows), np.flatnonzero(cols)
     if rows.size == 0:
         return None
     top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    distance = ndimage.distance_transform_edt(np.pad(mask[top:bottom, left:right], 1))[1:-1, 1:-1]
+    stride = max(1, math.ceil(math.sqrt((bottom - top) * (right - left) / LABEL_PIXELS)))
+    mask = ids[top:bottom:stride, left:right:stride] == segment_id
+    if not mask.any():  # a thin segment between the sampled rows and columns: any of its pixels
+        y, x = rows[0], left + int(np.argmax(ids[rows[0], left:right] == segment_id))
+        return int(x), int(y)
+    distance = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
     y, x = np.unravel_index(distance.argmax(), distance.shape)
-    return int(left + x), int(top + y)
+    return int(left + x * stride), int(top + y * stride)
 
 
-def _legend(draw: ImageDraw.ImageDraw, segments, ids: np.ndarray, id2label, font) -> None:
-    area = np.bincount(ids[ids >= 0].ravel())
+def _legend(draw: ImageDraw.ImageDraw, segments, area: np.ndarray, id2label, font) -> None:
+    """The classes present, largest `area` (pixels per segment id) first."""
     by_label: dict[int, int] = {}
     for segment in segments:
         segment_id, label = int(segment["id"]), int(segment["label_id"])

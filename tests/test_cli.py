@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
+from scipy import ndimage
 from test_pipeline import ID2LABEL, save_tiny_checkpoint
 
 from modeling_eomt import EomtImageProcessor
-from modeling_eomt.cli import encode_rle, main
+from modeling_eomt.cli import main
+from modeling_eomt.rle import encode_rle
 
 
 @pytest.fixture(scope="module")
@@ -270,3 +272,51 @@ def test_dinov3_checkpoints_segment(images, tmp_path):
     out = tmp_path / "out"
     assert run(str(images), "--model", str(tmp_path / "dinov3"), "--output", str(out), "--threshold", "0") == 0
     assert json.loads((out / "street.json").read_text())["task"] == "panoptic"
+
+
+def test_overlay_and_segment_records_in_bands_equal_whole_image_work(monkeypatch):
+    """Memory: the overlay is drawn a band of rows at a time, and each segment's area, bbox and RLE come from bands of
+    columns; one-row and one-column bands give what whole-image bands give, and the RLE is pycocotools'."""
+    from modeling_eomt import cli, visualize
+
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8))
+    ids = np.full((70, 90), -1, dtype=np.int64)
+    ids[5:60, 10:50], ids[30:70, 40:90], ids[0, :] = 0, 1, 2  # overlapping boxes and a one-row segment on the border
+    segments = [{"id": 0, "label_id": 0, "score": 0.9}, {"id": 1, "label_id": 2}, {"id": 2, "label_id": 1}]
+    whole = np.asarray(visualize.draw_overlay(image, ids, segments))
+    monkeypatch.setattr(visualize, "BAND_PIXELS", 1)
+    assert np.array_equal(np.asarray(visualize.draw_overlay(image, ids, segments)), whole)
+
+    monkeypatch.setattr(cli, "BAND_PIXELS", 70)  # one column per band
+    for segment_id in (0, 1, 2, 3):
+        mask = ids == segment_id
+        area, bbox, counts = cli._mask_summary(ids, segment_id)
+        assert area == int(mask.sum())
+        assert counts == coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"].decode()
+        rows, cols = np.nonzero(mask)
+        expected = (
+            [int(cols.min()), int(rows.min()), int(np.ptp(cols)) + 1, int(np.ptp(rows)) + 1] if area else [0] * 4
+        )
+        assert bbox == expected
+
+
+@pytest.mark.parametrize("label_pixels", [1, 50, 2**20])
+def test_labels_of_large_segments_are_placed_on_subsampled_boxes_inside_them(monkeypatch, label_pixels):
+    """Memory: a segment's label goes at its most interior pixel, searched on every s-th row and column of its box
+    when the box has more than `LABEL_PIXELS` pixels; the place is always inside the segment, thin ones included."""
+    from modeling_eomt import visualize
+
+    monkeypatch.setattr(visualize, "LABEL_PIXELS", label_pixels)
+    ids = np.full((120, 100), -1, dtype=np.int64)
+    ids[10:110, 5:95] = 0  # large
+    ids[50, 3:97] = 1  # one row thin: missed by most subsampled grids
+    ids[60:63, 70:73] = 2  # small
+    for segment_id in (0, 1, 2):
+        x, y = visualize._interior_point(ids, segment_id)
+        assert ids[y, x] == segment_id
+    assert visualize._interior_point(ids, 3) is None
+    if label_pixels == 2**20:  # the box is searched whole: a pixel farthest from the border
+        distance = ndimage.distance_transform_edt(np.pad(ids == 0, 1))[1:-1, 1:-1]
+        x, y = visualize._interior_point(ids, 0)
+        assert distance[y, x] == distance.max()

@@ -1,6 +1,6 @@
 """Post-processing: parity with transformers' built-in EoMT processor (the oracle) on the same model outputs, the fast
-semantic path against the plain one, chunking, top-k instances, sliding-window outputs, runtime (numpy) outputs,
-`post_process(task)` and argument checks."""
+semantic path and the banded panoptic and instance paths against the plain ones, chunking, top-k instances,
+sliding-window outputs, runtime (numpy) outputs, `post_process(task)` and argument checks."""
 
 from types import SimpleNamespace
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from modeling_eomt.configuration import TASKS
-from modeling_eomt.image_processing import Layout, Placement, post_processing, semantic_fast
+from modeling_eomt.image_processing import Layout, Placement, post_processing, segments_fast, semantic_fast
 from transformers.models.eomt.image_processing_pil_eomt import EomtImageProcessorPil as BuiltinProcessor
 
 from modeling_eomt import EomtImageProcessor
@@ -274,6 +274,99 @@ def test_chunked_results_equal(processors):
             for mine, theirs in zip(function(*logits, layout, threshold=0.5, chunk_elements=chunk_elements), expected):
                 assert mine["segments_info"] == theirs["segments_info"]
                 assert torch.equal(mine["segmentation"], theirs["segmentation"])
+
+
+def test_banded_upsampling_is_bitwise_interpolate():
+    """Bands of columns, each upsampled from a whole-width column pass, equal `upsample_masks` (one `F.interpolate`
+    per step) bit for bit: padded and unpadded inputs, up- and downscaled, many non-square sizes, narrow bands."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 16, 16, generator=g) * 4
+    sizes = [(300, 200), (90, 400), (129, 1000), (777, 333), (40, 117), (1000, 129), (64, 300), (31, 30)]
+    sizes += [tuple(torch.randint(20, 700, (2,), generator=g).tolist()) for _ in range(8)]
+    placements = [Placement(0, 0, 0, 64, 64, (64, 64)), Placement(0, 0, 0, 40, 64, (64, 64)),
+                  Placement(0, 0, 0, 64, 27, (64, 64)), Placement(0, 0, 0, 160, 100, (160, 160))]  # fmt: skip
+    tested = split = 0
+    for placement in placements:
+        for size in sizes:
+            if not segments_fast.banded(placement, size, chunk_elements=5000):
+                continue
+            tested += 1
+            pieces = list(segments_fast.upsampled_bands(logits, placement, size, chunk_elements=5000))
+            result = torch.empty(logits.shape[0], *size)
+            for queries, columns, piece in pieces:
+                result[queries, :, columns] = piece
+            split += len({(columns.start, columns.stop) for _, columns, _ in pieces}) > 1
+            # one query at a time, as the plain post-processing does at targets this large for `chunk_elements`
+            expected = torch.cat([post_processing.upsample_masks(logits[[q]], placement, size) for q in range(5)])
+            assert torch.equal(result, expected), (placement, size)
+    assert tested >= 3 * len(sizes) and split >= len(sizes)  # many cases were cut into several bands of columns
+
+
+@pytest.mark.parametrize("chunk_elements", [3000, 20000, post_processing.CHUNK_ELEMENTS])
+@pytest.mark.parametrize("target_sizes", [[(300, 200), (90, 400)], [(700, 333), (129, 1000)], TARGET_SIZES])
+def test_banded_segments_match_plain(chunk_elements, target_sizes):
+    """The panoptic and instance post-processing the processor runs (`segments_fast`) against the plain reference at
+    the same `chunk_elements`, targets cut into bands of columns or not, padded canvases. Panoptic results are equal;
+    instance labels, ids and maps too, scores to float32 rounding of the mask sums (added band by band)."""
+    outputs = fake_outputs(2, seed=14)
+    logits = outputs.class_queries_logits, outputs.masks_queries_logits
+    layout = EomtImageProcessor(size=PANOPTIC_SIZE).layout(target_sizes)
+    calls = {
+        "panoptic_segmentation": [{"threshold": 0.5}, {"threshold": 0.3, "stuff_classes": [0, 1], "mask_threshold": 0.6}],
+        "instance_segmentation": [{"threshold": 0.3}, {"threshold": 0.2, "top_k": 30, "return_binary_maps": True}],
+    }  # fmt: skip
+    for name, option_sets in calls.items():
+        for options in option_sets:
+            plain = getattr(post_processing, name)(*logits, layout, chunk_elements=chunk_elements, **options)
+            fast = getattr(segments_fast, name)(*logits, layout, chunk_elements=chunk_elements, **options)
+            assert sum(len(r["segments_info"]) for r in plain) >= 3
+            for mine, theirs in zip(fast, plain):
+                assert torch.equal(mine["segmentation"], theirs["segmentation"])
+                if name == "panoptic_segmentation":
+                    assert mine["segments_info"] == theirs["segments_info"]
+                    continue
+                key = lambda info: [(s["id"], s["label_id"]) for s in info]
+                assert key(mine["segments_info"]) == key(theirs["segments_info"])
+                scores = [s["score"] for s in mine["segments_info"]]
+                assert scores == pytest.approx([s["score"] for s in theirs["segments_info"]], abs=2e-6)
+
+
+class LargeTensors(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the number of elements of every tensor of at least `least` elements an op returns."""
+
+    def __init__(self, least: int):
+        super().__init__()
+        self.least, self.sizes = least, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if torch.is_tensor(t) and t.numel() >= self.least:
+                self.sizes.append(t.numel())
+        return out
+
+
+def test_banded_segments_hold_only_the_result_at_full_size():
+    """Cut into bands, panoptic and instance post-processing create one tensor of the target's size, the result: the
+    rest is a few bands of columns, whatever the number of queries."""
+    target, chunk_elements = (800, 600), 2**16
+    pixels = target[0] * target[1]
+    outputs = fake_outputs(1, queries=40, classes=20, confident=30, seed=9)
+    logits = outputs.class_queries_logits, outputs.masks_queries_logits
+    layout = EomtImageProcessor(size=PANOPTIC_SIZE).layout([target])
+    calls = {
+        "panoptic_segmentation": {"threshold": 0.5, "overlap_mask_area_threshold": 0.5},
+        "instance_segmentation": {"threshold": 0.1},
+    }
+    for name, options in calls.items():
+        with LargeTensors(pixels // 2) as mode:
+            result = getattr(segments_fast, name)(*logits, layout, chunk_elements=chunk_elements, **options)[0]
+        assert len(result["segments_info"]) >= 3
+        assert mode.sizes == [pixels], name  # the result, made once
+        # the plain reference, for contrast, makes tens of full-size tensors
+        with LargeTensors(pixels // 2) as mode:
+            getattr(post_processing, name)(*logits, layout, chunk_elements=chunk_elements, **options)
+        assert len(mode.sizes) >= 20
 
 
 def test_instance_top_k_pairs(processors):
