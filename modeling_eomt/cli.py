@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .configuration import TASKS
 from .rle import encode_rle_columns
+from .umask import apply_umask
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 # Pixels per band of the per-segment work on a segment id map (area, bbox, RLE, PNG of ids): bounded temporaries.
@@ -191,7 +192,7 @@ def load_checkpoint(name: str, device: torch.device):
         raise CliError(f"model path {name} does not exist.")
     try:
         config = AutoConfig.from_pretrained(str(path) if path.exists() else name)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, TypeError) as error:  # TypeError: a config field of the wrong type or misspelled
         where = "its config.json" if path.exists() else "not a local folder; tried the Hub"
         raise CliError(f"cannot load model {name} ({where}): {_first_line(error)}") from None
     if config.model_type not in MODEL_CLASSES:
@@ -309,6 +310,7 @@ def _write_together(folder: Path, files: dict[str, bytes]) -> None:
             handle, temporaries[name] = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
             with os.fdopen(handle, "wb") as f:
                 f.write(data)
+            apply_umask(Path(temporaries[name]))  # mkstemp creates 0600 files
         for name, temporary in temporaries.items():
             os.replace(temporary, folder / name)
     finally:

@@ -186,11 +186,6 @@ def test_a_killed_conversions_staging_folder_is_removed_by_the_next_run(tmp_path
 
 
 # ----------------------------------------------------------------------------------------------- eomt segment
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli._write_together stages each file with tempfile.mkstemp, whose files are 0600 (owner of cli.py: give "
-    "the temporary the umask's mode, e.g. modeling_eomt.umask.apply_umask, before the rename)",
-)
 def test_segment_outputs_get_the_umask_permissions(tmp_path):
     save_tiny_checkpoint(tmp_path / "model", EomtImageProcessor(size={"shortest_edge": 32, "longest_edge": 32}))
     (tmp_path / "images").mkdir()
