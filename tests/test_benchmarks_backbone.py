@@ -65,8 +65,10 @@ def test_the_quick_comparison_trains_both_starts_and_plots_their_curves(tmp_path
         assert len(runs) == len(bench.SEEDS) and all(list(run) == steps for run in runs)
         for step, pq in curve.items():  # the mean of the seeds' runs
             assert 0 <= pq <= 1 and pq == pytest.approx(sum(run[step] for run in runs) / len(runs))
+    assert list(result["clear_lead"]) == steps
     out = capsys.readouterr().out
     assert "pretrained start, mean" in out and "random start, seed 1" in out
+    assert "every pretrained seed above every random seed, by step: 1: " in out
     data = (tmp_path / "backbone_pq.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", data[16:24])[0] > 300
 
@@ -84,3 +86,12 @@ def test_only_the_blocks_that_saw_the_queries_and_the_final_norm_are_reset():
     for key, tensor in converted.items():
         kept = not key.startswith((last, "layernorm."))
         assert torch.equal(reset[key], tensor) == kept, key
+
+
+def test_a_clear_lead_needs_every_pretrained_seed_above_every_random_seed():
+    runs = {
+        "pretrained": [{20: 0.5, 40: 0.7, 60: 0.9}, {20: 0.3, 40: 0.6, 60: 0.8}],
+        "random": [{20: 0.4, 40: 0.5, 60: 0.8}, {20: 0.1, 40: 0.2, 60: 0.3}],
+    }
+    # Step 20: the means lead (0.40 vs 0.25) but the seeds overlap; step 60: a tie is no lead.
+    assert bench.clear_lead(runs) == {20: False, 40: True, 60: False}

@@ -91,6 +91,8 @@ def test_inference_notebook(tmp_path, jupyter_path, monkeypatch):
 
 
 def test_fine_tuning_notebook(tmp_path, jupyter_path, monkeypatch):
+    from transformers import Dinov2WithRegistersConfig
+
     from modeling_eomt import EomtForUniversalSegmentation
     from modeling_eomt.training.shapes import SHAPES_ID2LABEL
 
@@ -112,10 +114,20 @@ def test_fine_tuning_notebook(tmp_path, jupyter_path, monkeypatch):
 
     model = EomtForUniversalSegmentation.from_pretrained(tmp_path / results["model_dir"])
     assert model.config.id2label == SHAPES_ID2LABEL and model.attn_mask_probs.tolist() == [0.0] * len(starts)
-    assert {name: c["dataset_name"] for name, c in results["commands"].items()} == {
-        "coco_panoptic": "/data/coco",
-        "ade20k_semantic": "zhoubolei/scene_parse_150",
-        "cityscapes_semantic": "/data/cityscapes",
+    # The model started from the stand-in: a DINOv2-with-registers folder in the transformers format (read here by
+    # transformers itself) at DINOv2's patch 14, whose trunk the model took over at the paper's patch 16.
+    backbone = Dinov2WithRegistersConfig.from_pretrained(tmp_path / results["backbone_dir"])
+    assert (backbone.model_type, backbone.patch_size, backbone.num_register_tokens) == ("dinov2_with_registers", 14, 4)
+    for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_register_tokens"):
+        assert getattr(model.config, field) == getattr(backbone, field), field
+    assert model.config.patch_size == 16
+    # The `eomt-train --backbone` command builds the same start as `from_backbone`; the real runs name real backbones.
+    assert results["command_matches_backbone"] is True
+    assert {name: (c["backbone"], c["dataset_name"]) for name, c in results["commands"].items()} == {
+        "shapes_from_standin": (results["backbone_dir"], "shapes"),
+        "coco_panoptic": ("facebook/dinov2-with-registers-large", "/data/coco"),
+        "ade20k_semantic": ("facebook/dinov3-vitl16-pretrain-lvd1689m", "zhoubolei/scene_parse_150"),
+        "cityscapes_semantic": ("facebook/dinov2-with-registers-large", "/data/cityscapes"),
     }
     check_figures(results["figures"], tmp_path, {"ground_truth", "training_curves", "predictions"})
     assert inline_images(notebook) >= 3
