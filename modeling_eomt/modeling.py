@@ -157,20 +157,17 @@ class EomtAttention(nn.Module):
         self.output_name = "o_proj" if config.uses_rope else "out_proj"
         self.add_module(self.output_name, nn.Linear(dim, dim, bias=out_bias))
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+                **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """`rotary`: DINOv3's `(cos, sin)` for the patch tokens (None for DINOv2's absolute positions)."""
         batch_size, seq_len, _ = hidden_states.shape
         query, key, value = (
             proj(hidden_states).view(batch_size, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
-        if position_embeddings is not None:
-            query, key = (rotate_patch_tokens(states, *position_embeddings) for states in (query, key))
+        if rotary is not None:
+            query, key = (rotate_patch_tokens(states, *rotary) for states in (query, key))
         if attention_mask is not None and self.config._attn_implementation == "flex_attention":
             # torch's CPU flex kernel crashes on a dense score mask; a BlockMask of masked attention is future work.
             raise ValueError(
@@ -238,14 +235,9 @@ class EomtLayer(GradientCheckpointingLayer):
         self.drop_path_rate = config.drop_path_rate  # stochastic depth: drops a residual branch per sample
         self.selective_recompute = False  # see `EomtForUniversalSegmentation.set_selective_recompute`
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        attn_output, _ = self.attention(self.norm1(hidden_states), attention_mask, position_embeddings, **kwargs)
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                rotary: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs) -> torch.Tensor:  # fmt: skip
+        attn_output, _ = self.attention(self.norm1(hidden_states), attention_mask, rotary, **kwargs)
         hidden_states = self.add_branch(hidden_states, attn_output, self.layer_scale1)
         mlp_input = self.norm2(hidden_states)
         if self.selective_recompute and self.training and not self.gradient_checkpointing:
@@ -367,7 +359,7 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
         check_inputs(pixel_values, mask_labels, class_labels, self.config)
         compute_loss = mask_labels is not None
         hidden_states, grid = self.embeddings(pixel_values)
-        position_embeddings = self.rope_embeddings(grid, hidden_states.dtype) if self.config.uses_rope else None
+        rotary = self.rope_embeddings(grid, hidden_states.dtype) if self.config.uses_rope else None
         targets = self.criterion.targets(mask_labels, class_labels, pixel_values.device) if compute_loss else None
         # Each prediction is used up (loss, attention mask, intermediate outputs) before the next one is made: the
         # banded head shares one pixel-embedding map among them.
@@ -391,7 +383,7 @@ class EomtForUniversalSegmentation(EomtPreTrainedModel):
                         intermediate.append((prediction.class_logits, prediction.mask_logits()))
                     if masking:
                         attention_mask = self.query_attention_mask(prediction, grid, self.attn_mask_probs[block])
-            hidden_states = layer(hidden_states, attention_mask, position_embeddings, **kwargs)
+            hidden_states = layer(hidden_states, attention_mask, rotary, **kwargs)
 
         sequence_output = self.layernorm(hidden_states)
         loss = loss_dict = None
