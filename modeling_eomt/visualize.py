@@ -38,7 +38,8 @@ def draw_overlay(
     Args:
         image: The original image; the result has its size.
         segmentation: `(height, width)` segment ids (-1 or any id not in `segments_info` is left uncoloured).
-        segments_info: `{"id", "label_id", "score"?}` per segment (the post-processing format).
+        segments_info: `{"id", "label_id", "score"?, "bbox"?}` per segment (the post-processing format; a COCO
+            `bbox` `[x, y, width, height]`, as in `eomt segment`'s records, spares a scan of the map per label).
         id2label: Class names; missing ones are shown as their id.
         alpha: Opacity of the segment colours.
 
@@ -80,7 +81,7 @@ def draw_overlay(
     draw = ImageDraw.Draw(canvas)
     font = _font(max(10, min(base.size) // 40))
     for segment_id, segment in known.items():
-        point = _interior_point(ids, segment_id)
+        point = _interior_point(ids, segment_id, segment.get("bbox"))
         if point is None:
             continue
         text = _name(int(segment["label_id"]), id2label)
@@ -102,10 +103,8 @@ def _boundaries(ids: np.ndarray) -> np.ndarray:
     return edge & (ids >= 0)
 
 
-def _interior_point(ids: np.ndarray, segment_id: int) -> tuple[int, int] | None:
-    """(x, y) of the pixel of segment `segment_id` farthest from its border, computed on its bounding box only, and
-    on every s-th row and column of it if it has more than `LABEL_PIXELS` pixels (the distance transform takes 16
-    bytes per pixel)."""
+def _bbox(ids: np.ndarray, segment_id: int) -> list[int] | None:
+    """COCO box `[x, y, width, height]` of segment `segment_id` of `ids` (None if absent), a band of rows at a time."""
     rows, cols = np.zeros(ids.shape[0], dtype=bool), np.zeros(ids.shape[1], dtype=bool)
     step = max(1, BAND_PIXELS // ids.shape[1])
     for top in range(0, ids.shape[0], step):
@@ -115,11 +114,21 @@ def _interior_point(ids: np.ndarray, segment_id: int) -> tuple[int, int] | None:
     rows, cols = np.flatnonzero(rows), np.flatnonzero(cols)
     if rows.size == 0:
         return None
-    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    return [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
+
+
+def _interior_point(ids: np.ndarray, segment_id: int, bbox: list[int] | None = None) -> tuple[int, int] | None:
+    """(x, y) of the pixel of segment `segment_id` farthest from its border, computed on its bounding box only (given
+    as `bbox`, COCO `[x, y, width, height]`, when the caller has it; else found by a scan), and on every s-th row and
+    column of it if it has more than `LABEL_PIXELS` pixels (the distance transform takes 16 bytes per pixel)."""
+    bbox = bbox if bbox is not None else _bbox(ids, segment_id)
+    if bbox is None or bbox[2] == 0:
+        return None
+    left, top, right, bottom = bbox[0], bbox[1], bbox[0] + bbox[2], bbox[1] + bbox[3]
     stride = max(1, math.ceil(math.sqrt((bottom - top) * (right - left) / LABEL_PIXELS)))
     mask = ids[top:bottom:stride, left:right:stride] == segment_id
     if not mask.any():  # a thin segment between the sampled rows and columns: any of its pixels
-        y, x = rows[0], left + int(np.argmax(ids[rows[0], left:right] == segment_id))
+        y, x = top, left + int(np.argmax(ids[top, left:right] == segment_id))
         return int(x), int(y)
     distance = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
     y, x = np.unravel_index(distance.argmax(), distance.shape)

@@ -57,3 +57,11 @@ def test_overlay_size_mismatch_is_an_error(overlay_case):
     image, ids, segments = overlay_case
     with pytest.raises(ValueError, match="does not match the image"):
         draw_overlay(image, ids[:, :200], segments)
+
+
+def test_given_boxes_place_labels_where_the_scan_does(overlay_case):
+    image, ids, segments = overlay_case
+    boxes = {0: [0, 0, 160, 240], 1: [160, 120, 160, 120]}  # COCO [x, y, width, height] of the two segments
+    with_boxes = [{**segment, "bbox": boxes[segment["id"]]} for segment in segments]
+    scanned = np.asarray(draw_overlay(image, ids, segments, {0: "cat", 2: "sky"}))
+    assert np.array_equal(np.asarray(draw_overlay(image, ids, with_boxes, {0: "cat", 2: "sky"})), scanned)
