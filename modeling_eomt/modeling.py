@@ -293,6 +293,9 @@ class EomtPreTrainedModel(PreTrainedModel):
             init.copy_(module.empty_weight, module.default_empty_weight())
         elif isinstance(module, EomtForUniversalSegmentation):
             init.ones_(module.attn_mask_probs)
+            # Unit-scale queries, as in the original release (`nn.Embedding`'s default): queries at the std above
+            # vanish beside a pretrained backbone's large patch tokens and all collapse to the same token.
+            init.normal_(module.query.weight, std=1.0)
 
 
 class EomtForUniversalSegmentation(EomtPreTrainedModel):

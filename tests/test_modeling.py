@@ -273,6 +273,17 @@ def test_training_step_under_autocast(dtype):
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
+def test_fresh_queries_start_at_unit_scale_as_in_the_builtin_and_the_original():
+    # The original release leaves its `nn.Embedding` queries at torch's default N(0, 1); so does the built-in's init.
+    # Queries at the 0.02 of the other weights collapse to one token in a pretrained backbone's blocks.
+    config = {**TINY, "num_queries": 200}
+    torch.manual_seed(0)
+    ours = EomtForUniversalSegmentation(EomtConfig(**config)).query.weight
+    builtin = BuiltinModel(BuiltinConfig(**config)).query.weight
+    assert abs(ours.std().item() - 1.0) < 0.05 and abs(builtin.std().item() - 1.0) < 0.05
+    assert abs(ours.mean().item()) < 0.05
+
+
 def test_every_parameter_gets_a_gradient_without_targets():
     # DDP without `find_unused_parameters` needs a gradient for every parameter, even on a batch with no segments.
     ours, _ = make_pair()
