@@ -78,16 +78,6 @@ def test_eval_points_that_miss_the_last_step_are_refused(tmp_path):
         bench.fine_tune(tmp_path, bench.QUICK_MODEL, steps=5, eval_every=2, eval_images=2, train_images=8)
 
 
-def test_only_the_blocks_that_saw_the_queries_and_the_final_norm_are_reset():
-    model = trained_looking(EomtForUniversalSegmentation(EomtConfig(**TINY)))
-    converted = bench.dinov2_from_trunk(model).state_dict()
-    reset = bench.reset_query_blocks(bench.dinov2_from_trunk(model), TINY["num_blocks"]).state_dict()
-    last = f"encoder.layer.{TINY['num_hidden_layers'] - 1}."
-    for key, tensor in converted.items():
-        kept = not key.startswith((last, "layernorm."))
-        assert torch.equal(reset[key], tensor) == kept, key
-
-
 def test_a_clear_lead_needs_every_pretrained_seed_above_every_random_seed():
     runs = {
         "pretrained": [{20: 0.5, 40: 0.7, 60: 0.9}, {20: 0.3, 40: 0.6, 60: 0.8}],
