@@ -4,8 +4,8 @@
 
 Forward: ratios against the bare ViT (the floor: same width, depth and tokens, no queries or head) and against
 the built-in, all measured in this process. Training step (forward with masked attention on, loss, backward,
-fused AdamW step; batch 2, 20 target masks per image): ours and the built-in each run in a fresh subprocess, so their
-peak memory (max RSS) is comparable.
+fused AdamW step; batch 2, 20 target masks per image): time with both models in this process, their steps taking
+turns; peak memory (max RSS) with each model in a fresh subprocess, so the peaks are comparable.
 
 Times are process CPU time (all threads): on a shared machine other processes stretch wall time unevenly, while the
 CPU work a forward needs stays put. Wall-clock medians of the same calls are reported next to them.
@@ -169,50 +169,60 @@ def peak_rss() -> float:
     return _status_mb("VmHWM:")
 
 
-def train_step_child(kind: str, kwargs: dict, steps: int) -> None:
-    """Run in a subprocess: time training steps and report, as JSON on stdout, the peak RSS (imports included) and
-    the part of it added by the model, its optimizer and the steps (peak minus the resident memory after imports)."""
+class TrainStep:
+    """One training step of a model of `kwargs`' architecture ("ours" or "builtin"), called without arguments: forward
+    with masked attention on (as early in training) and labels, backward, fused AdamW step. Batch 2, 20 target masks
+    per image; the same data for every model."""
+
+    def __init__(self, kind: str, kwargs: dict) -> None:
+        torch.manual_seed(0)
+        self.model = build(kind, kwargs).train()
+        self.model.attn_mask_probs.fill_(1.0)
+        self.model.train()
+        size = kwargs["image_size"]
+        self.pixels = torch.randn(2, 3, size, size)
+        self.mask_labels = [
+            (torch.rand(20, size // 32, size // 32) > 0.5).repeat_interleave(32, 1).repeat_interleave(32, 2).float()
+            for _ in range(2)
+        ]
+        self.class_labels = [torch.randint(0, kwargs["num_labels"], (20,)) for _ in range(2)]
+        # The fused kernel (the Trainer's default "adamw_torch_fused"): torch's per-tensor AdamW takes seconds per
+        # step on CPU at ViT-S, an identical cost for both models that would hide their difference.
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
+
+    def __call__(self) -> None:
+        out = self.model(self.pixels, mask_labels=self.mask_labels, class_labels=self.class_labels)
+        out.loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+
+def train_memory_child(kind: str, kwargs: dict) -> None:
+    """Run in a subprocess: two training steps; report, as JSON on stdout, the peak RSS (imports included) and the
+    part of it added by the model, its optimizer and the steps (peak minus the resident memory after imports)."""
     peak_with_imports = peak_rss()
     floor = reset_peak_rss()
-    torch.manual_seed(0)
-    model = build(kind, kwargs).train()
-    if kind in ("ours", "builtin"):
-        model.attn_mask_probs.fill_(1.0)  # masked attention on, as early in training
-        model.train()
-    size = kwargs["image_size"]
-    pixels = torch.randn(2, 3, size, size)
-    mask_labels = [
-        (torch.rand(20, size // 32, size // 32) > 0.5).repeat_interleave(32, 1).repeat_interleave(32, 2).float()
-        for _ in range(2)
-    ]
-    class_labels = [torch.randint(0, kwargs["num_labels"], (20,)) for _ in range(2)]
-    # The fused kernel (the Trainer's default "adamw_torch_fused"): torch's per-tensor AdamW takes seconds per step on
-    # CPU at ViT-S, an identical cost for both models that would hide their difference.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-
-    def step():
-        out = model(pixels, mask_labels=mask_labels, class_labels=class_labels)
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
-    timing = interleaved_medians({"step": step}, steps)["step"]
+    step = TrainStep(kind, kwargs)
+    step()
+    step()  # the optimizer's state exists from the first step on
     peak = peak_rss()
-    print(json.dumps({"seconds": timing.cpu, "wall_seconds": timing.wall, "peak_mb": max(peak, peak_with_imports),
-                      "added_mb": peak - floor}))  # fmt: skip
+    print(json.dumps({"peak_mb": max(peak, peak_with_imports), "added_mb": peak - floor}))
 
 
-def bench_train(kwargs: dict, steps: int, first: str = "builtin") -> dict[str, dict]:
-    """Training-step time and memory of the built-in and ours, each in a fresh subprocess, `first` one first."""
+def bench_train(kwargs: dict, steps: int) -> dict[str, dict]:
+    """Training-step time of ours and the built-in (median of `steps` steps each after a warm-up, both models in this
+    process, taking turns so load changes hit both) and peak memory (each in a fresh subprocess)."""
+    timings = interleaved_medians({kind: TrainStep(kind, kwargs) for kind in ("builtin", "ours")}, steps)
     results = {}
-    for kind in (first, "ours" if first == "builtin" else "builtin"):
+    for kind, timing in timings.items():
         out = subprocess.run(
-            [sys.executable, __file__, "--child", kind, "--kwargs", json.dumps(kwargs), "--repeats", str(steps)],
+            [sys.executable, __file__, "--child", kind, "--kwargs", json.dumps(kwargs)],
             check=True,
             capture_output=True,
             text=True,
         )
-        results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+        results[kind] = {"seconds": timing.cpu, "wall_seconds": timing.wall,
+                         **json.loads(out.stdout.strip().splitlines()[-1])}  # fmt: skip
     return results
 
 
@@ -227,7 +237,7 @@ def main() -> None:
     parser.add_argument("--kwargs", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return train_step_child(args.child, json.loads(args.kwargs), args.repeats)
+        return train_memory_child(args.child, json.loads(args.kwargs))
 
     kwargs = config_for(args.size, args.image_size)
     forward, flops = bench_forward(kwargs, args.batch, args.repeats)
