@@ -261,7 +261,6 @@ def write_outputs(stem: Path, source: Path, image, segmentation, segments, id2la
             values[rows] = (ids[rows] + 1).clip(0, 65535)
         files[summary["mask_png"]] = _png(Image.fromarray(values))
         del values
-    # The records carry each segment's box: the overlay places labels without scanning the map again.
     files[f"{stem.name}.png"] = _png(draw_overlay(image, ids, records, id2label))
     files[f"{stem.name}.json"] = json.dumps(summary, indent=2).encode()
     _write_together(stem.parent, files)

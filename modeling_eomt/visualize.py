@@ -38,8 +38,7 @@ def draw_overlay(
     Args:
         image: The original image; the result has its size.
         segmentation: `(height, width)` segment ids (-1 or any id not in `segments_info` is left uncoloured).
-        segments_info: `{"id", "label_id", "score"?, "bbox"?}` per segment (the post-processing format; a COCO
-            `bbox` `[x, y, width, height]`, as in `eomt segment`'s records, spares a scan of the map per label).
+        segments_info: `{"id", "label_id", "score"?}` per segment (the post-processing format).
         id2label: Class names; missing ones are shown as their id.
         alpha: Opacity of the segment colours.
 
@@ -63,12 +62,14 @@ def draw_overlay(
     # A band of rows at a time: float RGB temporaries of a whole 10000×10000 image would take several GB.
     canvas = base.copy()
     counts = np.zeros(lut_size, dtype=np.int64)  # pixels per segment id + 1
+    boxes: dict[int, list[int]] = {}  # segment id + 1 → [left, top, right, bottom], grown band by band
     height, width = ids.shape
     step = max(1, BAND_PIXELS // width)
     for top in range(0, height, step):
         bottom = min(height, top + step)
         lookup = np.clip(ids[top:bottom], -1, lut_size - 2) + 1  # -1 (void) → row 0, never tinted
         counts += np.bincount(lookup.ravel(), minlength=lut_size)
+        grow_boxes(boxes, lookup, top)
         band = np.asarray(base.crop((0, top, width, bottom)), dtype=np.float32)
         band = np.where(tinted[lookup][..., None], (1 - alpha) * band + alpha * colours[lookup], band)
         # outlines need the rows above and below the band
@@ -81,7 +82,7 @@ def draw_overlay(
     draw = ImageDraw.Draw(canvas)
     font = _font(max(10, min(base.size) // 40))
     for segment_id, segment in known.items():
-        point = _interior_point(ids, segment_id, segment.get("bbox"))
+        point = _interior_point(ids, segment_id, boxes.get(segment_id + 1))
         if point is None:
             continue
         text = _name(int(segment["label_id"]), id2label)
@@ -103,28 +104,25 @@ def _boundaries(ids: np.ndarray) -> np.ndarray:
     return edge & (ids >= 0)
 
 
-def _bbox(ids: np.ndarray, segment_id: int) -> list[int] | None:
-    """COCO box `[x, y, width, height]` of segment `segment_id` of `ids` (None if absent), a band of rows at a time."""
-    rows, cols = np.zeros(ids.shape[0], dtype=bool), np.zeros(ids.shape[1], dtype=bool)
-    step = max(1, BAND_PIXELS // ids.shape[1])
-    for top in range(0, ids.shape[0], step):
-        mask = ids[top : top + step] == segment_id
-        rows[top : top + step] = mask.any(1)
-        cols |= mask.any(0)
-    rows, cols = np.flatnonzero(rows), np.flatnonzero(cols)
-    if rows.size == 0:
-        return None
-    return [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
+def grow_boxes(boxes: dict[int, list[int]], labels: np.ndarray, top: int) -> None:
+    """Grow `boxes` ({label: [left, top, right, bottom]}, right and bottom exclusive) by the labels > 0 of `labels`, a
+    band of rows of a larger map starting at row `top`: one pass over the band for every label."""
+    for index, found in enumerate(ndimage.find_objects(labels)):
+        if found is None:
+            continue
+        rows, cols = found
+        box = boxes.setdefault(index + 1, [cols.start, top + rows.start, cols.stop, top + rows.stop])
+        box[:] = [min(box[0], cols.start), min(box[1], top + rows.start), max(box[2], cols.stop),
+                  max(box[3], top + rows.stop)]  # fmt: skip
 
 
-def _interior_point(ids: np.ndarray, segment_id: int, bbox: list[int] | None = None) -> tuple[int, int] | None:
-    """(x, y) of the pixel of segment `segment_id` farthest from its border, computed on its bounding box only (given
-    as `bbox`, COCO `[x, y, width, height]`, when the caller has it; else found by a scan), and on every s-th row and
-    column of it if it has more than `LABEL_PIXELS` pixels (the distance transform takes 16 bytes per pixel)."""
-    bbox = bbox if bbox is not None else _bbox(ids, segment_id)
-    if bbox is None or bbox[2] == 0:
+def _interior_point(ids: np.ndarray, segment_id: int, box: list[int] | None) -> tuple[int, int] | None:
+    """(x, y) of the pixel of segment `segment_id` farthest from its border, computed on its bounding `box` only
+    (`[left, top, right, bottom]`; None: the segment has no pixel), and on every s-th row and column of it if it has
+    more than `LABEL_PIXELS` pixels (the distance transform takes 16 bytes per pixel)."""
+    if box is None:
         return None
-    left, top, right, bottom = bbox[0], bbox[1], bbox[0] + bbox[2], bbox[1] + bbox[3]
+    left, top, right, bottom = box
     stride = max(1, math.ceil(math.sqrt((bottom - top) * (right - left) / LABEL_PIXELS)))
     mask = ids[top:bottom:stride, left:right:stride] == segment_id
     if not mask.any():  # a thin segment between the sampled rows and columns: any of its pixels

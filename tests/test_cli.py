@@ -312,11 +312,13 @@ def test_labels_of_large_segments_are_placed_on_subsampled_boxes_inside_them(mon
     ids[10:110, 5:95] = 0  # large
     ids[50, 3:97] = 1  # one row thin: missed by most subsampled grids
     ids[60:63, 70:73] = 2  # small
+    boxes = {}
+    visualize.grow_boxes(boxes, ids + 1, 0)  # labels: segment id + 1
     for segment_id in (0, 1, 2):
-        x, y = visualize._interior_point(ids, segment_id)
+        x, y = visualize._interior_point(ids, segment_id, boxes[segment_id + 1])
         assert ids[y, x] == segment_id
-    assert visualize._interior_point(ids, 3) is None
+    assert visualize._interior_point(ids, 3, boxes.get(4)) is None
     if label_pixels == 2**20:  # the box is searched whole: a pixel farthest from the border
         distance = ndimage.distance_transform_edt(np.pad(ids == 0, 1))[1:-1, 1:-1]
-        x, y = visualize._interior_point(ids, 0)
+        x, y = visualize._interior_point(ids, 0, boxes[1])
         assert distance[y, x] == distance.max()

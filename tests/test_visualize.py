@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from modeling_eomt.visualize import draw_overlay, label_colour
+from modeling_eomt.visualize import draw_overlay, grow_boxes, label_colour
 
 GREY = 100
 
@@ -59,9 +59,19 @@ def test_overlay_size_mismatch_is_an_error(overlay_case):
         draw_overlay(image, ids[:, :200], segments)
 
 
-def test_given_boxes_place_labels_where_the_scan_does(overlay_case):
-    image, ids, segments = overlay_case
-    boxes = {0: [0, 0, 160, 240], 1: [160, 120, 160, 120]}  # COCO [x, y, width, height] of the two segments
-    with_boxes = [{**segment, "bbox": boxes[segment["id"]]} for segment in segments]
-    scanned = np.asarray(draw_overlay(image, ids, segments, {0: "cat", 2: "sky"}))
-    assert np.array_equal(np.asarray(draw_overlay(image, ids, with_boxes, {0: "cat", 2: "sky"})), scanned)
+@pytest.mark.parametrize("band_rows", [1, 7, 64])
+def test_boxes_grown_band_by_band_are_each_labels_bounding_box(band_rows):
+    # One pass over the map finds every segment's box (labels are placed inside it); oracle: np.argwhere per label.
+    rng = np.random.default_rng(0)
+    labels = np.zeros((64, 48), dtype=np.int64)
+    for label in range(1, 6):
+        top, left = rng.integers(0, 40, 2)
+        labels[top : top + rng.integers(1, 24), left : left + rng.integers(1, 24)] = label
+    boxes = {}
+    for top in range(0, labels.shape[0], band_rows):
+        grow_boxes(boxes, labels[top : top + band_rows], top)
+    expected = {}
+    for label in np.unique(labels[labels > 0]):
+        (top, left), (bottom, right) = np.argwhere(labels == label).min(0), np.argwhere(labels == label).max(0)
+        expected[int(label)] = [left, top, right + 1, bottom + 1]
+    assert boxes == expected
