@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from .configuration import TASKS
-from .rle import encode_rle_columns
+from .rle import encode_segment_rles
 from .umask import apply_umask
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -236,8 +236,9 @@ def write_outputs(stem: Path, source: Path, image, segmentation, segments, id2la
 
     ids = segmentation.numpy()
     records = []
+    summaries = _segment_summaries(ids, [segment["id"] for segment in segments])
     for segment in segments:
-        area, bbox, counts = _mask_summary(ids, segment["id"])
+        area, bbox, counts = summaries[segment["id"]]
         record = {
             "id": segment["id"],
             "label_id": segment["label_id"],
@@ -266,28 +267,31 @@ def write_outputs(stem: Path, source: Path, image, segmentation, segments, id2la
     _write_together(stem.parent, files)
 
 
-def _mask_summary(ids: np.ndarray, segment_id: int) -> tuple[int, list[int], str]:
-    """Area, COCO bbox `[x, y, width, height]` and compressed RLE of segment `segment_id` of `ids`, a band of columns
-    at a time (RLE runs down the columns): a full-size mask of a 10000×10000 image would take 100 MB, its RLE
-    flattening as much again."""
+def _segment_summaries(ids: np.ndarray, segment_ids: list[int]) -> dict[int, tuple[int, list[int], str]]:
+    """Area, COCO bbox `[x, y, width, height]` and compressed RLE of each segment of `ids` whose id is in
+    `segment_ids`, in one pass over the map a band of columns at a time (RLE runs down the columns): a full-size mask
+    of a 10000×10000 image would take 100 MB, its RLE flattening as much again."""
+    from .visualize import grow_boxes
+
     height, width = ids.shape
-    area, rows, cols = 0, np.zeros(height, dtype=bool), np.zeros(width, dtype=bool)
+    lut_size = max([int(ids.max(initial=-1)), *segment_ids]) + 2  # segment id + 1; row 0: void and other negatives
+    areas, boxes = np.zeros(lut_size, dtype=np.int64), {}
 
     def column_bands() -> Iterator[np.ndarray]:
-        nonlocal area
         for band in _bands(width, BAND_PIXELS // height):
-            mask = ids[:, band] == segment_id
-            area += int(mask.sum())
-            rows[:] |= mask.any(1)
-            cols[band] = mask.any(0)
-            yield mask
+            columns = ids[:, band]
+            lookup = np.clip(columns, -1, lut_size - 2) + 1
+            areas[:] += np.bincount(lookup.ravel(), minlength=lut_size)
+            grow_boxes(boxes, lookup, left=band.start)
+            yield columns
 
-    counts = encode_rle_columns(column_bands())
-    rows, cols = np.flatnonzero(rows), np.flatnonzero(cols)
-    bbox = [0, 0, 0, 0]
-    if rows.size:
-        bbox = [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
-    return area, bbox, counts
+    rles = encode_segment_rles(column_bands(), segment_ids)
+    summaries = {}
+    for segment_id in segment_ids:
+        box = boxes.get(segment_id + 1)
+        bbox = [0, 0, 0, 0] if box is None else [box[0], box[1], box[2] - box[0], box[3] - box[1]]
+        summaries[segment_id] = int(areas[segment_id + 1]), bbox, rles[segment_id]
+    return summaries
 
 
 def _bands(length: int, step: int) -> Iterator[slice]:

@@ -14,31 +14,50 @@ from typing import Any
 
 import numpy as np
 
+# The id "before" a map's first pixel: no segment's.
+_NOTHING = np.iinfo(np.int64).min
+
 
 def encode_rle(mask: np.ndarray) -> str:
     """COCO compressed RLE (`pycocotools.mask.encode(...)["counts"]`) of a binary `(height, width)` mask."""
-    return encode_rle_columns([mask])
+    return encode_segment_rles([np.asarray(mask, dtype=np.int64)], [1])[1]
 
 
-def encode_rle_columns(bands: Iterable[np.ndarray]) -> str:
-    """[`encode_rle`] of the mask made of `bands` `(height, columns)` side by side, left to right: runs go down the
-    columns, so one band at a time is enough (a full-size mask of a 10000×10000 image would take 100 MB, and its
-    flattening as much again)."""
-    counts, value, run = [], False, 0  # runs start with background
+def encode_segment_rles(bands: Iterable[np.ndarray], segment_ids: Iterable[int]) -> dict[int, str]:
+    """[`encode_rle`] of the mask of each id of `segment_ids` in a map of segment ids given as `bands` `(height,
+    columns)` side by side, left to right, in one pass over the map: runs go down the columns, and a run of a segment's
+    mask starts or ends exactly where the id changes to or from it. One band at a time is enough; what is kept is the
+    change positions, about the size of the RLEs themselves."""
+    wanted = np.unique(np.fromiter(segment_ids, dtype=np.int64))
+    positions, keys = [], []  # per band: each change position, for the id it enters and for the id it leaves
+    offset, previous = 0, _NOTHING
     for band in bands:
-        flat = np.asarray(band, dtype=bool).ravel(order="F")
+        flat = np.asarray(band).ravel(order="F").astype(np.int64, copy=False)
         if not flat.size:
             continue
-        if flat[0] != value:
-            counts.append(run)
-            run = 0
-        lengths = np.diff(np.concatenate([[0], np.flatnonzero(flat[1:] != flat[:-1]) + 1, [flat.size]])).tolist()
-        run += lengths[0]
-        for length in lengths[1:]:
-            counts.append(run)
-            run = length
-        value = bool(flat[-1])
-    counts.append(run)
+        change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+        before = flat[change - 1]
+        if flat[0] != previous:
+            change, before = np.concatenate([[0], change]), np.concatenate([[previous], before])
+        for ids in (flat[change], before):
+            keep = np.isin(ids, wanted)
+            positions.append(change[keep] + offset)
+            keys.append(ids[keep])
+        offset, previous = offset + flat.size, flat[-1]
+    positions = np.concatenate([np.zeros(0, np.int64), *positions])
+    keys = np.concatenate([np.zeros(0, np.int64), *keys])
+    order = np.lexsort((positions, keys))
+    positions, keys = positions[order], keys[order]
+    rles = {}
+    for segment_id in wanted.tolist():
+        start, stop = np.searchsorted(keys, segment_id, "left"), np.searchsorted(keys, segment_id, "right")
+        runs = np.diff(np.concatenate([[0], positions[start:stop], [offset]]))  # background first
+        rles[segment_id] = _compress(runs.tolist())
+    return rles
+
+
+def _compress(counts: list[int]) -> str:
+    """COCO's string form of run lengths `counts`."""
     chars = []
     for i, count in enumerate(counts):
         value = count - counts[i - 2] if i > 2 else count

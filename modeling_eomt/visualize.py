@@ -104,16 +104,16 @@ def _boundaries(ids: np.ndarray) -> np.ndarray:
     return edge & (ids >= 0)
 
 
-def grow_boxes(boxes: dict[int, list[int]], labels: np.ndarray, top: int) -> None:
+def grow_boxes(boxes: dict[int, list[int]], labels: np.ndarray, top: int = 0, left: int = 0) -> None:
     """Grow `boxes` ({label: [left, top, right, bottom]}, right and bottom exclusive) by the labels > 0 of `labels`, a
-    band of rows of a larger map starting at row `top`: one pass over the band for every label."""
+    band of a larger map whose first pixel is at (`top`, `left`): one pass over the band for every label."""
     for index, found in enumerate(ndimage.find_objects(labels)):
         if found is None:
             continue
         rows, cols = found
-        box = boxes.setdefault(index + 1, [cols.start, top + rows.start, cols.stop, top + rows.stop])
-        box[:] = [min(box[0], cols.start), min(box[1], top + rows.start), max(box[2], cols.stop),
-                  max(box[3], top + rows.stop)]  # fmt: skip
+        found = [left + cols.start, top + rows.start, left + cols.stop, top + rows.stop]
+        box = boxes.setdefault(index + 1, found)
+        box[:] = [min(box[0], found[0]), min(box[1], found[1]), max(box[2], found[2]), max(box[3], found[3])]
 
 
 def _interior_point(ids: np.ndarray, segment_id: int, box: list[int] | None) -> tuple[int, int] | None:

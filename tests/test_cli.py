@@ -275,8 +275,9 @@ def test_dinov3_checkpoints_segment(images, tmp_path):
 
 
 def test_overlay_and_segment_records_in_bands_equal_whole_image_work(monkeypatch):
-    """Memory: the overlay is drawn a band of rows at a time, and each segment's area, bbox and RLE come from bands of
-    columns; one-row and one-column bands give what whole-image bands give, and the RLE is pycocotools'."""
+    """Memory: the overlay is drawn a band of rows at a time, and every segment's area, bbox and RLE come from one
+    pass over bands of columns; one-row and one-column bands give what whole-image bands give, and the RLE is
+    pycocotools'."""
     from modeling_eomt import cli, visualize
 
     rng = np.random.default_rng(1)
@@ -289,9 +290,10 @@ def test_overlay_and_segment_records_in_bands_equal_whole_image_work(monkeypatch
     assert np.array_equal(np.asarray(visualize.draw_overlay(image, ids, segments)), whole)
 
     monkeypatch.setattr(cli, "BAND_PIXELS", 70)  # one column per band
+    summaries = cli._segment_summaries(ids, [0, 1, 2, 3])
     for segment_id in (0, 1, 2, 3):
         mask = ids == segment_id
-        area, bbox, counts = cli._mask_summary(ids, segment_id)
+        area, bbox, counts = summaries[segment_id]
         assert area == int(mask.sum())
         assert counts == coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"].decode()
         rows, cols = np.nonzero(mask)
