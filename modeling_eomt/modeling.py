@@ -280,6 +280,10 @@ class EomtPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding) and module is getattr(self, "query", None):
+            # Unit-scale queries, as in the original release (`nn.Embedding`'s default): at `initializer_range` they
+            # vanish beside a pretrained backbone's large patch tokens and all collapse to the same token.
+            init.normal_(module.weight, std=1.0)
         elif isinstance(module, nn.Embedding):
             init.trunc_normal_(module.weight, std=std)
         elif isinstance(module, EomtLayerScale):
@@ -293,9 +297,6 @@ class EomtPreTrainedModel(PreTrainedModel):
             init.copy_(module.empty_weight, module.default_empty_weight())
         elif isinstance(module, EomtForUniversalSegmentation):
             init.ones_(module.attn_mask_probs)
-            # Unit-scale queries, as in the original release (`nn.Embedding`'s default): queries at the std above
-            # vanish beside a pretrained backbone's large patch tokens and all collapse to the same token.
-            init.normal_(module.query.weight, std=1.0)
 
 
 class EomtForUniversalSegmentation(EomtPreTrainedModel):

@@ -284,6 +284,18 @@ def test_fresh_queries_start_at_unit_scale_as_in_the_builtin_and_the_original():
     assert abs(ours.mean().item()) < 0.05
 
 
+def test_queries_missing_from_a_checkpoint_start_at_unit_scale(tmp_path):
+    # Loading initialises only what the file lacks: the model's own buffers are loaded, the queries are not.
+    model = EomtForUniversalSegmentation(EomtConfig(**{**TINY, "num_queries": 200}))
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["query.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = EomtForUniversalSegmentation.from_pretrained(tmp_path, allow_missing_weights=True)
+    assert abs(loaded.query.weight.std().item() - 1.0) < 0.05
+    torch.testing.assert_close(loaded.class_predictor.weight, model.class_predictor.weight)
+
+
 def test_every_parameter_gets_a_gradient_without_targets():
     # DDP without `find_unused_parameters` needs a gradient for every parameter, even on a batch with no segments.
     ours, _ = make_pair()
