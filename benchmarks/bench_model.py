@@ -58,12 +58,13 @@ class Timing(NamedTuple):
 def interleaved_medians(
     calls: dict[str, Callable[[], object]], repeats: int, warm_up: bool = True
 ) -> dict[str, Timing]:
-    """Median CPU and wall seconds per call, after one warm-up each; the calls take turns so load changes hit all."""
+    """Median CPU and wall seconds per call, after one warm-up each; the calls take turns so load changes hit all,
+    in reversed order every other round (a call's page faults depend on what ran just before it)."""
     for call in calls.values() if warm_up else ():
         call()
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
+    for round_ in range(repeats):
+        for name, call in list(calls.items())[:: -1 if round_ % 2 else 1]:
             cpu, wall = time.process_time(), time.perf_counter()
             call()
             times[name].append((time.process_time() - cpu, time.perf_counter() - wall))

@@ -273,12 +273,16 @@ def _segment_summaries(ids: np.ndarray, segment_ids: list[int]) -> dict[int, tup
     of a 10000×10000 image would take 100 MB, its RLE flattening as much again."""
     from .visualize import grow_boxes
 
+    if not segment_ids:
+        return {}
+    if min(segment_ids) < 0:
+        raise ValueError(f"Segment ids must be >= 0 (negative ids mark void pixels), got {min(segment_ids)}.")
     height, width = ids.shape
     lut_size = max([int(ids.max(initial=-1)), *segment_ids]) + 2  # segment id + 1; row 0: void and other negatives
     areas, boxes = np.zeros(lut_size, dtype=np.int64), {}
 
     def column_bands() -> Iterator[np.ndarray]:
-        for band in _bands(width, BAND_PIXELS // height):
+        for band in _bands(width, BAND_PIXELS // max(1, height)):
             columns = ids[:, band]
             lookup = np.clip(columns, -1, lut_size - 2) + 1
             areas[:] += np.bincount(lookup.ravel(), minlength=lut_size)

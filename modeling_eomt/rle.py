@@ -19,17 +19,18 @@ _NOTHING = np.iinfo(np.int64).min
 
 
 def encode_rle(mask: np.ndarray) -> str:
-    """COCO compressed RLE (`pycocotools.mask.encode(...)["counts"]`) of a binary `(height, width)` mask."""
-    return encode_segment_rles([np.asarray(mask, dtype=np.int64)], [1])[1]
+    """COCO compressed RLE (`pycocotools.mask.encode(...)["counts"]`) of a binary `(height, width)` mask (nonzero:
+    foreground)."""
+    return encode_segment_rles([(np.asarray(mask) != 0).astype(np.int64)], [1])[1]
 
 
 def encode_segment_rles(bands: Iterable[np.ndarray], segment_ids: Iterable[int]) -> dict[int, str]:
     """[`encode_rle`] of the mask of each id of `segment_ids` in a map of segment ids given as `bands` `(height,
     columns)` side by side, left to right, in one pass over the map: runs go down the columns, and a run of a segment's
-    mask starts or ends exactly where the id changes to or from it. One band at a time is enough; what is kept is the
-    change positions, about the size of the RLEs themselves."""
-    wanted = np.unique(np.fromiter(segment_ids, dtype=np.int64))
-    positions, keys = [], []  # per band: each change position, for the id it enters and for the id it leaves
+    mask starts or ends exactly where the id changes to or from it. One band at a time is enough: each band's changes
+    become runs and compressed text at once, so memory stays at a band plus the RLE strings."""
+    encoders = {segment_id: _RunEncoder() for segment_id in segment_ids}
+    wanted = np.fromiter(encoders, dtype=np.int64)
     offset, previous = 0, _NOTHING
     for band in bands:
         flat = np.asarray(band).ravel(order="F").astype(np.int64, copy=False)
@@ -39,36 +40,50 @@ def encode_segment_rles(bands: Iterable[np.ndarray], segment_ids: Iterable[int])
         before = flat[change - 1]
         if flat[0] != previous:
             change, before = np.concatenate([[0], change]), np.concatenate([[previous], before])
-        for ids in (flat[change], before):
-            keep = np.isin(ids, wanted)
-            positions.append(change[keep] + offset)
-            keys.append(ids[keep])
+        # Each change flips the mask of the id it leaves and of the id it enters.
+        keys, positions = np.concatenate([before, flat[change]]), np.concatenate([change, change]) + offset
+        keep = np.isin(keys, wanted)
+        keys, positions = keys[keep], positions[keep]
+        order = np.lexsort((positions, keys))
+        keys, positions = keys[order], positions[order]
+        starts = np.flatnonzero(np.diff(keys, prepend=_NOTHING))
+        for start, stop in zip(starts.tolist(), [*starts[1:].tolist(), len(keys)]):
+            encoders[int(keys[start])].flip_at(positions[start:stop])
         offset, previous = offset + flat.size, flat[-1]
-    positions = np.concatenate([np.zeros(0, np.int64), *positions])
-    keys = np.concatenate([np.zeros(0, np.int64), *keys])
-    order = np.lexsort((positions, keys))
-    positions, keys = positions[order], keys[order]
-    rles = {}
-    for segment_id in wanted.tolist():
-        start, stop = np.searchsorted(keys, segment_id, "left"), np.searchsorted(keys, segment_id, "right")
-        runs = np.diff(np.concatenate([[0], positions[start:stop], [offset]]))  # background first
-        rles[segment_id] = _compress(runs.tolist())
-    return rles
+    return {segment_id: encoder.finish(offset) for segment_id, encoder in encoders.items()}
 
 
-def _compress(counts: list[int]) -> str:
-    """COCO's string form of run lengths `counts`."""
-    chars = []
-    for i, count in enumerate(counts):
-        value = count - counts[i - 2] if i > 2 else count
+class _RunEncoder:
+    """COCO's compressed string of a mask's runs (background first), fed the positions where the mask flips, in
+    order: each run is packed as soon as it ends, in 5-bit groups offset by 48 (bit 0x20: more groups follow, bit 0x10
+    of the last group: negative); from the third run on, as its difference to the run two places before."""
+
+    def __init__(self) -> None:
+        self.chars = bytearray()
+        self.flipped = 0  # where the current run started
+        self.runs = 0  # how many runs are packed
+        self.last_two = [0, 0]  # the last two runs packed, the older first
+
+    def flip_at(self, positions: np.ndarray) -> None:
+        for run in np.diff(positions, prepend=self.flipped).tolist():
+            self._pack(run)
+        self.flipped = int(positions[-1])
+
+    def finish(self, size: int) -> str:
+        self._pack(size - self.flipped)
+        return self.chars.decode()
+
+    def _pack(self, run: int) -> None:
+        value = run - self.last_two[0] if self.runs > 2 else run
+        self.runs += 1
+        self.last_two = [self.last_two[1], run]
         while True:
             digit = value & 0x1F
             value >>= 5
             more = value != -1 if digit & 0x10 else value != 0
-            chars.append(chr(digit + 48 + (0x20 if more else 0)))
+            self.chars.append(digit + 48 + (0x20 if more else 0))
             if not more:
                 break
-    return "".join(chars)
 
 
 def decode_rle_counts(counts: str | bytes) -> list[int]:

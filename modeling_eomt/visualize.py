@@ -106,7 +106,7 @@ def _boundaries(ids: np.ndarray) -> np.ndarray:
 
 def grow_boxes(boxes: dict[int, list[int]], labels: np.ndarray, top: int = 0, left: int = 0) -> None:
     """Grow `boxes` ({label: [left, top, right, bottom]}, right and bottom exclusive) by the labels > 0 of `labels`, a
-    band of a larger map whose first pixel is at (`top`, `left`): one pass over the band for every label."""
+    band of a larger map whose first pixel is at (`top`, `left`): one pass over the band finds every label."""
     for index, found in enumerate(ndimage.find_objects(labels)):
         if found is None:
             continue

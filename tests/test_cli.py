@@ -303,6 +303,17 @@ def test_overlay_and_segment_records_in_bands_equal_whole_image_work(monkeypatch
         assert bbox == expected
 
 
+def test_segment_records_of_no_segments_and_of_negative_ids():
+    from modeling_eomt import cli
+
+    ids = np.zeros((4, 5), dtype=np.int64)
+    assert cli._segment_summaries(ids, []) == {}
+    absent = coco_mask.encode(np.zeros((4, 5), np.uint8, order="F"))["counts"].decode()  # an id not in the map
+    assert cli._segment_summaries(ids, [3]) == {3: (0, [0, 0, 0, 0], absent)}
+    with pytest.raises(ValueError, match="Segment ids must be >= 0"):
+        cli._segment_summaries(ids, [0, -1])
+
+
 @pytest.mark.parametrize("label_pixels", [1, 50, 2**20])
 def test_labels_of_large_segments_are_placed_on_subsampled_boxes_inside_them(monkeypatch, label_pixels):
     """Memory: a segment's label goes at its most interior pixel, searched on every s-th row and column of its box
