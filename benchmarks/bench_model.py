@@ -177,9 +177,9 @@ class TrainStep:
 
     def __init__(self, kind: str, kwargs: dict) -> None:
         torch.manual_seed(0)
-        self.model = build(kind, kwargs).train()
+        self.model = build(kind, kwargs)
         self.model.attn_mask_probs.fill_(1.0)
-        self.model.train()
+        self.model.train()  # after the fill: `train()` re-reads which blocks mask
         size = kwargs["image_size"]
         self.pixels = torch.randn(2, 3, size, size)
         self.mask_labels = [

@@ -271,30 +271,26 @@ def _segment_summaries(ids: np.ndarray, segment_ids: list[int]) -> dict[int, tup
     """Area, COCO bbox `[x, y, width, height]` and compressed RLE of each segment of `ids` whose id is in
     `segment_ids`, in one pass over the map a band of columns at a time (RLE runs down the columns): a full-size mask
     of a 10000×10000 image would take 100 MB, its RLE flattening as much again."""
-    from .visualize import grow_boxes
+    from .visualize import SegmentTally
 
     if not segment_ids:
         return {}
     if min(segment_ids) < 0:
         raise ValueError(f"Segment ids must be >= 0 (negative ids mark void pixels), got {min(segment_ids)}.")
     height, width = ids.shape
-    lut_size = max([int(ids.max(initial=-1)), *segment_ids]) + 2  # segment id + 1; row 0: void and other negatives
-    areas, boxes = np.zeros(lut_size, dtype=np.int64), {}
+    tally = SegmentTally(ids, segment_ids)
 
     def column_bands() -> Iterator[np.ndarray]:
         for band in _bands(width, BAND_PIXELS // max(1, height)):
-            columns = ids[:, band]
-            lookup = np.clip(columns, -1, lut_size - 2) + 1
-            areas[:] += np.bincount(lookup.ravel(), minlength=lut_size)
-            grow_boxes(boxes, lookup, left=band.start)
-            yield columns
+            tally.add(ids[:, band], left=band.start)
+            yield ids[:, band]
 
     rles = encode_segment_rles(column_bands(), segment_ids)
     summaries = {}
     for segment_id in segment_ids:
-        box = boxes.get(segment_id + 1)
+        box = tally.box(segment_id)
         bbox = [0, 0, 0, 0] if box is None else [box[0], box[1], box[2] - box[0], box[3] - box[1]]
-        summaries[segment_id] = int(areas[segment_id + 1]), bbox, rles[segment_id]
+        summaries[segment_id] = int(tally.areas[segment_id + 1]), bbox, rles[segment_id]
     return summaries
 
 

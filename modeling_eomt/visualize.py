@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import colorsys
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -53,43 +53,39 @@ def draw_overlay(
         raise ValueError(f"Segmentation of shape {ids.shape} does not match the image ({base.height}, {base.width}).")
 
     known = {int(s["id"]): s for s in segments_info}
-    lut_size = max([ids.max(initial=0), *known]) + 2
-    colours = np.zeros((lut_size, 3), dtype=np.float32)
-    tinted = np.zeros(lut_size, dtype=bool)
+    tally = SegmentTally(ids, known)
+    colours = np.zeros((tally.size, 3), dtype=np.float32)
+    tinted = np.zeros(tally.size, dtype=bool)  # index 0 (void) never is
     for segment_id, segment in known.items():
         colours[segment_id + 1] = label_colour(int(segment["label_id"]))
         tinted[segment_id + 1] = True
     # A band of rows at a time: float RGB temporaries of a whole 10000×10000 image would take several GB.
     canvas = base.copy()
-    counts = np.zeros(lut_size, dtype=np.int64)  # pixels per segment id + 1
-    boxes: dict[int, list[int]] = {}  # segment id + 1 → [left, top, right, bottom], grown band by band
     height, width = ids.shape
     step = max(1, BAND_PIXELS // width)
     for top in range(0, height, step):
         bottom = min(height, top + step)
-        lookup = np.clip(ids[top:bottom], -1, lut_size - 2) + 1  # -1 (void) → row 0, never tinted
-        counts += np.bincount(lookup.ravel(), minlength=lut_size)
-        grow_boxes(boxes, lookup, top)
+        lookup = tally.add(ids[top:bottom], top)
         band = np.asarray(base.crop((0, top, width, bottom)), dtype=np.float32)
         band = np.where(tinted[lookup][..., None], (1 - alpha) * band + alpha * colours[lookup], band)
         # outlines need the rows above and below the band
         above, below = min(top, 1), min(height - bottom, 1)
         around = ids[top - above : bottom + below]
-        edges = _boundaries(np.where(tinted[np.clip(around, -1, lut_size - 2) + 1], around, -1))
+        edges = _boundaries(np.where(tinted[tally.index(around)], around, -1))
         band[edges[above : above + bottom - top]] = 255
         canvas.paste(Image.fromarray(band.round().astype(np.uint8)), (0, top))
 
     draw = ImageDraw.Draw(canvas)
     font = _font(max(10, min(base.size) // 40))
     for segment_id, segment in known.items():
-        point = _interior_point(ids, segment_id, boxes.get(segment_id + 1))
+        point = _interior_point(ids, segment_id, tally.box(segment_id))
         if point is None:
             continue
         text = _name(int(segment["label_id"]), id2label)
         if segment.get("score") is not None:
             text += f" {segment['score']:.2f}"
         _text_box(draw, point, text, font, anchor="mm")
-    _legend(draw, known.values(), counts[1:], id2label, font)
+    _legend(draw, known.values(), tally.areas[1:], id2label, font)
     return canvas
 
 
@@ -102,6 +98,31 @@ def _boundaries(ids: np.ndarray) -> np.ndarray:
     edge[:, 1:] |= horizontal
     edge[:, :-1] |= horizontal
     return edge & (ids >= 0)
+
+
+class SegmentTally:
+    """Pixels and bounding box of every segment id of a map, gathered band by band (rows for the overlay, columns for
+    RLEs). Ids index a table at id + 1; negative ids (void) share index 0."""
+
+    def __init__(self, ids: np.ndarray, segment_ids: Iterable[int]) -> None:
+        self.size = max([int(ids.max(initial=-1)), *segment_ids]) + 2
+        self.areas = np.zeros(self.size, dtype=np.int64)
+        self.boxes: dict[int, list[int]] = {}  # index → [left, top, right, bottom], right and bottom exclusive
+
+    def index(self, ids: np.ndarray) -> np.ndarray:
+        """The table index of each pixel of `ids`."""
+        return np.clip(ids, -1, self.size - 2) + 1
+
+    def add(self, band: np.ndarray, top: int = 0, left: int = 0) -> np.ndarray:
+        """Count `band`, whose first pixel is at (`top`, `left`) of the map; returns its table indices."""
+        index = self.index(band)
+        self.areas += np.bincount(index.ravel(), minlength=self.size)
+        grow_boxes(self.boxes, index, top, left)
+        return index
+
+    def box(self, segment_id: int) -> list[int] | None:
+        """`[left, top, right, bottom]` of segment `segment_id` (>= 0) in the bands added; None if it has no pixel."""
+        return self.boxes.get(segment_id + 1)
 
 
 def grow_boxes(boxes: dict[int, list[int]], labels: np.ndarray, top: int = 0, left: int = 0) -> None:
