@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ from tqdm.auto import tqdm
 from .configuration import TASKS
 from .rle import encode_segment_rles
 from .umask import apply_umask
+
+if TYPE_CHECKING:
+    from .visualize import SegmentTally
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 # Pixels per band of the per-segment work on a segment id map (area, bbox, RLE, PNG of ids): bounded temporaries.
@@ -232,11 +236,13 @@ def predict(
 def write_outputs(stem: Path, source: Path, image, segmentation, segments, id2label, task, args) -> None:
     """`<stem>.png` overlay, `<stem>.json` segments (and `<stem>.segments.png` ids with --mask-format png);
     `stem` is the output folder joined with the image's output name."""
-    from .visualize import draw_overlay
+    from .visualize import SegmentTally, draw_overlay
 
     ids = segmentation.numpy()
     records = []
-    summaries = _segment_summaries(ids, [segment["id"] for segment in segments])
+    segment_ids = [segment["id"] for segment in segments]
+    tally = SegmentTally(ids, segment_ids)  # filled by the records' pass, reused by the overlay
+    summaries = _segment_summaries(ids, segment_ids, tally)
     for segment in segments:
         area, bbox, counts = summaries[segment["id"]]
         record = {
@@ -262,23 +268,21 @@ def write_outputs(stem: Path, source: Path, image, segmentation, segments, id2la
             values[rows] = (ids[rows] + 1).clip(0, 65535)
         files[summary["mask_png"]] = _png(Image.fromarray(values))
         del values
-    files[f"{stem.name}.png"] = _png(draw_overlay(image, ids, records, id2label))
+    files[f"{stem.name}.png"] = _png(draw_overlay(image, ids, records, id2label, tally=tally))
     files[f"{stem.name}.json"] = json.dumps(summary, indent=2).encode()
     _write_together(stem.parent, files)
 
 
-def _segment_summaries(ids: np.ndarray, segment_ids: list[int]) -> dict[int, tuple[int, list[int], str]]:
+def _segment_summaries(
+    ids: np.ndarray, segment_ids: list[int], tally: SegmentTally
+) -> dict[int, tuple[int, list[int], str]]:
     """Area, COCO bbox `[x, y, width, height]` and compressed RLE of each segment of `ids` whose id is in
-    `segment_ids`, in one pass over the map a band of columns at a time (RLE runs down the columns): a full-size mask
-    of a 10000×10000 image would take 100 MB, its RLE flattening as much again."""
-    from .visualize import SegmentTally
-
-    if not segment_ids:
-        return {}
-    if min(segment_ids) < 0:
+    `segment_ids`, in one pass over the map a band of columns at a time (RLE runs down the columns), which fills
+    `tally` (a fresh `SegmentTally` over `ids` and `segment_ids`): a full-size mask of a 10000×10000 image would take
+    100 MB, its RLE flattening as much again."""
+    if segment_ids and min(segment_ids) < 0:
         raise ValueError(f"Segment ids must be >= 0 (negative ids mark void pixels), got {min(segment_ids)}.")
     height, width = ids.shape
-    tally = SegmentTally(ids, segment_ids)
 
     def column_bands() -> Iterator[np.ndarray]:
         for band in _bands(width, BAND_PIXELS // max(1, height)):

@@ -31,6 +31,7 @@ def draw_overlay(
     segments_info: Sequence[Mapping],
     id2label: Mapping[int, str] | None = None,
     alpha: float = 0.5,
+    tally: SegmentTally | None = None,
 ) -> Image.Image:
     """
     Draw segments over an image.
@@ -41,6 +42,8 @@ def draw_overlay(
         segments_info: `{"id", "label_id", "score"?}` per segment (the post-processing format).
         id2label: Class names; missing ones are shown as their id.
         alpha: Opacity of the segment colours.
+        tally: A [`SegmentTally`] of the whole `segmentation` over `segments_info`'s ids, when the caller already
+            made one (e.g. while encoding RLEs); else the overlay's own pass over the map makes it.
 
     Returns:
         An RGB image with each segment tinted in its class colour, white outlines between segments, the label (and
@@ -53,7 +56,11 @@ def draw_overlay(
         raise ValueError(f"Segmentation of shape {ids.shape} does not match the image ({base.height}, {base.width}).")
 
     known = {int(s["id"]): s for s in segments_info}
-    tally = SegmentTally(ids, known)
+    counted = tally is not None
+    if not counted:
+        tally = SegmentTally(ids, known)
+    elif max(known, default=-1) + 2 > tally.size:
+        raise ValueError("`tally` does not cover every id of `segments_info`; make it over those ids, or pass None.")
     colours = np.zeros((tally.size, 3), dtype=np.float32)
     tinted = np.zeros(tally.size, dtype=bool)  # index 0 (void) never is
     for segment_id, segment in known.items():
@@ -65,7 +72,7 @@ def draw_overlay(
     step = max(1, BAND_PIXELS // width)
     for top in range(0, height, step):
         bottom = min(height, top + step)
-        lookup = tally.add(ids[top:bottom], top)
+        lookup = tally.index(ids[top:bottom]) if counted else tally.add(ids[top:bottom], top)
         band = np.asarray(base.crop((0, top, width, bottom)), dtype=np.float32)
         band = np.where(tinted[lookup][..., None], (1 - alpha) * band + alpha * colours[lookup], band)
         # outlines need the rows above and below the band
@@ -117,24 +124,17 @@ class SegmentTally:
         """Count `band`, whose first pixel is at (`top`, `left`) of the map; returns its table indices."""
         index = self.index(band)
         self.areas += np.bincount(index.ravel(), minlength=self.size)
-        grow_boxes(self.boxes, index, top, left)
+        for position, found in enumerate(ndimage.find_objects(index)):  # every box of the band in one pass
+            if found is not None:
+                rows, cols = found
+                found = [left + cols.start, top + rows.start, left + cols.stop, top + rows.stop]
+                box = self.boxes.setdefault(position + 1, found)
+                box[:] = [min(box[0], found[0]), min(box[1], found[1]), max(box[2], found[2]), max(box[3], found[3])]
         return index
 
     def box(self, segment_id: int) -> list[int] | None:
         """`[left, top, right, bottom]` of segment `segment_id` (>= 0) in the bands added; None if it has no pixel."""
         return self.boxes.get(segment_id + 1)
-
-
-def grow_boxes(boxes: dict[int, list[int]], labels: np.ndarray, top: int = 0, left: int = 0) -> None:
-    """Grow `boxes` ({label: [left, top, right, bottom]}, right and bottom exclusive) by the labels > 0 of `labels`, a
-    band of a larger map whose first pixel is at (`top`, `left`): one pass over the band finds every label."""
-    for index, found in enumerate(ndimage.find_objects(labels)):
-        if found is None:
-            continue
-        rows, cols = found
-        found = [left + cols.start, top + rows.start, left + cols.stop, top + rows.stop]
-        box = boxes.setdefault(index + 1, found)
-        box[:] = [min(box[0], found[0]), min(box[1], found[1]), max(box[2], found[2]), max(box[3], found[3])]
 
 
 def _interior_point(ids: np.ndarray, segment_id: int, box: list[int] | None) -> tuple[int, int] | None:

@@ -290,7 +290,7 @@ def test_overlay_and_segment_records_in_bands_equal_whole_image_work(monkeypatch
     assert np.array_equal(np.asarray(visualize.draw_overlay(image, ids, segments)), whole)
 
     monkeypatch.setattr(cli, "BAND_PIXELS", 70)  # one column per band
-    summaries = cli._segment_summaries(ids, [0, 1, 2, 3])
+    summaries = cli._segment_summaries(ids, [0, 1, 2, 3], visualize.SegmentTally(ids, [0, 1, 2, 3]))
     for segment_id in (0, 1, 2, 3):
         mask = ids == segment_id
         area, bbox, counts = summaries[segment_id]
@@ -305,13 +305,14 @@ def test_overlay_and_segment_records_in_bands_equal_whole_image_work(monkeypatch
 
 def test_segment_records_of_no_segments_and_of_negative_ids():
     from modeling_eomt import cli
+    from modeling_eomt.visualize import SegmentTally
 
     ids = np.zeros((4, 5), dtype=np.int64)
-    assert cli._segment_summaries(ids, []) == {}
+    assert cli._segment_summaries(ids, [], SegmentTally(ids, [])) == {}
     absent = coco_mask.encode(np.zeros((4, 5), np.uint8, order="F"))["counts"].decode()  # an id not in the map
-    assert cli._segment_summaries(ids, [3]) == {3: (0, [0, 0, 0, 0], absent)}
+    assert cli._segment_summaries(ids, [3], SegmentTally(ids, [3])) == {3: (0, [0, 0, 0, 0], absent)}
     with pytest.raises(ValueError, match="Segment ids must be >= 0"):
-        cli._segment_summaries(ids, [0, -1])
+        cli._segment_summaries(ids, [0, -1], SegmentTally(ids, [0, -1]))
 
 
 @pytest.mark.parametrize("label_pixels", [1, 50, 2**20])
@@ -325,13 +326,13 @@ def test_labels_of_large_segments_are_placed_on_subsampled_boxes_inside_them(mon
     ids[10:110, 5:95] = 0  # large
     ids[50, 3:97] = 1  # one row thin: missed by most subsampled grids
     ids[60:63, 70:73] = 2  # small
-    boxes = {}
-    visualize.grow_boxes(boxes, ids + 1, 0)  # labels: segment id + 1
+    tally = visualize.SegmentTally(ids, [0, 1, 2, 3])
+    tally.add(ids)
     for segment_id in (0, 1, 2):
-        x, y = visualize._interior_point(ids, segment_id, boxes[segment_id + 1])
+        x, y = visualize._interior_point(ids, segment_id, tally.box(segment_id))
         assert ids[y, x] == segment_id
-    assert visualize._interior_point(ids, 3, boxes.get(4)) is None
+    assert visualize._interior_point(ids, 3, tally.box(3)) is None
     if label_pixels == 2**20:  # the box is searched whole: a pixel farthest from the border
         distance = ndimage.distance_transform_edt(np.pad(ids == 0, 1))[1:-1, 1:-1]
-        x, y = visualize._interior_point(ids, 0, boxes[1])
+        x, y = visualize._interior_point(ids, 0, tally.box(0))
         assert distance[y, x] == distance.max()

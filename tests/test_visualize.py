@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from modeling_eomt.visualize import draw_overlay, grow_boxes, label_colour
+from modeling_eomt.visualize import SegmentTally, draw_overlay, label_colour
 
 GREY = 100
 
@@ -67,11 +67,27 @@ def test_boxes_grown_band_by_band_are_each_labels_bounding_box(band_rows):
     for label in range(1, 6):
         top, left = rng.integers(0, 40, 2)
         labels[top : top + rng.integers(1, 24), left : left + rng.integers(1, 24)] = label
-    boxes = {}
+    tally = SegmentTally(labels - 1, range(6))  # segment ids: label − 1; background: void
     for top in range(0, labels.shape[0], band_rows):
-        grow_boxes(boxes, labels[top : top + band_rows], top)
+        tally.add(labels[top : top + band_rows] - 1, top)
+    boxes = {label: tally.box(label - 1) for label in range(1, 6) if tally.box(label - 1) is not None}
     expected = {}
     for label in np.unique(labels[labels > 0]):
         (top, left), (bottom, right) = np.argwhere(labels == label).min(0), np.argwhere(labels == label).max(0)
         expected[int(label)] = [left, top, right + 1, bottom + 1]
     assert boxes == expected
+
+
+def test_a_tally_made_by_the_caller_gives_the_same_overlay_and_must_cover_the_ids(overlay_case):
+    # `eomt segment` tallies areas and boxes in its RLE pass over columns; the overlay then skips its own tally.
+    image, ids, segments = overlay_case
+    ids = ids.numpy()
+    segment_ids = [s["id"] for s in segments]
+    tally = SegmentTally(ids, segment_ids)
+    for left in range(0, ids.shape[1], 7):
+        tally.add(ids[:, left : left + 7], left=left)
+    assert np.array_equal(
+        np.asarray(draw_overlay(image, ids, segments, tally=tally)), np.asarray(draw_overlay(image, ids, segments))
+    )
+    with pytest.raises(ValueError, match="does not cover every id"):
+        draw_overlay(image, ids, segments, tally=SegmentTally(np.zeros((1, 1), dtype=np.int64), []))
